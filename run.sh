@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Named presets: one command each. Usage:
+#   ./run.sh [-d DEVICES] PRESET [more train.py options...]
+#   -d 0,1,3   use these GPUs (sets CUDA_VISIBLE_DEVICES and one process per GPU); default: all GPUs
+# Extra options are appended to the preset's, so `./run.sh default --max-steps 100` works.
+# Every preset is a plain command you can copy; set PYTHON to use another interpreter (default .venv/bin/python).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-.venv/bin/python}
+DEVICES=""
+while getopts "d:" opt; do
+  case $opt in
+    d) DEVICES=$OPTARG ;;
+    *) echo "usage: ./run.sh [-d 0,1,3] PRESET [train.py options...]" >&2; exit 2 ;;
+  esac
+done
+shift $((OPTIND - 1))
+PRESET=${1:-}
+[ $# -gt 0 ] && shift
+
+if [ -n "$DEVICES" ]; then
+  export CUDA_VISIBLE_DEVICES=$DEVICES
+fi
+# Number of GPUs this run uses (0 on a CPU-only machine).
+gpus() {
+  if [ -n "$DEVICES" ]; then echo "$DEVICES" | tr ',' '\n' | grep -c .
+  else "$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0; fi
+}
+
+# DDP launch: plain python on 0-1 GPU, accelerate with one process per GPU otherwise.
+train() {
+  local n; n=$(gpus)
+  if [ "$n" -le 1 ]; then
+    "$PYTHON" train.py "$@"
+  else
+    "$PYTHON" -m accelerate.commands.launch --config_file accelerate_configs/4gpu.yaml --num_processes "$n" train.py "$@"
+  fi
+}
+
+# Pipeline launch: one DeepSpeed process per GPU (each process one stage).
+train_pipeline() {
+  local include=""
+  [ -n "$DEVICES" ] && include="--include localhost:$DEVICES" && unset CUDA_VISIBLE_DEVICES
+  # shellcheck disable=SC2086
+  "$(dirname "$PYTHON")/deepspeed" $include train.py --pipeline "$@"
+}
+
+case $PRESET in
+  demo)
+    # Offline CPU demo: tiny Llama on the built-in corpus (Python's own documentation). ~3 min on 2 cores.
+    "$PYTHON" train.py \
+      --init-model \
+      --overwrite-output-dir \
+      --output-dir output_models/demo \
+      --model tiny \
+      --dataset builtin \
+      --vocab-size 2048 \
+      --tokenizer-docs 20000 \
+      --max-length 256 \
+      --batch-size 16 \
+      --max-steps 300 \
+      --learning-rate 4e-4 \
+      --warmup-steps 30 \
+      --optimizer adamw \
+      --step-cadence 4.8 \
+      --eval-batches 4 \
+      "$@"
+    ;;
+  default)
+    # Example 1: DeepOne 162M, 3B tokens (Chinchilla-optimal), flex attention. ~6-8 h on 4x RTX 3090.
+    train \
+      --init-model \
+      --attn-implementation flex_attention \
+      "$@"
+    ;;
+  long)
+    # Example 2: 10B tokens, gentle LR decay. ~1 day on 4x RTX 3090.
+    train \
+      --init-model \
+      --total-tokens 10 \
+      --attn-implementation flex_attention \
+      "$@"
+    ;;
+  small)
+    # Example 3: Llama 30M, batch 16, checkpoints 4x less often. ~1 h on one RTX 3090.
+    train \
+      --init-model \
+      --model llama-30m \
+      --batch-size 16 \
+      --step-cadence 4.0 \
+      --attn-implementation flex_attention \
+      "$@"
+    ;;
+  explore)
+    # Example 5: quick LR probe, 2000 steps, no checkpoints. ~20 min on 4x RTX 3090.
+    train \
+      --init-model \
+      --max-steps 2000 \
+      --save-strategy no \
+      --learning-rate 2.0e-5 \
+      --attn-implementation flex_attention \
+      "$@"
+    ;;
+  resume)
+    # Example 6: continue the newest checkpoint to a 10B budget (dataset position restored).
+    train \
+      --total-tokens 10 \
+      --attn-implementation flex_attention \
+      "$@"
+    ;;
+  pipeline)
+    # Example 7: pipeline parallel, one stage per GPU, DeepSpeed 1F1B. Use with -d 0,1,2,3.
+    train_pipeline \
+      --init-model \
+      --attn-implementation flex_attention \
+      --pipeline-schedule 1F1B \
+      "$@"
+    ;;
+  pipeline_test)
+    # Example 7, performance probe: GPipe, 2 microbatches per stage, 100 steps, no checkpoints. Use with -d 0,1.
+    train_pipeline \
+      --init-model \
+      --attn-implementation sdpa \
+      --microbatch-scale 2 \
+      --batch-size 8 \
+      --max-steps 100 \
+      --save-strategy no \
+      --pipeline-schedule GPipe \
+      "$@"
+    ;;
+  conservative)
+    # Example 8: 50B tokens with a 200B-token minimum cooldown (LR stays high until late). Several days on 4 GPUs.
+    train \
+      --init-model \
+      --total-tokens 50 \
+      --min-cooldown-tokens 200 \
+      --attn-implementation flex_attention \
+      "$@"
+    ;;
+  *)
+    echo "unknown preset '${PRESET}'; presets: demo default long small explore resume pipeline pipeline_test conservative" >&2
+    echo "usage: ./run.sh [-d 0,1,3] PRESET [train.py options...]  (Example 4: ./run.sh -d 0,1,3,4,5 default)" >&2
+    exit 2
+    ;;
+esac
