@@ -1,0 +1,67 @@
+"""Command line for job control: ``python -m monitor.control list | save JOB | stop JOB | abort JOB``.
+
+(``python -m monitor control ...`` is the same.) ``save`` asks a running job to write a checkpoint now and carry
+on, ``stop`` to save and exit cleanly, ``abort`` to exit at once without saving. JOB is a job id from ``list``,
+a unique prefix of one, or the job's pid. The job side is ``monitor.jobs.JobControl``.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from monitor.jobs import COMMANDS, JobControl, find_job, list_jobs, send_command
+
+__all__ = ["JobControl", "main"]
+
+
+def build_parser(prog: str = "python -m monitor.control") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="List running training jobs and send them commands.")
+    parser.add_argument("--jobs-dir", type=Path, default=None, help="registration directory (default: per user)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list running jobs (and forget dead ones)")
+    for command, what in zip(COMMANDS, ("save a checkpoint now", "save, then exit", "exit now without saving")):
+        p = sub.add_parser(command, help=what)
+        p.add_argument("job", help="job id (or a unique prefix of it, or its pid)")
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the job's reply")
+    return parser
+
+
+def _print_jobs(jobs: list[dict]) -> None:
+    if not jobs:
+        print("no running jobs")
+        return
+    rows = [("JOB", "PID", "HOST", "STARTED", "OUTPUT DIR")]
+    for info in jobs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0)))
+        rows.append((info["job_id"], str(info["pid"]), info.get("host", "?"), started, info.get("output_dir", "?")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m monitor.control") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        if args.command == "list":
+            _print_jobs(list_jobs(args.jobs_dir))
+            return 0
+        job_id = find_job(args.job, args.jobs_dir)["job_id"]
+        reply = send_command(job_id, args.command, args.jobs_dir, timeout=args.timeout)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConnectionError as e:
+        list_jobs(args.jobs_dir)  # forgets the job if its process is gone
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if reply is None:
+        print(f"sent {args.command} to {job_id}; no reply within {args.timeout:g}s (it may be evaluating or saving), "
+              "it will act on it when it next checks")
+        return 0
+    print(reply)
+    return 0 if reply.startswith("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Run logs: one JSON object per line in ``trainer_logs.jsonl`` plus TensorBoard event files beside it.
+
+Layout inside an output directory::
+
+    <output_dir>/runs/<YYYYmmdd-HHMMSS>/trainer_logs.jsonl
+    <output_dir>/runs/<YYYYmmdd-HHMMSS>/events.out.tfevents.*
+
+Every record has ``type`` (``train`` | ``eval`` | ``summary`` | ``event``), ``step`` and ``time`` (unix seconds),
+then the caller's fields, e.g. ``tokens, loss, lr, grad_norm, tokens_per_s, mfu, peak_mem_bytes`` for ``train``
+and ``tokens, loss, perplexity`` for ``eval``. Non-finite floats are written as ``null`` so every line is strict
+JSON that ``jq`` and other languages read too.
+
+A resumed run appends to the run directory it started in. Records logged after the checkpoint it resumes from
+(the process may have died between saving and logging, or long after saving) are cut from the file first, and
+TensorBoard is told to purge them, so each step appears once.
+"""
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+LOG_NAME = "trainer_logs.jsonl"
+RECORD_TYPES = ("train", "eval", "summary", "event")
+
+
+def new_run_dir(output_dir: Path) -> Path:
+    """A fresh ``<output_dir>/runs/<timestamp>`` path (not created); names sort in creation order."""
+    runs = Path(output_dir) / "runs"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = runs / stamp, 1
+    while path.exists():
+        n += 1
+        path = runs / f"{stamp}-{n}"
+    return path
+
+
+def find_run_dirs(output_dir: Path) -> list[Path]:
+    """Run directories under ``<output_dir>/runs``, oldest first (the newest is the one a resume continues)."""
+    runs = Path(output_dir) / "runs"
+    if not runs.is_dir():
+        return []
+    return sorted(p for p in runs.iterdir() if p.is_dir())
+
+
+def resolve_log_file(path: Path | str) -> Path:
+    """The jsonl file for a jsonl path, a run directory, or an output directory (its newest run with logs)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / LOG_NAME).is_file():
+        return path / LOG_NAME
+    if path.is_dir():
+        with_logs = [run / LOG_NAME for run in find_run_dirs(path) if (run / LOG_NAME).is_file()]
+        if with_logs:
+            return with_logs[-1]
+        raise ValueError(f"no {LOG_NAME} found in {path} or {path}/runs/*; pass a run directory or a jsonl file.")
+    raise ValueError(f"{path} does not exist; pass an output directory, a run directory or a {LOG_NAME} file.")
+
+
+def _parse_lines(lines: list[str], source: Path) -> list[dict]:
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            # NOTE: a process killed mid-write leaves a partial last line; anything else is real corruption.
+            if i == len(lines) - 1:
+                continue
+            raise ValueError(f"{source} line {i + 1} is not valid JSON; fix or delete that line.") from None
+    return records
+
+
+def read_logs(path: Path | str) -> list[dict]:
+    """All records of one run, in order; ``path`` as for ``resolve_log_file``."""
+    log_file = resolve_log_file(path)
+    return _parse_lines(log_file.read_text().splitlines(), log_file)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values: tensors/numpy scalars become numbers, non-finite floats become None."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+class RunLogger:
+    """Writes one run's JSON-lines log and TensorBoard scalars; every method is a no-op when ``enabled`` is False.
+
+    Args:
+        run_dir: the run directory (created if needed); see ``new_run_dir`` / ``find_run_dirs``.
+        enabled: False on every rank but the main one.
+        tensorboard: also write TensorBoard event files into ``run_dir``.
+        resume_step: the step of the checkpoint being resumed: records with a larger step are dropped from the
+            existing log before appending, and TensorBoard purges its events from ``resume_step + 1`` on.
+    """
+
+    def __init__(
+        self, run_dir: Path, *, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOG_NAME
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            self._truncate_after(resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # slow import: only when it is used
+
+            purge_step = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
+
+    def _truncate_after(self, step: int) -> None:
+        records = _parse_lines(self.path.read_text().splitlines(), self.path)
+        kept = [r for r in records if r.get("step", 0) <= step]
+        tmp = self.path.with_name(f".{LOG_NAME}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)  # atomic: a crash leaves either the old or the new file, never half of one
+
+    def log(self, record_type: str, step: int, **fields: Any) -> dict | None:
+        """Append one record (``time`` defaults to now) and mirror its numeric fields to TensorBoard as
+        ``<type>/<field>``; returns the record as written, or None when disabled."""
+        if record_type not in RECORD_TYPES:
+            raise ValueError(f"record type must be one of {', '.join(RECORD_TYPES)}, got {record_type!r}.")
+        if not self.enabled:
+            return None
+        record = _jsonable({"type": record_type, "step": int(step), "time": fields.pop("time", time.time()), **fields})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            if record_type == "event":
+                details = {k: v for k, v in record.items() if k not in ("type", "step", "time")}
+                self._tb.add_text("events", f"`{json.dumps(details)}`", global_step=record["step"])
+            else:
+                for key, value in record.items():
+                    if key not in ("type", "step", "time") and isinstance(value, int | float):
+                        self._tb.add_scalar(f"{record_type}/{key}", value, global_step=record["step"])
+            self._tb.flush()
+        return record
+
+    def train(self, step: int, **fields: Any) -> dict | None:
+        """A training record: tokens, loss, lr, grad_norm, tokens_per_s, mfu, peak_mem_bytes."""
+        return self.log("train", step, **fields)
+
+    def eval(self, step: int, **fields: Any) -> dict | None:
+        """An eval record: tokens, loss; perplexity is added from the loss."""
+        if fields.get("loss") is not None and "perplexity" not in fields:
+            loss = float(fields["loss"])
+            fields["perplexity"] = math.exp(loss) if loss < 700 else math.inf
+        return self.log("eval", step, **fields)
+
+    def summary(self, step: int, **fields: Any) -> dict | None:
+        """The closing record of a run (final losses, wall time, ...)."""
+        return self.log("summary", step, **fields)
+
+    def event(self, step: int, event: str, **fields: Any) -> dict | None:
+        """Something that happened: ``start`` (args, versions), ``resume``, ``stage``, ``divergence``, ..."""
+        return self.log("event", step, event=event, **fields)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A text sample (e.g. a generation) in TensorBoard's Text tab; not written to the jsonl log."""
+        if self._tb is not None:
+            self._tb.add_text(tag, text, global_step=step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> "RunLogger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
