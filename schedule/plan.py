@@ -26,8 +26,8 @@ from schedule.lr import lr_at
 # spec (7.5e-6 and 1.4e-6 before scaling), so raising --learning-rate widens the cooldown instead of moving its end.
 BASE_CONSTANT_LR = 7.5e-6
 BASE_MIN_LR = 1.4e-6
-# The fraction of the token budget the cosine cooldown spans when that is longer than --min-cooldown-tokens.
-COOLDOWN_RATIO = 0.7
+# The cosine cooldown spans 70% of the budget's steps when that is longer than --min-cooldown-tokens.
+COOLDOWN_PERCENT = 70
 # Event intervals in sequences per device (batch_size x grad_accum), before --step-cadence scaling.
 LOGGING_INTERVAL = 100
 EVAL_INTERVAL = 1000
@@ -148,7 +148,8 @@ def make_plan(
 
     lr_scale = math.sqrt(global_batch_size)
     min_cooldown_steps = round(min_cooldown_tokens * 1e9) // tokens_per_step
-    cooldown_steps = max(min_cooldown_steps, int(COOLDOWN_RATIO * budget_steps))
+    # int(0.7 * budget_steps) in integer arithmetic, so float error cannot cost a step.
+    cooldown_steps = max(min_cooldown_steps, budget_steps * COOLDOWN_PERCENT // 100)
     sequences_per_step = batch_size * grad_accum
     return Plan(
         total_tokens=total_tokens,
