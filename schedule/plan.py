@@ -115,7 +115,7 @@ def make_plan(
     --anneal-steps N` anneals from where the first run left off without any jump.
     """
     _check_int(batch_size, "--batch-size", 1, "pass the number of sequences per device, e.g. --batch-size 4")
-    _check_int(grad_accum, "--grad-accum", 1, "pass the number of micro-batches per update, e.g. --grad-accum 1")
+    _check_int(grad_accum, "--gradient-accumulation-steps", 1, "pass the micro-batches per optimizer step, e.g. 1")
     _check_int(world_size, "--world-size", 1, "pass the number of data-parallel processes, e.g. --world-size 4")
     _check_int(max_length, "--max-length", 1, "pass the sequence length in tokens, e.g. --max-length 4096")
     _check_int(warmup_steps, "--warmup-steps", 0, "pass 0 to disable warmup")

@@ -121,7 +121,7 @@ def test_plan_to_dict_and_format() -> None:
         (dict(total_tokens=float("nan")), ("--total-tokens nan",)),
         (dict(batch_size=0), ("--batch-size 0", ">= 1")),
         (dict(batch_size=2.5), ("--batch-size 2.5", "integer")),
-        (dict(grad_accum=0), ("--grad-accum 0",)),
+        (dict(grad_accum=0), ("--gradient-accumulation-steps 0",)),
         (dict(world_size=-1), ("--world-size -1",)),
         (dict(max_length=0), ("--max-length 0",)),
         (dict(base_lr=0), ("--learning-rate 0",)),
