@@ -1,0 +1,46 @@
+"""The model zoo: one decoder implementation (llama, qwen3, deepone), named configs, HF export/import, pipeline.
+
+Importing this package registers the deepone classes with transformers' AutoConfig / AutoModelForCausalLM, so
+`AutoModelForCausalLM.from_pretrained(folder)` loads an exported deepone model without trust_remote_code.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .attention import ATTN_IMPLEMENTATIONS, check_attn_implementation
+from .config import ModelConfig, available_configs, count_parameters, describe, flops_per_token, load_model_config
+from .hf import export_hf, load_hf
+from .hf_deepone import DeepOneConfig, DeepOneForCausalLM
+from .loss import chunked_cross_entropy
+from .model import Transformer
+from .pipeline import (
+    from_pipeline_state_dict,
+    load_pipeline_state,
+    pipeline_layers,
+    read_pipeline_checkpoint,
+    to_pipeline_state_dict,
+)
+
+AutoConfig.register("deepone", DeepOneConfig, exist_ok=True)
+AutoModelForCausalLM.register(DeepOneConfig, DeepOneForCausalLM, exist_ok=True)
+
+__all__ = [
+    "ATTN_IMPLEMENTATIONS",
+    "DeepOneConfig",
+    "DeepOneForCausalLM",
+    "ModelConfig",
+    "Transformer",
+    "available_configs",
+    "check_attn_implementation",
+    "chunked_cross_entropy",
+    "count_parameters",
+    "describe",
+    "export_hf",
+    "flops_per_token",
+    "from_pipeline_state_dict",
+    "load_hf",
+    "load_model_config",
+    "load_pipeline_state",
+    "pipeline_layers",
+    "read_pipeline_checkpoint",
+    "to_pipeline_state_dict",
+]

@@ -1,0 +1,197 @@
+"""Attention backends that keep every token inside its own document in packed rows.
+
+A packed row holds several documents back to back; `doc_ids` (B, T) numbers them 0, 0, 0, 1, 1, 2, ... A query may
+attend to a key only if the key is not in the future AND belongs to the same document. Each backend expresses that
+rule in its own way:
+
+- eager:              explicit softmax(QK^T) with a boolean (B, 1, T, T) mask; the readable reference.
+- sdpa:               torch's scaled_dot_product_attention with the same boolean mask.
+- flex_attention:     torch's FlexAttention with a BlockMask, so blocks that cross documents are skipped entirely.
+- flash_attention_2:  flash-attn's varlen kernel; every document becomes its own sequence via cu_seqlens.
+
+When every row holds a single document, eager/sdpa use the plain causal path (`is_causal=True`, no mask tensor).
+
+The mask is built once per forward pass (`build_attention_mask`) and shared by all layers; `attend` runs one layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
+FLEX_MIN_TORCH = (2, 5)  # first release with torch.nn.attention.flex_attention
+
+FLASH_MISSING = (
+    "flash_attention_2 needs the flash-attn package: pip install flash-attn --no-build-isolation (CUDA only); "
+    "or use --attn-implementation flex_attention"
+)
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def check_attn_implementation(name: str) -> None:
+    """Raise ValueError when the backend is unknown or cannot run with the installed packages."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name == "flex_attention" and _torch_version() < FLEX_MIN_TORCH:
+        raise ValueError(
+            f"flex_attention needs torch >= {'.'.join(map(str, FLEX_MIN_TORCH))} (found {torch.__version__}); "
+            "upgrade torch or use --attn-implementation sdpa"
+        )
+    if name == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise ValueError(FLASH_MISSING) from None
+
+
+@dataclass
+class AttentionMask:
+    """Everything one forward pass needs to keep attention causal and inside documents.
+
+    Only the fields of the chosen backend are filled; `single_document` means plain causal attention.
+    """
+
+    implementation: str
+    single_document: bool
+    dense: torch.Tensor | None = None  # (B, 1, T, T) bool, True = may attend (eager, sdpa, CPU-training flex)
+    block_mask: object | None = None  # flex BlockMask
+    cu_seqlens: torch.Tensor | None = None  # (num_segments + 1,) int32 offsets into the flattened B*T tokens
+    max_seqlen: int = 0  # longest document segment (flash)
+
+
+def _dense_document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, 1, T, T) bool: causal and same document."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # (T, T)
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    return (same_doc & causal)[:, None]  # (B, 1, T, T)
+
+
+def _flex_block_mask(doc_ids: torch.Tensor | None, batch: int, seq_len: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if doc_ids is None:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+        num_batches = None  # one mask broadcast over the batch
+    else:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+        num_batches = batch
+    # NOTE: on CUDA the mask is built by a compiled kernel; eager construction materialises B*T*T booleans.
+    return create_block_mask(mask_mod, num_batches, None, seq_len, seq_len, device=device, _compile=device.type == "cuda")
+
+
+@torch.compiler.disable  # data-dependent (single-document check, max_seqlen): keep it out of compiled graphs
+def build_attention_mask(
+    implementation: str, doc_ids: torch.Tensor | None, batch: int, seq_len: int, device: torch.device
+) -> AttentionMask:
+    """Build the per-forward mask for `implementation` from doc_ids (B, T); None means one document per row."""
+    if doc_ids is not None and not bool(doc_ids.any()):
+        doc_ids = None  # every row starts at document 0 and never leaves it
+    single = doc_ids is None
+    if implementation in ("eager", "sdpa"):
+        return AttentionMask(implementation, single, dense=None if single else _dense_document_mask(doc_ids))
+    if implementation == "flex_attention":
+        mask = AttentionMask(implementation, single, block_mask=_flex_block_mask(doc_ids, batch, seq_len, device))
+        if device.type == "cpu" and torch.is_grad_enabled():
+            # NOTE: FlexAttention has no backward on CPU (torch 2.13); training there falls back to sdpa with the
+            # same document mask (see _flex), so that mask is prepared here too.
+            mask.dense = None if single else _dense_document_mask(doc_ids)
+        return mask
+    if implementation == "flash_attention_2":
+        if doc_ids is None:
+            doc_ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+        starts = torch.ones(batch, seq_len, dtype=torch.bool, device=device)  # a segment starts at every row start
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # ... and wherever the document changes
+        offsets = starts.flatten().nonzero().flatten()
+        end = torch.tensor([batch * seq_len], device=device)
+        cu_seqlens = torch.cat([offsets, end]).to(torch.int32)
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return AttentionMask(implementation, single, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    raise ValueError(f"unknown attention implementation {implementation!r}; use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+
+
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """Reference attention; q (B, H, T, D), k/v (B, KV, T, D) -> (B, H, T, D)."""
+    n_rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(n_rep, dim=1)  # (B, H, T, D): query head h reads kv head h // n_rep
+    v = v.repeat_interleave(n_rep, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, T)
+    if mask.dense is None:
+        T = q.shape[2]
+        allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    else:
+        allowed = mask.dense
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # the diagonal is always allowed: no NaN
+    return probs @ v
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    if mask.dense is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # NOTE: uncompiled flex_attention materialises the full score matrix; compiling it once yields the fused kernel.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    gqa = q.shape[1] != k.shape[1]
+    if q.device.type != "cpu":
+        return _compiled_flex()(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # NOTE: torch 2.13 implements no FlexAttention backward on CPU; train with the identical mask through sdpa.
+        if mask.dense is None and not mask.single_document:
+            raise RuntimeError("flex_attention on CPU needs gradients but the mask was built without grad mode")
+        return _sdpa(q, k, v, mask)
+    with warnings.catch_warnings():
+        # CPU inference uses the unfused implementation on purpose (compiling needs a C++ toolchain at run time).
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    B, H, T, D = q.shape
+    # flash-attn wants (tokens, heads, head_dim); documents are the varlen sequences delimited by cu_seqlens.
+    q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (q, k, v))
+    out = flash_attn_varlen_func(
+        q, k, v, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen, causal=True
+    )  # (B*T, H, D); GQA is native
+    return out.reshape(B, T, H, D).transpose(1, 2)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """Causal, document-local attention: q (B, H, T, D), k/v (B, KV, T, D) -> (B, H, T, D), scale 1/sqrt(D)."""
+    if mask.implementation == "sdpa":
+        return _sdpa(q, k, v, mask)
+    if mask.implementation == "flex_attention":
+        return _flex(q, k, v, mask)
+    if mask.implementation == "flash_attention_2":
+        return _flash(q, k, v, mask)
+    return _eager(q, k, v, mask)

@@ -1,0 +1,202 @@
+"""Export to and import from Hugging Face folders (config.json + model.safetensors + tokenizer files).
+
+llama -> LlamaForCausalLM, qwen3 -> Qwen3ForCausalLM: stock transformers classes, loadable anywhere with
+`AutoModelForCausalLM.from_pretrained(folder)`. deepone -> DeepOneForCausalLM (models/hf_deepone.py), loadable the
+same way after `import models`. Weights are written and read with safetensors only (no pickle).
+
+Key mapping (llama/qwen3): our `<key>` -> `model.<key>` with `attn_norm` -> `input_layernorm` and `mlp_norm` ->
+`post_attention_layernorm`; `lm_head.weight` keeps its name and is omitted when tied. deepone: `model.<key>`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .model import Transformer
+
+_HF_NORM_NAMES = {".attn_norm.": ".input_layernorm.", ".mlp_norm.": ".post_attention_layernorm."}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "deepone": "DeepOneForCausalLM"}
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Transformer.state_dict() -> Hugging Face parameter names (contiguous CPU tensors, no shared storage)."""
+    out = {}
+    for name, tensor in state_dict.items():
+        if name != "lm_head.weight":
+            name = "model." + name
+            if cfg.family != "deepone":
+                for ours, theirs in _HF_NORM_NAMES.items():
+                    name = name.replace(ours, theirs)
+        out[name] = tensor.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def from_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of to_hf_state_dict; drops a redundant `lm_head.weight` of tied models and rotary buffers."""
+    out = {}
+    for name, tensor in state_dict.items():
+        if name == "lm_head.weight":
+            if not cfg.tie_word_embeddings:
+                out[name] = tensor
+            continue
+        if "rotary_emb" in name:
+            continue
+        name = name.removeprefix("model.")
+        if cfg.family != "deepone":
+            for ours, theirs in _HF_NORM_NAMES.items():
+                name = name.replace(theirs, ours)
+        out[name] = tensor
+    return out
+
+
+def hf_config(cfg: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None):
+    """The transformers config object matching `cfg` (LlamaConfig, Qwen3Config or DeepOneConfig)."""
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        hidden_act=cfg.hidden_act,
+        initializer_range=cfg.initializer_range,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        architectures=[_ARCHITECTURES[cfg.family]],
+    )
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.family == "llama":
+        from transformers import LlamaConfig
+
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError("LlamaConfig requires hidden_size divisible by num_attention_heads; use family 'qwen3'")
+        return LlamaConfig(**common, rope_parameters=rope, attention_bias=False, mlp_bias=False)
+    if cfg.family == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(**common, rope_parameters=rope, attention_bias=False, use_sliding_window=False)
+    from .hf_deepone import DeepOneConfig
+
+    return DeepOneConfig(**common, rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm)
+
+
+def _token_id(tokenizer, attr: str) -> int | None:
+    value = getattr(tokenizer, attr, None)
+    return value if isinstance(value, int) else None
+
+
+def export_hf(
+    model: Transformer,
+    cfg: ModelConfig,
+    out_dir: str | Path,
+    tokenizer=None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write `out_dir` as a Hugging Face model folder: config.json, model.safetensors, tokenizer, generation config.
+
+    Args:
+        tokenizer: a `tokenizers.Tokenizer` or a `transformers.PreTrainedTokenizerFast`; saved so that
+            `AutoTokenizer.from_pretrained(out_dir)` loads it. Its bos/eos ids are used when not given explicitly.
+        bos_token_id, eos_token_id: written into config.json and generation_config.json.
+        dtype: cast the weights (e.g. torch.bfloat16) before saving; default keeps the model's dtype.
+    """
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None and not isinstance(tokenizer, PreTrainedTokenizerFast):
+        bos = tokenizer.id_to_token(bos_token_id) if bos_token_id is not None else None
+        eos = tokenizer.id_to_token(eos_token_id) if eos_token_id is not None else None
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos)
+    if tokenizer is not None:
+        bos_token_id = bos_token_id if bos_token_id is not None else _token_id(tokenizer, "bos_token_id")
+        eos_token_id = eos_token_id if eos_token_id is not None else _token_id(tokenizer, "eos_token_id")
+        tokenizer.save_pretrained(out)
+        if len(tokenizer) > cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only {cfg.vocab_size}")
+
+    config = hf_config(cfg, bos_token_id, eos_token_id)
+    config.save_pretrained(out)
+    if bos_token_id is not None or eos_token_id is not None:
+        GenerationConfig(bos_token_id=bos_token_id, eos_token_id=eos_token_id).save_pretrained(out)
+
+    tensors = to_hf_state_dict(model.state_dict(), cfg)
+    if dtype is not None:
+        tensors = {name: t.to(dtype) for name, t in tensors.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return load_file(str(single))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(load_file(str(folder / shard)))
+        return tensors
+    raise ValueError(f"{folder} has no model.safetensors (or sharded index); only safetensors weights are loaded")
+
+
+def model_config_from_hf(config: dict) -> ModelConfig:
+    """A config.json dict of a llama / qwen3 / deepone model -> ModelConfig; unsupported features raise ValueError."""
+    model_type = config.get("model_type")
+    if model_type not in ("llama", "qwen3", "deepone"):
+        raise ValueError(f"model_type {model_type!r} is not supported; expected llama, qwen3 or deepone")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"RoPE scaling {rope_type!r} is not implemented (pretraining uses plain RoPE); remove it first")
+    for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
+        if config.get(flag):
+            raise ValueError(f"config.json sets {flag}=true, which this model does not implement")
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    heads = config["num_attention_heads"]
+    return ModelConfig(
+        family=model_type,
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        max_position_embeddings=config.get("max_position_embeddings", 4096),
+        rope_theta=float(theta),
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=config.get("tie_word_embeddings", False),
+        hidden_act=config.get("hidden_act", "silu"),
+        qk_norm=model_type == "qwen3" or (model_type == "deepone" and config.get("qk_norm", True)),
+        initializer_range=config.get("initializer_range", 0.02),
+    )
+
+
+def load_hf(path: str | Path, attn_implementation: str = "sdpa") -> tuple[Transformer, ModelConfig]:
+    """Load a Hugging Face folder (llama, qwen3 or deepone) into our Transformer, in fp32, on the CPU."""
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    cfg = model_config_from_hf(json.loads(config_file.read_text()))
+    state = from_hf_state_dict(_read_safetensors(folder), cfg)
+    model = Transformer(cfg, attn_implementation)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{folder}: weights do not match the config (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    model.load_state_dict({name: t.float() for name, t in state.items()})
+    return model, cfg

@@ -1,0 +1,102 @@
+"""Cross-entropy over the output head without materialising (tokens, vocab) logits in fp32 at once.
+
+The naive loss computes `logits = hidden @ W^T` for every token (B*T x V floats: 2 GiB for 16k tokens and a 32k
+vocabulary), then a log-softmax of the same size, and keeps both for backward. Here tokens go through the head in
+chunks; each chunk's logits live only inside the loop. Because the loss is the last op of the graph, the gradient
+of each chunk is known in closed form the moment its logits exist (softmax - one_hot) / num_labels, so the forward
+pass also computes d(loss)/d(hidden) and d(loss)/d(W) chunk by chunk and backward only scales them by the incoming
+gradient. That costs the same three matmuls as the naive loss (no recomputation) and keeps one chunk of logits alive.
+Without grad mode (evaluation) only the loss is computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Tokens per chunk: one chunk of logits about as large as the hidden states, but never tiny matmuls."""
+    return max(1024, (num_tokens * hidden_size) // vocab_size)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_t CE(hidden_t @ W^T, label_t) / normalizer, with gradients computed during the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, normalizer, chunk_size):
+        # hidden (N, C), weight (V, C), labels (N,), normalizer: 0-dim float tensor
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start, end in _chunks(hidden.shape[0], chunk_size):
+            h, y = hidden[start:end], labels[start:end]
+            logits = (h @ weight.t()).float()  # (n, V): the only full-vocabulary tensor, one chunk at a time
+            valid = y != IGNORE_INDEX
+            target = torch.where(valid, y, 0)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            total += torch.where(valid, lse - picked, 0.0).sum()
+            # d(loss)/d(logits) = (softmax - one_hot) / normalizer on labelled positions, 0 elsewhere
+            grad_logits = torch.exp(logits.sub_(lse[:, None]))  # reuse the logits buffer for the softmax
+            grad_logits.scatter_add_(1, target[:, None], torch.full_like(lse[:, None], -1.0))
+            grad_logits.mul_((valid.float() / normalizer)[:, None])
+            grad_logits = grad_logits.to(hidden.dtype)
+            grad_hidden[start:end] = grad_logits @ weight
+            grad_weight += (grad_logits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total / normalizer
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    num_items: int | float | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight^T` against `labels` over positions with labels != -100.
+
+    Args:
+        hidden: (..., C) final hidden states (after the last norm).
+        weight: (V, C) output head.
+        labels: (...) target token ids, already shifted; -100 = no target.
+        num_items: divide the summed loss by this instead of the local number of labels (token-weighted averaging
+            across gradient-accumulation micro-batches or ranks). Default: the local count (at least 1).
+        chunk_size: tokens per chunk; default from default_chunk_size.
+    Returns:
+        scalar float32 loss.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, C)
+    labels = labels.reshape(-1)  # (N,)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Run the head in the autocast dtype explicitly; the chunk loop itself runs with autocast off.
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if num_items is None:
+        normalizer = (labels != IGNORE_INDEX).sum().clamp(min=1).float()
+    else:
+        normalizer = torch.as_tensor(num_items, dtype=torch.float32, device=hidden.device)
+    size = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    with torch.autocast(device_type, enabled=False):
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(hidden, weight, labels, normalizer, size)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start, end in _chunks(hidden.shape[0], size):
+            logits = (hidden[start:end] @ weight.t()).float()
+            total += torch.nn.functional.cross_entropy(
+                logits, labels[start:end], ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+        return total / normalizer
