@@ -1,0 +1,120 @@
+"""Every attention backend computes the same document-local causal attention (outputs and gradients)."""
+
+import importlib.util
+
+import pytest
+import torch
+from test_models import build, packed_batch, segments, small_config
+
+from models import Transformer, check_attn_implementation
+from models.attention import FLASH_MISSING, attend, build_attention_mask
+
+CPU_BACKENDS = ["eager", "sdpa", "flex_attention"]
+HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
+
+
+def reference_attention(q, k, v, doc_ids):
+    """Attention written from the definition, one query at a time: keys <= query and in the same document."""
+    B, H, T, D = q.shape
+    rep = H // k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                keys = [s for s in range(t + 1) if doc_ids[b, s] == doc_ids[b, t]]
+                scores = q[b, h, t] @ k[b, h // rep, keys].T / D**0.5
+                out[b, h, t] = torch.softmax(scores, -1) @ v[b, h // rep, keys]
+    return out
+
+
+@pytest.mark.parametrize("implementation", CPU_BACKENDS)
+def test_backend_matches_the_definition(implementation):
+    g = torch.Generator().manual_seed(0)
+    batch = packed_batch(50)
+    doc_ids = batch["doc_ids"]
+    B, T = doc_ids.shape
+    q, k, v = torch.randn(B, 4, T, 8, generator=g), torch.randn(B, 2, T, 8, generator=g), torch.randn(B, 2, T, 8, generator=g)
+    with torch.no_grad():
+        mask = build_attention_mask(implementation, doc_ids, B, T, q.device)
+        out = attend(q, k, v, mask)
+    assert (out - reference_attention(q, k, v, doc_ids)).abs().max().item() <= 1e-5
+
+
+def run(model: Transformer, batch: dict):
+    loss = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], labels=batch["labels"])
+    loss.backward()
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+    return logits, loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "deepone"])
+def test_backends_agree_on_outputs_and_gradients(family):
+    """Tolerance: 1e-5 absolute on fp32 logits and loss, 1e-5 absolute + 1e-4 relative on every gradient."""
+    cfg = small_config(family)
+    batch = packed_batch(cfg.vocab_size)
+    results = {impl: run(build(cfg, impl), batch) for impl in CPU_BACKENDS}
+    ref_logits, ref_loss, ref_grads = results["eager"]
+    for impl in ("sdpa", "flex_attention"):
+        logits, loss, grads = results[impl]
+        assert (logits - ref_logits).abs().max().item() <= 1e-5, impl
+        assert abs(loss.item() - ref_loss.item()) <= 1e-5, impl
+        for name, grad in ref_grads.items():
+            assert torch.allclose(grads[name], grad, atol=1e-5, rtol=1e-4), (impl, name)
+
+
+def test_flex_on_cpu_uses_a_block_mask_for_inference():
+    """The flex forward on CPU is FlexAttention itself (its backward falls back to sdpa, see models/attention.py)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    batch = packed_batch(50)
+    with torch.no_grad():
+        mask = build_attention_mask("flex_attention", batch["doc_ids"], 3, 37, torch.device("cpu"))
+    assert isinstance(mask.block_mask, BlockMask) and mask.dense is None
+    dense = mask.block_mask.to_dense()  # (B, 1, q blocks, kv blocks): one 128-token block for T = 37
+    assert dense.shape[0] == 3
+
+
+def test_single_document_rows_use_the_plain_causal_path():
+    doc_ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = build_attention_mask("sdpa", doc_ids, 2, 9, torch.device("cpu"))
+    assert mask.single_document and mask.dense is None
+    packed = build_attention_mask("sdpa", packed_batch(50)["doc_ids"], 3, 37, torch.device("cpu"))
+    assert not packed.single_document and packed.dense.shape == (3, 1, 37, 37)
+
+
+def test_flash_cu_seqlens_follow_documents_and_rows():
+    batch = packed_batch(50)
+    mask = build_attention_mask("flash_attention_2", batch["doc_ids"], 3, 37, torch.device("cpu"))
+    starts = [row * 37 + s for row, s, _ in segments()]
+    assert mask.cu_seqlens.tolist() == starts + [3 * 37]
+    assert mask.max_seqlen == 37 and mask.cu_seqlens.dtype == torch.int32
+
+
+@pytest.mark.skipif(HAS_FLASH, reason="flash-attn is installed here")
+def test_missing_flash_attn_is_a_value_error_with_install_hint():
+    with pytest.raises(ValueError, match="pip install flash-attn") as err:
+        check_attn_implementation("flash_attention_2")
+    assert str(err.value) == FLASH_MISSING and "\n" not in FLASH_MISSING
+    with pytest.raises(ValueError, match="pip install flash-attn"):
+        Transformer(small_config(), "flash_attention_2")
+
+
+def test_unknown_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="sdpa"):
+        check_attn_implementation("flash3")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_FLASH), reason="needs CUDA and flash-attn")
+def test_flash_attention_matches_sdpa_on_cuda():  # pragma: no cover - runs only on GPU machines
+    cfg = small_config()
+    batch = {k: v.cuda() for k, v in packed_batch(cfg.vocab_size).items()}
+    outs = {}
+    for impl in ("sdpa", "flash_attention_2", "flex_attention"):
+        model = build(cfg, impl).cuda().bfloat16()
+        with torch.no_grad():
+            outs[impl] = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+    assert (outs["flash_attention_2"] - outs["sdpa"]).abs().max().item() < 5e-2
+    assert (outs["flex_attention"] - outs["sdpa"]).abs().max().item() < 5e-2
+
