@@ -20,8 +20,9 @@ def build_parser(prog: str = "python -m monitor.control") -> argparse.ArgumentPa
     parser.add_argument("--jobs-dir", type=Path, default=None, help="registration directory (default: per user)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list running jobs (and forget dead ones)")
-    for command, what in zip(COMMANDS, ("save a checkpoint now", "save, then exit", "exit now without saving")):
-        p = sub.add_parser(command, help=what)
+    helps = {"save": "save a checkpoint now", "stop": "save, then exit", "abort": "exit now without saving"}
+    for command in COMMANDS:
+        p = sub.add_parser(command, help=helps[command])
         p.add_argument("job", help="job id (or a unique prefix of it, or its pid)")
         p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the job's reply")
     return parser
@@ -37,7 +38,7 @@ def _print_jobs(jobs: list[dict]) -> None:
         rows.append((info["job_id"], str(info["pid"]), info.get("host", "?"), started, info.get("output_dir", "?")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m monitor.control") -> int:

@@ -4,8 +4,8 @@ Two exponential moving averages (EMAs) follow the training loss: a fast one (a w
 one (~100 updates). While training is healthy the loss drifts down, so the fast EMA sits at or below the slow one.
 When the loss jumps up and stays up, the fast EMA follows within a few steps while the slow one barely moves; once
 ``fast - slow > threshold`` (1.0 nat by default) the detector reports divergence. A non-finite loss or gradient
-norm is reported at once, armed or not. Eval losses get their own pair of EMAs, tuned for being much rarer and
-much less noisy.
+norm is reported at once, armed or not. Eval losses get their own pair, tuned for being much rarer and much less
+noisy: the "fast" one is the latest eval itself, the slow one an EMA over the last few evals.
 
 Call ``update`` every optimizer step (the EMA constants are per update; calling it only at the logging cadence
 would make it fire ~100× later in steps). It returns ``None`` or a one-line reason.
@@ -51,9 +51,11 @@ class _DualEMA:
 class DivergenceDetector:
     """Dual time-scale divergence detector for the training loss (per step) and the eval loss (per eval).
 
-    With the defaults (fast 0.2, slow 0.01, threshold 1.0) a sustained jump of 2 nats fires on the 4th step after
-    it and a jump of 1.5 nats on the 6th, while per-step noise of 0.1-0.2 nats moves the fast-slow gap by only
-    ~0.05-0.1. Eval EMAs (fast 0.7, slow 0.1) fire at the first eval after a 2-nat jump, the second after 1.5 nats.
+    With the defaults (fast 0.2, slow 0.01, threshold 1.0) a sustained jump of 2 nats fires about 4 steps after
+    it and a jump of 1.5 nats after 6-7, while per-step noise of 0.1-0.2 nats moves the fast-slow gap by only
+    ~0.05-0.1. For evals (fast 1.0, slow 0.3) a jump of 2 nats fires at the first eval after it (1.5 nats once the
+    eval curve has flattened, as ``0.7 × (jump − lag of the slow EMA)`` must exceed the threshold); evals before
+    ``warmup_steps`` (e.g. the one at step 0) are not fed in at all, since the loss still falls by nats per eval.
 
     Args:
         threshold: nats by which the fast EMA must exceed the slow one.
@@ -68,8 +70,8 @@ class DivergenceDetector:
         fast_alpha: float = 0.2,
         slow_alpha: float = 0.01,
         warmup_steps: int = 500,
-        eval_fast_alpha: float = 0.7,
-        eval_slow_alpha: float = 0.1,
+        eval_fast_alpha: float = 1.0,
+        eval_slow_alpha: float = 0.3,
     ) -> None:
         if not 0 < slow_alpha < fast_alpha <= 1:
             raise ValueError(f"need 0 < slow_alpha < fast_alpha <= 1, got slow {slow_alpha} and fast {fast_alpha}.")
@@ -99,8 +101,10 @@ class DivergenceDetector:
         loss = float(loss)
         if not math.isfinite(loss):
             return f"eval loss is {loss} at step {step}"
+        if step < self.warmup_steps:
+            return None
         self.eval.update(loss)
-        if step >= self.warmup_steps and self.eval.count >= 2 and self.eval.gap > self.threshold:
+        if self.eval.count >= 2 and self.eval.gap > self.threshold:
             return self._reason("eval", step)
         return None
 

@@ -137,45 +137,50 @@ class RunLogger:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)  # atomic: a crash leaves either the old or the new file, never half of one
 
-    def log(self, record_type: str, step: int, **fields: Any) -> dict | None:
-        """Append one record (``time`` defaults to now) and mirror its numeric fields to TensorBoard as
-        ``<type>/<field>``; returns the record as written, or None when disabled."""
-        if record_type not in RECORD_TYPES:
-            raise ValueError(f"record type must be one of {', '.join(RECORD_TYPES)}, got {record_type!r}.")
+    def log(self, record: dict[str, Any]) -> dict | None:
+        """Append one record (it needs ``type`` and ``step``; ``time`` defaults to now) and mirror its numeric
+        fields to TensorBoard as ``<type>/<field>``; returns the record as written, or None when disabled."""
+        if record.get("type") not in RECORD_TYPES:
+            raise ValueError(f"record type must be one of {', '.join(RECORD_TYPES)}, got {record.get('type')!r}.")
+        if "step" not in record:
+            raise ValueError(f"a {record['type']} record needs a step.")
         if not self.enabled:
             return None
-        record = _jsonable({"type": record_type, "step": int(step), "time": fields.pop("time", time.time()), **fields})
+        head = {"type": record["type"], "step": int(record["step"]), "time": record.get("time", time.time())}
+        record = _jsonable({**head, **{k: v for k, v in record.items() if k not in head}})
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
-            if record_type == "event":
+            step = record["step"]
+            if record["type"] == "event":
                 details = {k: v for k, v in record.items() if k not in ("type", "step", "time")}
-                self._tb.add_text("events", f"`{json.dumps(details)}`", global_step=record["step"])
+                self._tb.add_text("events", f"`{json.dumps(details)}`", global_step=step)
             else:
                 for key, value in record.items():
-                    if key not in ("type", "step", "time") and isinstance(value, int | float):
-                        self._tb.add_scalar(f"{record_type}/{key}", value, global_step=record["step"])
+                    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+                    if key not in ("type", "step", "time") and numeric:
+                        self._tb.add_scalar(f"{record['type']}/{key}", value, global_step=step)
             self._tb.flush()
         return record
 
     def train(self, step: int, **fields: Any) -> dict | None:
         """A training record: tokens, loss, lr, grad_norm, tokens_per_s, mfu, peak_mem_bytes."""
-        return self.log("train", step, **fields)
+        return self.log({"type": "train", "step": step, **fields})
 
     def eval(self, step: int, **fields: Any) -> dict | None:
         """An eval record: tokens, loss; perplexity is added from the loss."""
         if fields.get("loss") is not None and "perplexity" not in fields:
             loss = float(fields["loss"])
             fields["perplexity"] = math.exp(loss) if loss < 700 else math.inf
-        return self.log("eval", step, **fields)
+        return self.log({"type": "eval", "step": step, **fields})
 
     def summary(self, step: int, **fields: Any) -> dict | None:
         """The closing record of a run (final losses, wall time, ...)."""
-        return self.log("summary", step, **fields)
+        return self.log({"type": "summary", "step": step, **fields})
 
     def event(self, step: int, event: str, **fields: Any) -> dict | None:
         """Something that happened: ``start`` (args, versions), ``resume``, ``stage``, ``divergence``, ..."""
-        return self.log("event", step, event=event, **fields)
+        return self.log({"type": "event", "step": step, "event": event, **fields})
 
     def text(self, tag: str, text: str, step: int) -> None:
         """A text sample (e.g. a generation) in TensorBoard's Text tab; not written to the jsonl log."""
