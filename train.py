@@ -31,14 +31,35 @@ import torch
 import data
 import models
 import schedule
+from models.hf import model_config_from_hf
+from monitor import (
+    DivergenceDetector,
+    JobControl,
+    PeakMemory,
+    Progress,
+    RunLogger,
+    device_peak_flops,
+    flops_per_token,
+    mean_attended_context,
+    mfu,
+    new_run_dir,
+    runinfo,
+    samples,
+)
 from monitor import checkpoint as ckpt
-from monitor import runinfo
 
 DEFAULT_MODEL = "deepone-162m"
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2), like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see python train.py --help\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("token budget and batch")
     g.add_argument("--init-model", action="store_true", help="start a new model instead of resuming the newest checkpoint")
     g.add_argument("--total-tokens", type=float, default=3.0, help="training budget in billions of tokens")
@@ -78,6 +99,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--save-total-limit", type=int, default=4, help="checkpoints kept (the best 2 by eval loss always)")
     g.add_argument("--step-cadence", type=float, default=1.0, help="scale the log/eval/save intervals")
     g.add_argument("--sample-tokens", type=int, default=48, help="tokens generated per text sample at eval (0 = none)")
+    g = p.add_argument_group("divergence guard")
+    g.add_argument("--divergence-action", default="abort", choices=["abort", "stop", "rollback", "none"],
+                   help="on a loss blow-up: abort (keep checkpoints), stop (save, then stop), rollback, or none")
+    g.add_argument("--divergence-threshold", type=float, default=1.0, help="nats by which the fast loss EMA may "
+                   "exceed the slow one")
+    g.add_argument("--max-rollbacks", type=int, default=3, help="rollbacks before giving up (abort)")
+    g.add_argument("--rollback-lr-factor", type=float, default=0.5, help="LR multiplier applied at each rollback")
+    g.add_argument("--inject-lr-spike", default=None, metavar="STEP,FACTOR",
+                   help="testing aid: multiply the LR by FACTOR from STEP on, to provoke a divergence")
     g.add_argument("--seed", type=int, default=42, help="seed for init, data order and sampling")
     g = p.add_argument_group("distributed")
     g.add_argument("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo on CPU)")
@@ -161,14 +191,18 @@ def resolve_run(args: argparse.Namespace) -> Run:
         vocab_size = data.load_tokenizer(output_dir / "tokenizer").get_vocab_size()
     elif args.init_from is None:
         vocab_size = args.vocab_size
-    model_cfg = (models.load_hf_config(args.init_from) if args.init_from
-                 else models.load_model_config(model_name, vocab_size=vocab_size))
+    if args.init_from:
+        if not (Path(args.init_from) / "config.json").is_file():
+            raise UsageError(f"--init-from {args.init_from} is not a Hugging Face model folder (no config.json)")
+        model_cfg = model_config_from_hf(json.loads((Path(args.init_from) / "config.json").read_text()))
+    else:
+        model_cfg = models.load_model_config(model_name, vocab_size=vocab_size)
     if args.max_length > model_cfg.max_position_embeddings:
         raise UsageError(f"--max-length {args.max_length} is longer than the model supports "
                          f"({model_cfg.max_position_embeddings}); lower --max-length or raise max_position_embeddings")
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer_state.json").read_text())
-        if saved["model_config"] != models.config_to_dict(model_cfg):
+        if saved["model_config"] != model_cfg.to_dict():
             raise UsageError(f"{output_dir} holds a different model ({saved['model_name']}); use another --output-dir, "
                              "or --init-model --overwrite-output-dir to replace it")
 
@@ -189,8 +223,6 @@ def resolve_run(args: argparse.Namespace) -> Run:
         raise UsageError(str(e)) from None
     if not args.dry_run:
         mix = data.parse_mix(args.dataset)  # raises ValueError for a missing path or an unknown name
-        if args.init_from and not Path(args.init_from).is_dir():
-            raise UsageError(f"--init-from {args.init_from} is not a folder; point it at a Hugging Face model folder")
     run = Run(args, plan, model_cfg, output_dir, resume_from, world_size, rank)
     run.extra["mix"] = None if args.dry_run else mix
     return run
@@ -212,36 +244,33 @@ def print_plan(run: Run) -> None:
 # Pieces shared by both training paths
 
 
-def build_tokenizer(run: Run, is_main: bool, wait: callable):
-    """Load --tokenizer, reuse the run's own, or train one from the data (main rank trains, others wait)."""
-    if is_main:
-        tok = data.resolve_tokenizer(run.args.tokenizer, run.extra["mix"], run.output_dir,
-                                     vocab_size=run.args.vocab_size, max_docs=run.args.tokenizer_docs)
-    wait()
-    if not is_main:
-        tok = data.resolve_tokenizer(run.args.tokenizer, run.extra["mix"], run.output_dir,
-                                     vocab_size=run.args.vocab_size, max_docs=run.args.tokenizer_docs)
-    return tok
+def build_tokenizer(run: Run, is_main: bool, barrier):
+    """Load --tokenizer, reuse the run's own, or train one from the data (the main rank trains, the others wait)."""
+    def resolve():
+        return data.resolve_tokenizer(run.args.tokenizer, run.extra["mix"], run.output_dir,
+                                      vocab_size=run.args.vocab_size, max_docs=run.args.tokenizer_docs)
+    tok = resolve() if is_main else None
+    barrier()
+    return tok if is_main else resolve()
 
 
-def build_model(run: Run, device: torch.device, dtype: torch.dtype) -> models.Transformer:
+def build_model(run: Run, dtype: torch.dtype) -> models.Transformer:
+    """The same initial weights on every rank and in both training paths: seeded, built on the CPU."""
     torch.manual_seed(run.args.seed)
     if run.args.init_from:
-        model, _ = models.load_hf(run.args.init_from)
+        model, _ = models.load_hf(run.args.init_from, run.args.attn_implementation)
     else:
         model = models.Transformer(run.model_cfg, attn_implementation=run.args.attn_implementation)
         model.init_weights()
-    model.set_attn_implementation(run.args.attn_implementation)
-    return model.to(device=device, dtype=dtype)
+    return model.to(dtype=dtype)
 
 
-def trainer_state(run: Run, step: int, tokens: int, stream, eval_loss: float | None, extra: dict) -> dict:
-    return {
-        "step": step, "tokens": tokens, "eval_loss": eval_loss, "world_size": run.world_size,
-        "model_name": run.args.model_config or run.args.model, "model_config": models.config_to_dict(run.model_cfg),
-        "plan": run.plan.to_dict(), "args": vars(run.args), "data_state": stream.state_dict(),
-        "run_info": run.extra.get("info", {}), **extra,
-    }
+def trainer_state(run: Run, progress: dict, stream, eval_loss: float | None) -> dict:
+    """The JSON part of a checkpoint: counters, schedule, data position, and what the run is."""
+    return {**progress, "eval_loss": eval_loss, "world_size": run.world_size,
+            "model_name": run.args.model_config or run.args.model, "model_config": run.model_cfg.to_dict(),
+            "plan": run.plan.to_dict(), "args": vars(run.args), "data_state": stream.state_dict(),
+            "run_info": run.extra.get("info", {})}
 
 
 @torch.no_grad()
@@ -254,9 +283,14 @@ def evaluate(model, batches: list[dict], device, reduce_sum) -> float:
         batch = {k: v.to(device) for k, v in batch.items()}
         n = (batch["labels"] != -100).sum()
         total += torch.stack([model(**batch).double() * n, n.double()])
-    total = reduce_sum(total)
     model.train(was_training)
+    total = reduce_sum(total)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def sample_text(model, tokenizer, device, max_new_tokens: int, seed: int) -> str:
+    return samples.generate(model, tokenizer, samples.PROMPTS[0], max_new_tokens=max_new_tokens, device=device,
+                            seed=seed)
 
 
 class StopSignals:
@@ -273,116 +307,140 @@ class StopSignals:
         self.requested = True
 
 
+# Commands every rank must agree on at a step boundary, in increasing priority (all-reduced with MAX).
+COMMANDS = [None, "save", "rollback", "stop", "abort"]
+
+
+def agree(command: str | None, device, world_size: int) -> str | None:
+    """The highest-priority command any rank raised this step (job control, a signal, the divergence guard)."""
+    code = torch.tensor([COMMANDS.index(command)], device=device)
+    if world_size > 1:
+        torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
+    return COMMANDS[int(code)]
+
+
 # -----------------------------------------------------------------------------
 # Data parallel training with Accelerate
 
 
-def train_ddp(run: Run) -> None:
+def train_ddp(run: Run) -> int:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     args, plan = run.args, run.plan
     cpu = not torch.cuda.is_available()
-    device_hint = torch.device("cpu" if cpu else "cuda")
-    dtype = schedule.resolve_dtype(args.dtype, device_hint)
-    pure_bf16 = dtype == torch.bfloat16 and args.optimizer == "adafactor"
-    backend = args.dist_backend or ("gloo" if cpu else "nccl")
+    dtype = schedule.resolve_dtype(args.dtype, torch.device("cpu" if cpu else "cuda"))
+    pure_bf16 = dtype == torch.bfloat16 and args.optimizer == "adafactor"  # bf16 weights + stochastic rounding
     accelerator = Accelerator(
         cpu=cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision="bf16" if dtype == torch.bfloat16 and not pure_bf16 else "no",
-        kwargs_handlers=[InitProcessGroupKwargs(backend=backend)],
+        kwargs_handlers=[InitProcessGroupKwargs(backend=args.dist_backend or ("gloo" if cpu else "nccl"))],
     )
-    device, is_main = accelerator.device, accelerator.is_main_process
-    say = accelerator.print
-    if accelerator.num_processes != run.world_size:
-        run.world_size = accelerator.num_processes
+    device, is_main, rank, world = (accelerator.device, accelerator.is_main_process, accelerator.process_index,
+                                    accelerator.num_processes)
+    run.world_size = world
     if not cpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
     if args.init_model and args.overwrite_output_dir and is_main:
         ckpt.remove_checkpoints(run.output_dir / "checkpoints")
+
+    # ---- model, optimizer, schedule, data
     tokenizer = build_tokenizer(run, is_main, accelerator.wait_for_everyone)
-    model = build_model(run, device, torch.bfloat16 if pure_bf16 else torch.float32)
+    model = build_model(run, torch.bfloat16 if pure_bf16 else torch.float32).to(device)
     optimizer = schedule.build_optimizer(args.optimizer, model, plan.max_lr, weight_decay=args.weight_decay,
                                          seed=args.seed)
     scheduler = schedule.InfiniteLR(optimizer, plan)
-    stream = data.PackedStream(run.extra["mix"], tokenizer, args.max_length, args.batch_size,
-                               rank=accelerator.process_index, world_size=accelerator.num_processes, seed=args.seed,
-                               dispatch=args.dispatch_batches)
-    eval_set = data.eval_batches(run.extra["mix"], tokenizer, args.max_length, args.batch_size,
-                                 args.eval_batches, seed=args.seed)[accelerator.process_index::accelerator.num_processes]
+    stream = data.PackedStream(run.extra["mix"], tokenizer, args.max_length, args.batch_size, rank=rank,
+                               world_size=world, seed=args.seed, dispatch=args.dispatch_batches)
+    eval_set = data.eval_batches(run.extra["mix"], tokenizer, args.max_length, args.batch_size, args.eval_batches,
+                                 seed=args.seed)[rank::world]
+    detector = DivergenceDetector(args.divergence_threshold, warmup_steps=plan.warmup_steps)
+    progress = {"step": 0, "tokens": 0, "lr_factor": 1.0, "rollbacks": 0, "run_dir": None}
 
-    step, tokens, best_eval, run_dir = 0, 0, None, None
-    if run.resume_from is not None:
-        state = ckpt.load_checkpoint(run.resume_from, accelerator.process_index)
-        model.load_state_dict(state["model_state"])
+    def restore(path: Path, data_too: bool) -> None:
+        state = ckpt.load_checkpoint(path, rank)
+        accelerator.unwrap_model(model).load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
-        ts = state["trainer_state"]
-        step, tokens, run_dir = ts["step"], ts["tokens"], ts.get("run_dir")
-        scheduler.load_state_dict({"step": step})
-        if args.no_restore_dataset_state:
-            say("data: --no-restore-dataset-state given, restarting the data from the beginning")
-        else:
-            stream.load_state_dict(ts["data_state"])  # raises ValueError when the data mix changed
-        if state["rank_state"] is not None and ts["world_size"] == accelerator.num_processes:
+        saved = state["trainer_state"]
+        progress.update({k: saved[k] for k in progress if k in saved})
+        scheduler.lr_factor = progress["lr_factor"]
+        scheduler.load_state_dict({"step": progress["step"]})
+        detector.load_state_dict(saved["divergence"])
+        if data_too:
+            stream.load_state_dict(saved["data_state"])  # ValueError (exit 2) when the data mix changed
+        if state["rank_state"] is not None and saved["world_size"] == world:
             ckpt.restore_rng(state["rank_state"]["rng"])
-        say(f"resumed from {run.resume_from} at step {step:,} ({tokens:,} tokens)")
+
+    if run.resume_from is not None:
+        restore(run.resume_from, data_too=not args.no_restore_dataset_state)
+        if args.no_restore_dataset_state:
+            accelerator.print("data: --no-restore-dataset-state given, restarting the data from the beginning")
+        accelerator.print(f"resumed from {run.resume_from} at step {progress['step']:,}")
     if args.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
-    from monitor import JobControl, Progress, RunLogger, flops_per_token, mfu, PeakMemory, device_peak_flops
-
-    run_dir = Path(run_dir) if run_dir else run.output_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    logger = RunLogger(run_dir, enabled=is_main, resume_step=step if run.resume_from else None)
-    run.extra["info"] = runinfo.collect(run, accelerator, tokenizer)
+    # ---- logging, job control, signals
+    resuming = progress["run_dir"] is not None
+    run_dir = Path(progress["run_dir"]) if resuming else new_run_dir(run.output_dir)
+    progress["run_dir"] = str(run_dir)
+    logger = RunLogger(run_dir, enabled=is_main, resume_step=progress["step"] if resuming else None)
+    run.extra["info"] = runinfo.collect(
+        args=vars(args), plan=plan.to_dict(), model_config=run.model_cfg, world_size=world,
+        parameters=models.count_parameters(run.model_cfg), data={"dataset": args.dataset, "vocab": tokenizer.get_vocab_size()})
     if is_main:
         runinfo.write(run_dir, run.extra["info"])
         if args.verbose_info:
             runinfo.show(run.extra["info"])
-        say(schedule.format_plan(plan))
-    progress = Progress(plan.total_steps, plan.total_steps * plan.tokens_per_step, enabled=is_main, start_step=step)
-    peak = device_peak_flops(device, dtype)
-    peak_mem = PeakMemory(device)
-    control = JobControl(run.output_dir, run.output_dir.name) if is_main else None
-    stop_signals = StopSignals()
+        print(schedule.format_plan(plan), flush=True)
+    bar = Progress(plan.total_steps, plan.total_train_tokens, enabled=is_main, start_step=progress["step"])
+    peak_flops, peak_mem = device_peak_flops(device, dtype), PeakMemory(device)
+    control = JobControl(run.output_dir, run.output_dir.name, enabled=is_main)
+    signals = StopSignals()
+    lr_spike = dict(zip(("step", "factor"), map(float, args.inject_lr_spike.split(",")))) if args.inject_lr_spike else {}
 
     def reduce_sum(t: torch.Tensor) -> torch.Tensor:
-        return accelerator.reduce(t, reduction="sum") if accelerator.num_processes > 1 else t
+        return accelerator.reduce(t, reduction="sum") if world > 1 else t
 
     def save(eval_loss: float | None) -> None:
+        progress["divergence"] = detector.state_dict()
         path = ckpt.save_checkpoint(
-            run.output_dir / "checkpoints", step, rank=accelerator.process_index, barrier=accelerator.wait_for_everyone,
+            run.output_dir / "checkpoints", progress["step"], rank=rank, barrier=accelerator.wait_for_everyone,
             model_state=raw_model.state_dict() if is_main else None,
             optimizer_state=optimizer.state_dict() if is_main else None,
-            trainer_state=trainer_state(run, step, tokens, stream, eval_loss, {"run_dir": str(run_dir)}),
-            rank_state={"rng": ckpt.capture_rng()})
+            trainer_state=trainer_state(run, progress, stream, eval_loss), rank_state={"rng": ckpt.capture_rng()})
         if is_main:
             pruned = ckpt.prune_checkpoints(run.output_dir / "checkpoints", args.save_total_limit)
-            progress.print(f"saved {path}" + (f" (removed {len(pruned)} old)" if pruned else ""))
+            bar.print(f"saved {path}" + (f" (removed {len(pruned)} older)" if pruned else ""))
 
     def run_eval() -> float:
         loss = evaluate(model, eval_set, device, reduce_sum)
-        logger.log({"type": "eval", "step": step, "tokens": tokens, "loss": loss, "perplexity": math.exp(min(loss, 50))})
+        step = progress["step"]
+        logger.eval(step, tokens=progress["tokens"], loss=loss)
         if is_main and args.sample_tokens > 0:
             text = sample_text(raw_model, tokenizer, device, args.sample_tokens, args.seed)
             logger.text("sample", text, step)
-            progress.print(f"step {step:,} eval loss {loss:.4f} | sample: {text!r}")
+            bar.print(f"step {step:,} | eval loss {loss:.4f} | sample: {text!r}")
         return loss
 
+    # ---- the loop
     model.train()
-    if step == 0:
+    if progress["step"] == 0:
         run_eval()
-    interval_loss = torch.zeros((), device=device)
-    interval_steps, interval_start, ctx_sum = 0, time.perf_counter(), 0.0
-    flops_token = None
-    command = None
-    while step < plan.total_steps:
+    interval_loss, interval_steps, interval_ctx = torch.zeros((), device=device), 0, 0.0
+    interval_start, command, exit_code = time.perf_counter(), None, 0
+    while progress["step"] < plan.total_steps:
+        step = progress["step"] + 1
+        if lr_spike and step == int(lr_spike["step"]):  # debugging aid for the divergence guard's tests
+            scheduler.lr_factor *= lr_spike["factor"]
+        step_loss = torch.zeros((), device=device)
         for _ in range(args.gradient_accumulation_steps):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
+            batch = next(stream)
+            interval_ctx += mean_attended_context(batch["doc_ids"])
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 loss = model(**batch)
                 accelerator.backward(loss)
@@ -393,82 +451,73 @@ def train_ddp(run: Run) -> None:
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            interval_loss += loss.detach() / args.gradient_accumulation_steps
-            ctx_sum += float(mean_context(batch["doc_ids"]))
-        step += 1
-        tokens += plan.tokens_per_step
+            step_loss += loss.detach() / args.gradient_accumulation_steps
+        progress["step"], progress["tokens"] = step, progress["tokens"] + plan.tokens_per_step
+        interval_loss += step_loss
         interval_steps += 1
 
         if step % plan.logging_steps == 0 or step == plan.total_steps:
             elapsed = time.perf_counter() - interval_start
-            mean_loss = (reduce_sum(interval_loss) / (interval_steps * accelerator.num_processes)).item()
-            tps = interval_steps * plan.tokens_per_step / elapsed
-            if flops_token is None:
-                flops_token = lambda ctx: flops_per_token(run.model_cfg, ctx)
-            ctx = ctx_sum / (interval_steps * args.gradient_accumulation_steps)
-            record = {"type": "train", "step": step, "tokens": tokens, "loss": mean_loss, "lr": scheduler.current_lr,
-                      "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens_per_s": tps,
-                      "mfu": mfu(tps / accelerator.num_processes, flops_token(ctx), peak),
-                      "peak_mem_bytes": peak_mem.read_and_reset()}
-            logger.log(record)
-            progress.update(step, tokens, record)
+            tokens_per_s = interval_steps * plan.tokens_per_step / elapsed
+            context = interval_ctx / (interval_steps * args.gradient_accumulation_steps)
+            record = logger.train(
+                step, tokens=progress["tokens"], loss=(reduce_sum(interval_loss) / (interval_steps * world)).item(),
+                lr=scheduler.current_lr, grad_norm=None if grad_norm is None else float(grad_norm),
+                tokens_per_s=tokens_per_s,
+                mfu=mfu(tokens_per_s / world, flops_per_token(run.model_cfg, context), peak_flops),
+                peak_mem_bytes=peak_mem.read_and_reset())
+            bar.update(step, progress["tokens"], record or {})
             interval_loss.zero_()
-            interval_steps, interval_start, ctx_sum = 0, time.perf_counter(), 0.0
+            interval_steps, interval_ctx, interval_start = 0, 0.0, time.perf_counter()
 
-        eval_loss = None
-        if step % plan.eval_steps == 0:
-            eval_loss = run_eval()
-        if args.save_strategy == "steps" and step % plan.save_steps == 0:
+        # Every rank learns, at the same step, what job control, signals and the divergence guard ask for.
+        reason = detector.update(step, step_loss.item(), None if grad_norm is None else float(grad_norm))
+        eval_loss = run_eval() if step % plan.eval_steps == 0 else None
+        if eval_loss is not None:
+            reason = reason or detector.update_eval(step, eval_loss)
+        wish = control.poll() or ("stop" if signals.requested else None)
+        if reason:
+            wish = {"abort": "abort", "stop": "stop", "rollback": "rollback"}.get(args.divergence_action, wish)
+        command = agree(wish, device, world)
+        if command in ("abort", "stop", "rollback") and reason:
+            logger.event(step, "divergence", reason=reason, action=command)
+            bar.print(f"divergence at step {step:,}: {reason}; action: {command}")
+        if command == "rollback":
+            last = ckpt.latest_checkpoint(run.output_dir / "checkpoints")
+            if last is None or progress["rollbacks"] >= args.max_rollbacks:
+                command = "abort"
+            else:
+                rollbacks = progress["rollbacks"] + 1
+                restore(last, data_too=False)  # keep the data position: the offending batches are skipped
+                progress["rollbacks"], progress["lr_factor"] = rollbacks, progress["lr_factor"] * args.rollback_lr_factor
+                scheduler.lr_factor = progress["lr_factor"]
+                scheduler.load_state_dict({"step": progress["step"]})
+                logger.event(progress["step"], "rollback", to=str(last), lr_factor=progress["lr_factor"])
+                continue
+        scheduled = args.save_strategy == "steps" and step % plan.save_steps == 0
+        if command in ("save", "stop") or (scheduled and command != "abort"):
             save(eval_loss if eval_loss is not None else run_eval())
-
-        # Job control and signals: rank 0 polls, every rank learns the command at the same step.
-        code = torch.tensor([COMMANDS.index(control.poll() if control else None), 2 * stop_signals.requested],
-                            device=device)
-        if accelerator.num_processes > 1:
-            code = accelerator.reduce(code, reduction="max") if False else _all_reduce_max(code)
-        command = COMMANDS[int(code.max())]
-        if command in ("save", "stop") and args.save_strategy != "no":
-            save(run_eval())
         if command in ("stop", "abort"):
-            say(f"{command} requested at step {step:,}; stopping" + (" (checkpoints kept)" if command == "abort" else ""))
+            last = ckpt.latest_checkpoint(run.output_dir / "checkpoints")
+            bar.print(f"{command} at step {step:,}; newest checkpoint: {last}")
+            exit_code = 1 if reason else 0
             break
     else:
         final_eval = run_eval()
         if args.save_strategy != "no":
             save(final_eval)
+        logger.summary(progress["step"], tokens=progress["tokens"], loss=final_eval)
+        bar.close()
         if is_main:
-            export_dir = run.output_dir / "final"
-            models.export_hf(raw_model, run.model_cfg, export_dir, tokenizer=tokenizer)
-            logger.log({"type": "summary", "step": step, "tokens": tokens, "loss": final_eval})
-            progress.close()
+            export_dir = models.export_hf(raw_model, run.model_cfg, run.output_dir / "final", tokenizer=tokenizer)
             text = sample_text(raw_model, tokenizer, device, max(args.sample_tokens, 32), args.seed)
-            print(f"final eval loss {final_eval:.4f}\nsample: {text}\nHugging Face model: {export_dir}")
-    progress.close()
+            print(f"final eval loss {final_eval:.4f}\nsample: {text}\nHugging Face model: {export_dir}", flush=True)
+    bar.close()
     logger.close()
-    if control:
-        control.close()
+    control.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-
-
-COMMANDS = [None, "save", "stop", "abort"]
-
-
-def _all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t
-
-
-def mean_context(doc_ids: torch.Tensor) -> float:
-    from monitor import mean_attended_context
-
-    return mean_attended_context(doc_ids)
-
-
-def sample_text(model, tokenizer, device, max_new_tokens: int, seed: int) -> str:
-    from monitor.samples import generate
-
-    return generate(model, tokenizer, "The", max_new_tokens=max_new_tokens, device=device, seed=seed)
+    return exit_code
 
 
 # -----------------------------------------------------------------------------
@@ -489,14 +538,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print_plan(run)
             return 0
-        if args.pipeline:
-            train_pipeline(run)
-        else:
-            train_ddp(run)
+        return train_pipeline(run) if args.pipeline else train_ddp(run)
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

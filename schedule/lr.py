@@ -78,10 +78,12 @@ class InfiniteLR:
         self.optimizer = optimizer
         self.plan = plan
         self.last_step = last_step  # optimizer updates made so far
+        # Multiplies the scheduled LR; lowered by the divergence guard's rollback and saved by the trainer, not here.
+        self.lr_factor = 1.0
         self._apply()
 
     def _apply(self) -> None:
-        lr = lr_at(self.last_step + 1, self.plan)
+        lr = lr_at(self.last_step + 1, self.plan) * self.lr_factor
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -93,7 +95,7 @@ class InfiniteLR:
     @property
     def current_lr(self) -> float:
         """The LR applied to the most recent update (the one to log); before any update, the first update's LR."""
-        return lr_at(max(1, self.last_step), self.plan)
+        return lr_at(max(1, self.last_step), self.plan) * self.lr_factor
 
     def get_last_lr(self) -> list[float]:
         """The LR now in each param group, i.e. for the next update (torch scheduler convention)."""

@@ -1,0 +1,142 @@
+"""End-to-end checks of train.py: the plan, a real run with resume, the HF export, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import TINY, train, train_losses, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(corpus, tmp_path_factory) -> Path:
+    import data
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    tok = data.train_tokenizer(texts, vocab_size=512)
+    data.save_tokenizer(tok, out)
+    return out
+
+
+def test_dry_run_reports_the_plan_for_four_processes():
+    out = train("--dry-run", "--json", "--world-size", "4", "--total-tokens", "3")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["tokens_per_step"] == 65_536  # 4096 x (4 x 1 x 4)
+    assert plan["global_batch_size"] == 16
+    assert plan["total_steps"] == 3_000_000_000 // 65_536 == 45_776
+    assert plan["lr_scale"] == 4.0
+    assert plan["max_lr"] == pytest.approx(5.6e-5)
+    assert plan["constant_lr"] == pytest.approx(3.0e-5)
+    assert plan["min_lr"] == pytest.approx(5.6e-6)
+    assert plan["cooldown_steps"] == 100_000_000_000 // 65_536
+    assert (plan["logging_steps"], plan["eval_steps"], plan["save_steps"]) == (25, 250, 5000)
+    assert 150e6 < plan["parameters"]["total"] < 175e6
+
+
+def test_dry_run_prints_a_readable_plan():
+    out = train("--dry-run", "--world-size", "5")
+    assert out.returncode == 0, out.stderr
+    assert "81,920" in out.stdout  # tokens per step on 5 processes
+    assert "parameters" in out.stdout
+
+
+def test_training_resumes_exactly_and_exports_a_transformers_model(corpus, tokenizer_dir, tmp_path):
+    common = [*TINY, "--dataset", str(corpus), "--tokenizer", str(tokenizer_dir)]
+    full = train(*common, "--init-model", "--max-steps", "6", "--output-dir", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    first = train(*common, "--init-model", "--max-steps", "3", "--output-dir", str(tmp_path / "split"))
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "split" / "checkpoints" / "checkpoint-3" / "COMPLETE").is_file()
+    second = train(*common, "--max-steps", "6", "--output-dir", str(tmp_path / "split"))
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout
+
+    uninterrupted, resumed = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # resume appends to the same log, no duplicate steps
+    for step in (4, 5, 6):
+        assert resumed[step] == uninterrupted[step]  # bit-identical, not approximately equal
+
+    # The export loads in transformers as a LlamaForCausalLM and matches our model's logits.
+    from transformers import AutoModelForCausalLM
+
+    import models
+
+    final = tmp_path / "full" / "final"
+    hf = AutoModelForCausalLM.from_pretrained(final).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ours, _ = models.load_hf(final)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours.eval()(ids)).abs().max().item()
+    assert diff <= 1e-4
+    assert "Hugging Face model:" in full.stdout and "sample:" in full.stdout
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained_dir(corpus, tokenizer_dir, tmp_path_factory) -> Path:
+    """An output dir holding one complete checkpoint, to check that bad input never touches it."""
+    out = tmp_path_factory.mktemp("trained")
+    run = train(*TINY, "--dataset", str(corpus), "--tokenizer", str(tokenizer_dir), "--init-model",
+                "--max-steps", "3", "--output-dir", str(out))
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+BAD_INPUT = {
+    "missing data path": ["--dataset", "/nonexistent/corpus.jsonl"],
+    "unreadable tokenizer": ["--tokenizer", "/nonexistent/tokenizer.json"],
+    "zero max length": ["--max-length", "0"],
+    "negative batch size": ["--batch-size", "-2"],
+    "zero accumulation": ["--gradient-accumulation-steps", "0"],
+    "budget under one step": ["--total-tokens", "1e-9", "--max-steps", "-1"],
+    "zero max steps": ["--max-steps", "0"],
+    "negative learning rate": ["--learning-rate", "-1e-4"],
+    "zero cadence": ["--step-cadence", "0"],
+    "unknown model": ["--model", "gpt-17"],
+    "missing model config file": ["--model-config", "/nonexistent/model.json"],
+    "unknown attention": ["--attn-implementation", "fast"],
+    "missing flash-attn": ["--attn-implementation", "flash_attention_2"],
+    "sequence longer than the model": ["--max-length", "100000"],
+    "different model in output dir": ["--model", "llama-30m"],
+    "init over existing checkpoints": ["--init-model"],
+    "unknown optimizer": ["--optimizer", "sgd"],
+    "pipeline batch not divisible": ["--pipeline", "--batch-size", "3", "--microbatch-scale", "2"],
+    "unknown pipeline schedule": ["--pipeline", "--pipeline-schedule", "ScheduleZBVZeroBubble"],
+    "json without dry run": ["--json"],
+    "anneal longer than the run": ["--anneal-steps", "50"],
+    "init-from not a model": ["--init-from", "/tmp"],
+    "negative warmup": ["--warmup-steps", "-5"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_exits_2_with_one_line_and_leaves_checkpoints_alone(case, trained_dir, corpus, tokenizer_dir):
+    before = _digest(trained_dir / "checkpoints")
+    args = [*TINY, "--dataset", str(corpus), "--tokenizer", str(tokenizer_dir), "--max-steps", "6",
+            "--output-dir", str(trained_dir)]
+    out = train(*args, *BAD_INPUT[case])
+    assert out.returncode == 2, (case, out.stdout[-500:], out.stderr[-2000:])
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, (case, out.stderr)
+    assert "Traceback" not in out.stderr
+    assert _digest(trained_dir / "checkpoints") == before
