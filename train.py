@@ -17,9 +17,11 @@ data, schedule, logging and checkpoint helpers from models/, data/, schedule/ an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -170,7 +172,21 @@ def validate_args(args: argparse.Namespace) -> None:
 PIPELINE_SCHEDULES = {"1F1B": "1F1B", "Schedule1F1B": "1F1B", "GPipe": "GPipe", "ScheduleGPipe": "GPipe"}
 
 
+@contextlib.contextmanager
+def bad_input():
+    """ValueError/FileNotFoundError from reading user-supplied things (data, tokenizer, configs) is bad input."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+
+
 def resolve_run(args: argparse.Namespace) -> Run:
+    with bad_input():
+        return _resolve_run(args)
+
+
+def _resolve_run(args: argparse.Namespace) -> Run:
     validate_args(args)
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -186,9 +202,9 @@ def resolve_run(args: argparse.Namespace) -> Run:
 
     vocab_size = None
     if args.tokenizer:
-        vocab_size = data.load_tokenizer(args.tokenizer).get_vocab_size()
+        vocab_size = len(data.load_tokenizer(args.tokenizer))
     elif (output_dir / "tokenizer").is_dir() and not args.init_model:
-        vocab_size = data.load_tokenizer(output_dir / "tokenizer").get_vocab_size()
+        vocab_size = len(data.load_tokenizer(output_dir / "tokenizer"))
     elif args.init_from is None:
         vocab_size = args.vocab_size
     if args.init_from:
@@ -335,7 +351,8 @@ def train_ddp(run: Run) -> int:
         cpu=cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision="bf16" if dtype == torch.bfloat16 and not pure_bf16 else "no",
-        kwargs_handlers=[InitProcessGroupKwargs(backend=args.dist_backend or ("gloo" if cpu else "nccl"))],
+        kwargs_handlers=[InitProcessGroupKwargs(backend=args.dist_backend or ("gloo" if cpu else "nccl"))]
+        if run.world_size > 1 else [],
     )
     device, is_main, rank, world = (accelerator.device, accelerator.is_main_process, accelerator.process_index,
                                     accelerator.num_processes)
@@ -355,7 +372,7 @@ def train_ddp(run: Run) -> int:
     stream = data.PackedStream(run.extra["mix"], tokenizer, args.max_length, args.batch_size, rank=rank,
                                world_size=world, seed=args.seed, dispatch=args.dispatch_batches)
     eval_set = data.eval_batches(run.extra["mix"], tokenizer, args.max_length, args.batch_size, args.eval_batches,
-                                 seed=args.seed)[rank::world]
+                                 rank=rank, world_size=world)
     detector = DivergenceDetector(args.divergence_threshold, warmup_steps=plan.warmup_steps)
     progress = {"step": 0, "tokens": 0, "lr_factor": 1.0, "rollbacks": 0, "run_dir": None}
 
@@ -390,7 +407,7 @@ def train_ddp(run: Run) -> int:
     logger = RunLogger(run_dir, enabled=is_main, resume_step=progress["step"] if resuming else None)
     run.extra["info"] = runinfo.collect(
         args=vars(args), plan=plan.to_dict(), model_config=run.model_cfg, world_size=world,
-        parameters=models.count_parameters(run.model_cfg), data={"dataset": args.dataset, "vocab": tokenizer.get_vocab_size()})
+        parameters=models.count_parameters(run.model_cfg), data={"dataset": args.dataset, "vocab": len(tokenizer)})
     if is_main:
         runinfo.write(run_dir, run.extra["info"])
         if args.verbose_info:
@@ -407,6 +424,8 @@ def train_ddp(run: Run) -> int:
 
     def save(eval_loss: float | None) -> None:
         progress["divergence"] = detector.state_dict()
+        if ckpt.verify(run.output_dir / "checkpoints" / f"checkpoint-{progress['step']}") is None:
+            return  # saved already at this step (an exact resume makes the state identical)
         path = ckpt.save_checkpoint(
             run.output_dir / "checkpoints", progress["step"], rank=rank, barrier=accelerator.wait_for_everyone,
             model_state=raw_model.state_dict() if is_main else None,
@@ -431,7 +450,7 @@ def train_ddp(run: Run) -> int:
     if progress["step"] == 0:
         run_eval()
     interval_loss, interval_steps, interval_ctx = torch.zeros((), device=device), 0, 0.0
-    interval_start, command, exit_code = time.perf_counter(), None, 0
+    interval_start, command, exit_code, eval_loss = time.perf_counter(), None, 0, None
     while progress["step"] < plan.total_steps:
         step = progress["step"] + 1
         if lr_spike and step == int(lr_spike["step"]):  # debugging aid for the divergence guard's tests
@@ -503,9 +522,9 @@ def train_ddp(run: Run) -> int:
             exit_code = 1 if reason else 0
             break
     else:
-        final_eval = run_eval()
+        final_eval = eval_loss if progress["step"] and eval_loss is not None else run_eval()
         if args.save_strategy != "no":
-            save(final_eval)
+            save(final_eval)  # a no-op when this step was just saved
         logger.summary(progress["step"], tokens=progress["tokens"], loss=final_eval)
         bar.close()
         if is_main:
@@ -524,8 +543,163 @@ def train_ddp(run: Run) -> int:
 # Pipeline parallel training with DeepSpeed
 
 
-def train_pipeline(run: Run) -> None:
-    raise UsageError("not implemented yet: pipeline parallel (issue: scale out with DeepSpeed)")
+def train_pipeline(run: Run) -> int:
+    """Each rank is one pipeline stage; the batch is split into stages × microbatch_scale micro-batches."""
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+
+    from models.pipe_schedule import use_gpipe
+
+    args, plan = run.args, run.plan
+    cpu = not torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend=args.dist_backend or ("gloo" if cpu else "nccl"))
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = torch.device("cpu") if cpu else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if not cpu:
+        torch.cuda.set_device(device)
+    is_main, barrier = rank == 0, torch.distributed.barrier
+    dtype = schedule.resolve_dtype(args.dtype, device)
+    pure_bf16 = dtype == torch.bfloat16 and args.optimizer == "adafactor"
+    if args.init_model and args.overwrite_output_dir and is_main:
+        ckpt.remove_checkpoints(run.output_dir / "checkpoints")
+
+    # ---- the model as a layer list, the DeepSpeed config filled from our plan (one source of truth)
+    tokenizer = build_tokenizer(run, is_main, barrier)
+    ds_config = json.loads((Path(__file__).parent / "ds_configs" / "pipeline.json").read_text())
+    pipe_opts = ds_config.pop("pipeline")
+    n_micro = world * args.microbatch_scale
+    micro = args.batch_size // n_micro
+    ds_config.update(train_batch_size=args.batch_size * args.gradient_accumulation_steps,
+                     train_micro_batch_size_per_gpu=micro, gradient_clipping=args.max_grad_norm,
+                     gradient_accumulation_steps=n_micro * args.gradient_accumulation_steps,
+                     bf16={"enabled": dtype == torch.bfloat16 and not pure_bf16})
+    net = PipelineModule(layers=models.pipeline_layers(run.model_cfg, args.attn_implementation), num_stages=world,
+                         loss_fn=lambda loss, labels: loss, **pipe_opts)  # the last layer already returns the loss
+    models.load_pipeline_state(net, build_model(run, torch.float32).state_dict(), run.model_cfg)  # same init as DDP
+    net.to(device=device, dtype=torch.bfloat16 if pure_bf16 else torch.float32)
+    optimizer = schedule.build_optimizer(args.optimizer, net, plan.max_lr, weight_decay=args.weight_decay,
+                                         seed=args.seed)
+    scheduler = schedule.InfiniteLR(optimizer, plan)
+    engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds_config)
+    if PIPELINE_SCHEDULES[args.pipeline_schedule] == "GPipe":
+        use_gpipe(engine)
+    if is_main:
+        print(f"pipeline: {world} stages, {engine.micro_batches} micro-batches of {micro} sequences, "
+              f"schedule {PIPELINE_SCHEDULES[args.pipeline_schedule]}; DeepSpeed config {json.dumps(ds_config)}")
+        print(schedule.format_plan(plan), flush=True)
+
+    # The first stage feeds inputs and the last one labels: both read the same single stream of micro-batches.
+    feeds = engine.is_first_stage() or engine.is_last_stage()
+    stream = data.PackedStream(run.extra["mix"], tokenizer, args.max_length, micro, seed=args.seed) if feeds else None
+    eval_rows = data.eval_batches(run.extra["mix"], tokenizer, args.max_length, micro,
+                                  args.eval_batches * (args.batch_size // micro))
+
+    def micro_batches(batches):
+        for b in batches:
+            yield (b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"]), b["labels"]
+
+    progress = {"step": 0, "tokens": 0, "run_dir": None}
+    if run.resume_from is not None:
+        saved = json.loads((run.resume_from / "trainer_state.json").read_text())
+        if saved["world_size"] != world:
+            raise UsageError(f"{run.resume_from} was written by {saved['world_size']} pipeline stages; resume it with "
+                             f"{saved['world_size']} processes (stage files cannot be re-split)")
+        net.load_state_dict(ckpt.load_state_dict_file(run.resume_from / f"stage-{rank}.safetensors"))
+        optimizer.load_state_dict(torch.load(run.resume_from / f"optimizer-{rank}.pt", weights_only=True))
+        progress.update({k: saved[k] for k in progress})
+        scheduler.load_state_dict({"step": progress["step"]})
+        if stream is not None and not args.no_restore_dataset_state:
+            stream.load_state_dict(saved["data_state"])
+        ckpt.restore_rng(json.loads((run.resume_from / f"rank-{rank}.json").read_text())["rng"])
+        if is_main:
+            print(f"resumed from {run.resume_from} at step {progress['step']:,}", flush=True)
+    run_dir = Path(progress["run_dir"]) if progress["run_dir"] else new_run_dir(run.output_dir)
+    logger = RunLogger(run_dir, enabled=is_main, resume_step=progress["step"] if progress["run_dir"] else None)
+    progress["run_dir"] = str(run_dir)
+    bar = Progress(plan.total_steps, plan.total_train_tokens, enabled=is_main, start_step=progress["step"])
+    control = JobControl(run.output_dir, run.output_dir.name, enabled=is_main)
+    signals = StopSignals()
+    detector = DivergenceDetector(args.divergence_threshold, warmup_steps=plan.warmup_steps)
+
+    def stage_files(folder: Path) -> None:
+        ckpt.save_state_dict(net.state_dict(), folder / f"stage-{rank}.safetensors")
+        torch.save(optimizer.state_dict(), folder / f"optimizer-{rank}.pt")
+
+    def save(eval_loss: float) -> None:
+        state = trainer_state(run, progress, stream, eval_loss) if is_main else None
+        path = ckpt.save_checkpoint(run.output_dir / "checkpoints", progress["step"], rank=rank, barrier=barrier,
+                                    model_state=None, optimizer_state=None, trainer_state=state,
+                                    rank_state={"rng": ckpt.capture_rng()}, extra_files=stage_files)
+        if is_main:
+            ckpt.prune_checkpoints(run.output_dir / "checkpoints", args.save_total_limit)
+            bar.print(f"saved {path}")
+
+    def run_eval() -> float:
+        engine.eval()
+        loss = engine.eval_batch(micro_batches(eval_rows), num_micro_batches=len(eval_rows)).item()
+        engine.train()
+        logger.eval(progress["step"], tokens=progress["tokens"], loss=loss)
+        return loss
+
+    if progress["step"] == 0:
+        run_eval()
+    exit_code, interval, start = 0, [], time.perf_counter()
+    while progress["step"] < plan.total_steps:
+        loss = engine.train_batch(micro_batches(stream) if feeds else None).item()  # the same value on every stage
+        scheduler.step()
+        progress["step"] += 1
+        progress["tokens"] += plan.tokens_per_step
+        step = progress["step"]
+        interval.append(loss)
+        if step % plan.logging_steps == 0 or step == plan.total_steps:
+            tokens_per_s = len(interval) * plan.tokens_per_step / (time.perf_counter() - start)
+            grad_norm = engine.get_global_grad_norm()
+            record = logger.train(step, tokens=progress["tokens"], loss=sum(interval) / len(interval),
+                                  lr=scheduler.current_lr, grad_norm=None if grad_norm is None else float(grad_norm),
+                                  tokens_per_s=tokens_per_s)
+            bar.update(step, progress["tokens"], record or {})
+            interval, start = [], time.perf_counter()
+        reason = detector.update(step, loss)
+        eval_loss = run_eval() if step % plan.eval_steps == 0 else None
+        wish = control.poll() or ("stop" if signals.requested else None)
+        if reason and args.divergence_action != "none":
+            wish = "abort" if args.divergence_action == "abort" else "stop"  # rollback: not offered for pipelines
+            logger.event(step, "divergence", reason=reason, action=wish)
+        command = agree(wish, device, world)
+        scheduled = args.save_strategy == "steps" and step % plan.save_steps == 0
+        if command in ("save", "stop") or (scheduled and command != "abort"):
+            save(eval_loss if eval_loss is not None else run_eval())
+        if command in ("stop", "abort"):
+            bar.print(f"{command} at step {step:,}")
+            exit_code = 1 if reason else 0
+            break
+    else:
+        final_eval = run_eval()
+        if args.save_strategy != "no":
+            save(final_eval)
+        # Assemble the HF export from every stage's weights.
+        parts = run.output_dir / "final" / ".stages"
+        if is_main:
+            parts.mkdir(parents=True, exist_ok=True)
+        barrier()
+        ckpt.save_state_dict(net.state_dict(), parts / f"stage-{rank}.safetensors")
+        barrier()
+        if is_main:
+            merged = {}
+            for k in range(world):
+                merged.update(ckpt.load_state_dict_file(parts / f"stage-{k}.safetensors"))
+            full = models.Transformer(run.model_cfg, args.attn_implementation)
+            full.load_state_dict(models.from_pipeline_state_dict(merged, run.model_cfg))
+            shutil.rmtree(parts)
+            export_dir = models.export_hf(full, run.model_cfg, run.output_dir / "final", tokenizer=tokenizer)
+            logger.summary(step, tokens=progress["tokens"], loss=final_eval)
+            bar.close()
+            print(f"final eval loss {final_eval:.4f}\nHugging Face model: {export_dir}", flush=True)
+    bar.close()
+    logger.close()
+    control.close()
+    barrier()
+    return exit_code
 
 
 # -----------------------------------------------------------------------------
@@ -539,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
             print_plan(run)
             return 0
         return train_pipeline(run) if args.pipeline else train_ddp(run)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -70,11 +70,20 @@ def dedupe_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return tensors, aliases
 
 
+def _plain(obj: Any) -> Any:
+    """numpy arrays and scalars inside nested dicts -> lists and Python numbers."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj.item() if isinstance(obj, np.generic) else obj
+
+
 def capture_rng() -> dict:
     """Every RNG this process uses, as JSON-able values."""
     state = {
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in np.random.get_state(legacy=False).items()},
+        "numpy": _plain(np.random.get_state(legacy=False)),
         "torch": torch.get_rng_state().tolist(),
     }
     if torch.cuda.is_available():
@@ -161,8 +170,8 @@ def save_checkpoint(
     if exists:
         return final
     if rank == 0:
-        tensors, aliases = dedupe_state_dict(model_state)
-        save_file(tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
+        if model_state is not None:
+            save_state_dict(model_state, tmp / "model.safetensors")
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / "optimizer.pt")
         _write_json(tmp / "trainer_state.json", trainer_state)
@@ -183,11 +192,16 @@ def save_checkpoint(
     return final
 
 
-def load_model_state(path: Path) -> dict[str, torch.Tensor]:
-    """Weights of a checkpoint with tied aliases restored (so ``load_state_dict(strict=True)`` works)."""
+def save_state_dict(state: dict[str, torch.Tensor], file: Path) -> None:
+    """A state dict as safetensors, tensors that share storage (tied weights) stored once."""
+    tensors, aliases = dedupe_state_dict(state)
+    save_file(tensors, file, metadata={"aliases": json.dumps(aliases)})
+
+
+def load_state_dict_file(file: Path) -> dict[str, torch.Tensor]:
+    """Inverse of save_state_dict: tied aliases restored (so ``load_state_dict(strict=True)`` works)."""
     from safetensors import safe_open
 
-    file = path / "model.safetensors"
     with safe_open(str(file), framework="pt") as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
     state = load_file(str(file))
@@ -201,7 +215,7 @@ def load_checkpoint(path: Path, rank: int) -> dict[str, Any]:
     rank_file = path / f"rank-{rank}.json"
     optimizer_file = path / "optimizer.pt"
     return {
-        "model_state": load_model_state(path) if (path / "model.safetensors").is_file() else None,
+        "model_state": load_state_dict_file(path / "model.safetensors") if (path / "model.safetensors").is_file() else None,
         "optimizer_state": torch.load(optimizer_file, weights_only=True) if optimizer_file.is_file() else None,
         "trainer_state": json.loads((path / "trainer_state.json").read_text()),
         "rank_state": json.loads(rank_file.read_text()) if rank_file.is_file() else None,

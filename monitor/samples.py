@@ -20,7 +20,7 @@ def generate(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> str:
-    """Sample a continuation of ``prompt`` (a ``tokenizers.Tokenizer``); stops at EOS. No KV cache: samples are short.
+    """Sample a continuation of ``prompt`` (a transformers fast tokenizer); stops at EOS. No KV cache: samples are short.
 
     The generator is local and seeded, so sampling never disturbs the training RNG streams.
     """
@@ -30,7 +30,7 @@ def generate(
     was_training = model.training
     model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    ids = [bos] + tokenizer.encode(prompt, add_special_tokens=False).ids
+    ids = [bos] + tokenizer.encode(prompt, add_special_tokens=False)
     limit = getattr(getattr(model, "cfg", None), "max_position_embeddings", 4096)
     for _ in range(max_new_tokens):
         x = torch.tensor([ids[-limit:]], device=device)
@@ -51,4 +51,4 @@ def generate(
             break
         ids.append(nxt)
     model.train(was_training)
-    return tokenizer.decode(ids[1:])
+    return tokenizer.decode(ids[1:], skip_special_tokens=True)

@@ -20,26 +20,33 @@ TINY = [
 ]
 
 
-def write_corpus(path: Path, max_docs: int = 400) -> Path:
-    """Docstrings of the standard library as a .jsonl corpus: real English, present on every machine."""
-    import argparse
-    import collections
-    import json as json_module
-    import pathlib
-    import subprocess as subprocess_module
-    import unittest
+def write_corpus(path: Path, max_docs: int = 3000) -> Path:
+    """Docstrings of standard-library modules as a .jsonl corpus: real English, present on every machine."""
+    import importlib
 
-    docs = []
-    for module in (argparse, collections, json_module, pathlib, subprocess_module, unittest, inspect):
-        for _, obj in inspect.getmembers(module):
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 200 and doc not in docs:
-                docs.append(doc)
-    docs = docs[:max_docs]
+    docs, seen = [], set()
+    for name in CORPUS_MODULES:
+        module = importlib.import_module(name)
+        for obj in [module, *vars(module).values()]:
+            members = [obj, *vars(obj).values()] if inspect.isclass(obj) else [obj]
+            for member in members:
+                doc = inspect.getdoc(member) if callable(member) or inspect.ismodule(member) else None
+                if doc and len(doc) > 120 and doc not in seen:
+                    seen.add(doc)
+                    docs.append(doc)
     with open(path, "w") as f:
-        for doc in docs:
+        for doc in docs[:max_docs]:
             f.write(json.dumps({"text": doc}) + "\n")
     return path
+
+
+CORPUS_MODULES = (
+    "argparse", "collections", "json", "pathlib", "subprocess", "unittest", "inspect", "typing", "functools",
+    "itertools", "os", "shutil", "tarfile", "zipfile", "email", "http.client", "urllib.request", "logging",
+    "threading", "asyncio", "datetime", "decimal", "fractions", "statistics", "random", "re", "string", "textwrap",
+    "difflib", "csv", "configparser", "sqlite3", "socket", "ssl", "xml.dom.minidom", "doctest", "pdb", "pickle",
+    "copy", "enum", "dataclasses", "contextlib", "abc", "io", "codecs", "locale", "calendar", "heapq", "bisect",
+)
 
 
 def train(*args: str, env: dict | None = None, launcher: list[str] | None = None, timeout: int = 600):

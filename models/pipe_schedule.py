@@ -1,0 +1,43 @@
+"""GPipe for DeepSpeed's pipeline engine: every forward of the batch, then every backward.
+
+DeepSpeed ships 1F1B (``TrainSchedule``), which interleaves forwards and backwards to keep at most ``stages``
+micro-batches of activations alive. GPipe keeps all of them (more memory, a larger bubble) but is the simplest
+schedule to reason about, and the spec offers it. The engine runs whatever ``_train_schedule()`` returns, so
+``use_gpipe(engine)`` swaps it in.
+"""
+
+from __future__ import annotations
+
+from deepspeed.runtime.pipe import schedule as ds
+
+
+class GPipeSchedule(ds.PipeSchedule):
+    """All forward passes in micro-batch order, then all backward passes in reverse order, then one update."""
+
+    def steps(self):
+        first, last = self.stage_id == 0, self.stage_id == self.stages - 1
+        for mb in range(self.micro_batches):
+            cmds = [] if first else [ds.RecvActivation(mb)]
+            if first or last:
+                cmds.append(ds.LoadMicroBatch(mb))
+            cmds.append(ds.ForwardPass(mb))
+            if not last:
+                cmds.append(ds.SendActivation(mb))
+            yield cmds
+        for mb in reversed(range(self.micro_batches)):
+            cmds = [] if last else [ds.RecvGrad(mb)]
+            cmds.append(ds.BackwardPass(mb))
+            if not first:
+                cmds.append(ds.SendGrad(mb))
+            yield cmds
+        yield [ds.ReduceTiedGrads(), ds.ReduceGrads(), ds.OptimizerStep()]
+
+    def num_pipe_buffers(self) -> int:
+        return self.micro_batches  # one buffer per micro-batch: all activations stay alive until the backwards
+
+
+def use_gpipe(engine) -> None:
+    """Make ``engine.train_batch`` run GPipe instead of DeepSpeed's default 1F1B."""
+    engine._train_schedule = lambda: GPipeSchedule(
+        micro_batches=engine.micro_batches, stages=engine.num_stages, stage_id=engine.stage_id
+    )
