@@ -1,0 +1,227 @@
+"""Opening document sources: local files and folders, Hub streams, the built-in corpus and token caches.
+
+Every source yields plain documents; three shapes exist because they are read differently:
+- `ArrowSource`: a map-style `datasets.Dataset` (local files, the built-in corpus). Random access by index on the
+  memory-mapped Arrow table, so a position is restored in O(1) and each pass can be shuffled by a permutation.
+- `StreamSource`: a `datasets.IterableDataset` (the Hub). Read in order; its position is the iterable's own
+  `state_dict()`.
+- `CacheSource` (data/prepare.py): documents already tokenized into memory-mapped shards.
+
+A local folder laid out like the Hub corpus (`<root>/<subset>/*.parquet`) can be opened either way; only the
+`load_dataset` call differs from the Hub path, which is how the tests exercise the streaming code offline.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .mix import TEXT_SUFFIXES, SourceSpec
+
+HUB_UNREACHABLE = ("cannot stream {name} from the Hugging Face Hub ({error}); without network access pass a local "
+                   "path to --dataset (a .txt/.jsonl/.parquet file or folder) or use --dataset builtin")
+
+
+def open_source(spec: SourceSpec, *, streaming: bool = False):
+    """Open one source. `streaming=True` reads local files through `IterableDataset` like the Hub path does."""
+    if spec.kind == "builtin":
+        from .builtin import builtin_corpus_path
+
+        path = builtin_corpus_path()
+        return _open_files(SourceSpec("files", str(path), "builtin"), [path], streaming,
+                           fingerprint=f"builtin:{path.stem}")
+    if spec.kind == "files":
+        return _open_files(spec, list_data_files(Path(spec.location)), streaming)
+    if spec.kind == "hub":
+        return _open_hub(spec)
+    if spec.kind == "cache":
+        from .prepare import CacheSource
+
+        return CacheSource(Path(spec.location), int(spec.subset or 0))
+    raise ValueError(f"unknown source kind {spec.kind!r}")
+
+
+def list_data_files(path: Path) -> list[Path]:
+    """A file itself, or every .txt/.jsonl/.json/.parquet file under a folder, sorted by relative path."""
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(TEXT_SUFFIXES)
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise ValueError(f"the folder {path} holds no .txt, .jsonl, .json or .parquet files")
+    return files
+
+
+def text_hashes(texts: list[str]) -> np.ndarray:
+    """A stable 64-bit hash of each document's text; it decides the held-out split (see `is_eval`)."""
+    return np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                                    "little") for t in texts], dtype=np.uint64)
+
+
+def is_eval(hashes: np.ndarray, eval_fraction: float) -> np.ndarray:
+    """True for documents in the held-out split: those whose text hash falls below the fraction of the hash range."""
+    threshold = np.uint64(min(int(eval_fraction * 2.0**64), 2**64 - 1))
+    return hashes < threshold
+
+
+class ArrowSource:
+    """Map-style text source backed by a memory-mapped Arrow table."""
+
+    random_access = True
+
+    def __init__(self, dataset, label: str, fingerprint: str):
+        self.label = label
+        self.fingerprint = fingerprint
+        self.num_docs = len(dataset)
+        # NOTE: take() on the raw pyarrow column is ~50x faster than Dataset.__getitem__ for scattered indices.
+        self._column = dataset.data.table.column("text")
+
+    def fetch(self, indices: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """Texts of the documents at `indices` and their hashes."""
+        texts = self._column.take(indices).to_pylist()
+        return texts, text_hashes(texts)
+
+
+class StreamSource:
+    """Sequential text source backed by a `datasets.IterableDataset` (Hub streaming)."""
+
+    random_access = False
+
+    def __init__(self, dataset, label: str, fingerprint: str, num_docs: int | None):
+        self.label = label
+        self.fingerprint = fingerprint
+        self.num_docs = num_docs
+        self._dataset = dataset
+        self._iterator = None
+        self._epoch = 0
+        self._state: dict | None = None
+
+    def state(self) -> dict | None:
+        """The iterable's position within the current pass (None = at the start of it)."""
+        return self._dataset.state_dict() if self._iterator is not None else self._state
+
+    def seek(self, epoch: int, state: dict | None) -> None:
+        """Continue pass `epoch` from `state` (None = from its beginning).
+
+        Pass e > 0 reads the shards in another order (`IterableDataset.set_epoch`); the order of documents inside
+        a shard is kept, so the stream resumes exactly from its saved state.
+        """
+        self._iterator = None
+        self._epoch = epoch
+        self._state = state
+
+    def take(self, n: int) -> list[str]:
+        """Up to `n` next documents; fewer means this pass ended."""
+        if n <= 0:
+            return []
+        if self._iterator is None:
+            self._dataset.set_epoch(self._epoch)
+            if self._state is not None:
+                self._dataset.load_state_dict(self._state)
+            # NOTE: the generator prepares its state on the first next(), so state() is only read after take().
+            self._iterator = iter(self._dataset)
+        out = []
+        for example in self._iterator:
+            out.append(example["text"])
+            if len(out) == n:
+                break
+        return out
+
+
+# -----------------------------------------------------------------------------
+# Opening
+
+
+def _open_files(spec: SourceSpec, files: list[Path], streaming: bool, fingerprint: str | None = None):
+    """Load local files with `datasets.load_dataset`, grouped by file type, concatenated in sorted order."""
+    import datasets
+
+    root = Path(spec.location)
+    root = root if root.is_dir() else root.parent
+    if fingerprint is None:
+        listing = [(str(f.relative_to(root)), f.stat().st_size) for f in files]
+        fingerprint = f"files:{spec.label}:{_digest(listing)}"
+    parts = []
+    for kind, group in _group_by_type(files):
+        if kind == "parquet":
+            _check_parquet_text(group)
+        kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
+        if kind == "parquet":
+            kwargs["columns"] = ["text"]
+        ds = datasets.load_dataset(kind, data_files=[str(f) for f in group], split="train", streaming=streaming,
+                                   **kwargs)
+        if "text" not in (ds.column_names or []):
+            raise ValueError(f"{group[0]} has no 'text' field (fields: {', '.join(ds.column_names or [])}); "
+                             "each record needs its document in 'text'")
+        ds = ds.select_columns(["text"])
+        if kind == "text":  # paragraphs keep the newlines around them; blank ones are not documents
+            ds = ds.map(_strip_texts, batched=True).filter(_has_text, batched=True)
+        parts.append(ds)
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if streaming:
+        return StreamSource(ds, spec.label, fingerprint, spec.size_hint)
+    if len(ds) == 0:
+        raise ValueError(f"{spec.location} holds no documents")
+    return ArrowSource(ds.flatten_indices() if ds._indices is not None else ds, spec.label, fingerprint)
+
+
+def _strip_texts(batch: dict) -> dict:
+    return {"text": [t.strip() for t in batch["text"]]}
+
+
+def _has_text(batch: dict) -> list[bool]:
+    return [bool(t) for t in batch["text"]]
+
+
+def _group_by_type(files: list[Path]) -> list[tuple[str, list[Path]]]:
+    """Consecutive runs of files with the same `load_dataset` builder (text, json or parquet)."""
+    groups: list[tuple[str, list[Path]]] = []
+    for f in files:
+        name = f.name.lower()
+        kind = "text" if name.endswith(".txt") else "parquet" if name.endswith(".parquet") else "json"
+        if groups and groups[-1][0] == kind:
+            groups[-1][1].append(f)
+        else:
+            groups.append((kind, [f]))
+    return groups
+
+
+def _check_parquet_text(files: list[Path]) -> None:
+    import pyarrow.parquet as pq
+
+    for f in files:
+        names = pq.read_schema(f).names
+        if "text" not in names:
+            raise ValueError(f"{f} has no 'text' column (columns: {', '.join(names)}); each row needs its document "
+                             "in 'text'")
+
+
+def _open_hub(spec: SourceSpec) -> StreamSource:
+    """Stream a Hub dataset; any failure to reach it becomes one clear ValueError."""
+    import datasets
+
+    name = spec.location + (f"/{spec.subset}" if spec.subset else "")
+    try:
+        ds = datasets.load_dataset(spec.location, spec.subset, split="train", streaming=True)
+    except Exception as e:  # connection, offline mode, missing repo or config: all mean "cannot use it"
+        raise ValueError(HUB_UNREACHABLE.format(name=name, error=_one_line(e))) from None
+    if ds.column_names is not None and "text" not in ds.column_names:
+        raise ValueError(f"the Hub dataset {name} has no 'text' column (columns: {', '.join(ds.column_names)})")
+    return StreamSource(ds.select_columns(["text"]), spec.label, f"hub:{name}", _split_size(ds) or spec.size_hint)
+
+
+def _split_size(ds) -> int | None:
+    splits = getattr(ds.info, "splits", None) or {}
+    split = splits.get("train") if hasattr(splits, "get") else None
+    return getattr(split, "num_examples", None) or None
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _one_line(e: Exception) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return text if len(text) < 160 else text[:157] + "..."
+

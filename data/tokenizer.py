@@ -1,0 +1,214 @@
+"""Tokenizers: load one (file, folder or Hub name), train a byte-level BPE one, and find its BOS/EOS ids.
+
+Every tokenizer is returned as a `transformers.PreTrainedTokenizerFast`, so `save_pretrained(folder)` writes files
+that `AutoTokenizer.from_pretrained(folder)` loads; packing calls the Rust tokenizer underneath directly
+(`tokenizer.backend_tokenizer.encode_batch_fast`). The vocabulary size is `len(tokenizer)`.
+
+BOS/EOS rule (`bos_eos_ids`): the tokenizer's declared `bos_token`/`eos_token` when it has them (tokenizer_config.json),
+otherwise the first special token found in these lists:
+    BOS: <|bos|>, <s>, <bos>, <|begin_of_text|>, <|startoftext|>, <|endoftext|>
+    EOS: <|eos|>, </s>, <eos>, <|end_of_text|>, <|endoftext|>
+Tokenizers trained here have <|bos|> = 0 and <|eos|> = 1. The SmolLM2 tokenizer has only <|endoftext|> (id 0), which
+then serves as both, so documents are packed as <|endoftext|> text <|endoftext|>.
+
+Command line:
+    python -m data.tokenizer train --dataset SPEC --vocab-size 32768 --output DIR [--max-docs N]
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+BOS, EOS = "<|bos|>", "<|eos|>"
+_BOS_CANDIDATES = (BOS, "<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>")
+_EOS_CANDIDATES = (EOS, "</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>")
+DEFAULT_VOCAB_SIZE = 32768
+DEFAULT_TOKENIZER_DOCS = 20_000
+
+
+def load_tokenizer(spec: str | Path):
+    """Load a tokenizer from a tokenizer.json file, a folder holding one, or a Hub name (needs network)."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise ValueError(f"the folder {path} has no tokenizer.json; point --tokenizer at a folder saved by this "
+                             "project or by transformers (a fast tokenizer)")
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    elif path.is_file():
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    elif str(spec).startswith(("/", ".", "~")) or str(spec).endswith(".json"):
+        raise ValueError(f"tokenizer {spec} does not exist; pass a tokenizer.json, a folder holding one, or a Hub name")
+    else:
+        import tokenizers
+
+        try:
+            backend = tokenizers.Tokenizer.from_pretrained(str(spec))
+        except Exception as e:  # offline, unknown repo, no tokenizer.json in it
+            raise ValueError(f"cannot load the tokenizer {spec} from the Hugging Face Hub ({type(e).__name__}); "
+                             "without network access pass a local tokenizer.json or folder, or leave --tokenizer "
+                             "out to train one on the data") from None
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    return _with_bos_eos(tok, str(spec))
+
+
+def bos_eos_ids(tokenizer) -> tuple[int, int]:
+    """(BOS id, EOS id) following the rule in the module docstring. Raises ValueError when none is found."""
+    bos = _declared_id(tokenizer, "bos") if tokenizer.bos_token else None
+    eos = _declared_id(tokenizer, "eos") if tokenizer.eos_token else None
+    vocab = tokenizer.get_vocab()
+    if bos is None:
+        bos = next((vocab[t] for t in _BOS_CANDIDATES if t in vocab), None)
+    if eos is None:
+        eos = next((vocab[t] for t in _EOS_CANDIDATES if t in vocab), None)
+    if bos is None or eos is None:
+        raise ValueError("the tokenizer has no recognisable BOS/EOS special token (looked for "
+                         f"{', '.join(_BOS_CANDIDATES)} / {', '.join(_EOS_CANDIDATES)}); add one or train a tokenizer")
+    return bos, eos
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """A short digest of what decides the token ids: vocabulary, merges, normalizer, pre-tokenizer and BOS/EOS."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    for key in ("truncation", "padding", "post_processor", "decoder"):
+        spec.pop(key, None)  # packing never pads, truncates or adds special tokens through the tokenizer
+    spec["bos_eos"] = bos_eos_ids(tokenizer)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, *, min_frequency: int = 2,
+                    show_progress: bool = False):
+    """Train a byte-level BPE tokenizer with `<|bos|>` (id 0) and `<|eos|>` (id 1) on an iterable of documents.
+
+    Digits are split one by one (as in the SmolLM2 and Llama-3 tokenizers), which helps small models with numbers.
+    With little text the vocabulary can come out smaller than `vocab_size`; use `len(tokenizer)`.
+    """
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 260:
+        raise ValueError(f"vocab size {vocab_size} is too small: byte-level BPE needs 256 byte tokens plus BOS/EOS")
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[BOS, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS)
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> Path:
+    """Save so that `AutoTokenizer.from_pretrained(folder)` and `load_tokenizer(folder)` both load it.
+
+    Written to a temporary sibling folder and renamed, so a crash never leaves a half-written tokenizer behind.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tokenizer.save_pretrained(str(tmp))
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def resolve_tokenizer(tokenizer_spec: str | None, mix, run_dir: str | Path, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                      max_docs: int = DEFAULT_TOKENIZER_DOCS, log=print):
+    """The tokenizer a run uses, in this order:
+
+    1. `tokenizer_spec` (`--tokenizer`) when given;
+    2. `run_dir/tokenizer/` when it exists (a resumed run never re-trains);
+    3. the tokenizer stored with a token cache when the mix reads one;
+    4. a new one trained on up to `max_docs` training documents of the mix, saved to `run_dir/tokenizer/`.
+    In multi-process runs call it on the main process first, then on the others (they load what it saved).
+    """
+    run_dir = Path(run_dir)
+    saved = run_dir / "tokenizer"
+    if tokenizer_spec:
+        return load_tokenizer(tokenizer_spec)
+    if (saved / "tokenizer.json").is_file():
+        return load_tokenizer(saved)
+    if mix.cache_dir:
+        tok = load_tokenizer(Path(mix.cache_dir) / "tokenizer")
+    else:
+        log(f"training a {vocab_size}-token BPE tokenizer on up to {max_docs:,} documents of {mix.spec} ...")
+        tok = train_tokenizer(sample_texts(mix, max_docs), vocab_size)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tok, saved)
+    log(f"tokenizer: {len(tok):,} tokens, saved to {saved}")
+    return tok
+
+
+def sample_texts(mix, max_docs: int) -> Iterator[str]:
+    """Up to `max_docs` training documents, taken round-robin from every source of every stage (held-out ones skipped)."""
+    from .sources import is_eval, open_source, text_hashes
+    from .stream import SourceCursor
+
+    cursors = [SourceCursor(open_source(spec), key=("tokenizer", i)) for i, spec in enumerate(mix.sources)]
+    if any(c.source.random_access is False and c.source.num_docs is None for c in cursors):
+        pass  # streamed sources are read in order; the round-robin still bounds how much of each is read
+    seen, taken = 0, 0
+    while taken < max_docs and cursors:
+        for cursor in list(cursors):
+            texts, _ = cursor.take(1)
+            seen += 1
+            if cursor.epoch > 0:  # this source is smaller than its share: stop drawing from it
+                cursors.remove(cursor)
+                continue
+            if texts and not is_eval(text_hashes(texts), mix.eval_fraction)[0]:
+                taken += 1
+                yield texts[0]
+                if taken == max_docs:
+                    return
+
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+
+def _declared_id(tokenizer, which: str) -> int | None:
+    token_id = getattr(tokenizer, f"{which}_token_id")
+    return token_id if isinstance(token_id, int) else None
+
+
+def _with_bos_eos(tok, spec: str):
+    """Record the BOS/EOS the rule picks on the wrapper, so a saved copy declares them."""
+    bos, eos = bos_eos_ids(tok)
+    tok.bos_token = tok.convert_ids_to_tokens(bos)
+    tok.eos_token = tok.convert_ids_to_tokens(eos)
+    return tok
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data.tokenizer", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a byte-level BPE tokenizer on a dataset mix")
+    t.add_argument("--dataset", default="builtin", help="dataset mix to read (see data/mix.py); default builtin")
+    t.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="vocabulary size including BOS/EOS")
+    t.add_argument("--max-docs", type=int, default=DEFAULT_TOKENIZER_DOCS, help="training documents to read")
+    t.add_argument("--output", required=True, help="folder to write tokenizer.json and tokenizer_config.json into")
+    args = p.parse_args(argv)
+    from .mix import parse_mix
+
+    try:
+        mix = parse_mix(args.dataset)
+        tok = train_tokenizer(sample_texts(mix, args.max_docs), args.vocab_size, show_progress=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    save_tokenizer(tok, args.output)
+    bos, eos = bos_eos_ids(tok)
+    print(f"saved a {len(tok):,}-token tokenizer to {args.output} (BOS {bos}, EOS {eos})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
