@@ -188,6 +188,7 @@ def resolve_run(args: argparse.Namespace) -> Run:
 
 def _resolve_run(args: argparse.Namespace) -> Run:
     validate_args(args)
+    models.check_attn_implementation(args.attn_implementation)  # a missing optional kernel fails here, not later
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     model_name = args.model_config or args.model
@@ -424,7 +425,7 @@ def train_ddp(run: Run) -> int:
 
     def save(eval_loss: float | None) -> None:
         progress["divergence"] = detector.state_dict()
-        if ckpt.verify(run.output_dir / "checkpoints" / f"checkpoint-{progress['step']}") is None:
+        if (run.output_dir / "checkpoints" / f"checkpoint-{progress['step']}" / ckpt.MARKER).is_file():
             return  # saved already at this step (an exact resume makes the state identical)
         path = ckpt.save_checkpoint(
             run.output_dir / "checkpoints", progress["step"], rank=rank, barrier=accelerator.wait_for_everyone,

@@ -159,7 +159,7 @@ def save_checkpoint(
     """
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}"
-    exists = final.is_dir() and verify(final) is None
+    exists = (final / MARKER).is_file()  # the marker is written last, inside the folder renamed into place
     if rank == 0 and not exists:
         if tmp.exists():
             shutil.rmtree(tmp)  # left over from a crash in the middle of a save
