@@ -78,7 +78,7 @@ class CacheSource:
 
 
 def prepare(spec: str, tokenizer_spec: str, output: Path, *, num_proc: int = 1, max_docs: int | None = None,
-            log=print) -> dict:
+            task_docs: int = 20_000, log=print) -> dict:
     """Tokenize every source of the mix `spec` into a cache at `output`; returns the manifest."""
     from .mix import parse_mix
     from .sources import open_source
@@ -105,7 +105,7 @@ def prepare(spec: str, tokenizer_spec: str, output: Path, *, num_proc: int = 1, 
         t0 = time.time()
         source = open_source(source_spec)
         n_docs, n_tokens = _prepare_source(source_spec, source, tok.backend_tokenizer.to_str(), folder, dtype,
-                                           num_proc, max_docs)
+                                           num_proc, max_docs, task_docs)
         fingerprint = source.fingerprint
         if source.num_docs is not None and n_docs < source.num_docs or source.num_docs is None and max_docs:
             fingerprint += f":first{n_docs}"  # a truncated copy is different data
@@ -128,45 +128,43 @@ def prepare(spec: str, tokenizer_spec: str, output: Path, *, num_proc: int = 1, 
 
 
 def _prepare_source(spec, source, tokenizer_json: str, folder: Path, dtype: str, num_proc: int,
-                    max_docs: int | None) -> tuple[int, int]:
+                    max_docs: int | None, task_docs: int) -> tuple[int, int]:
     """Write tokens.bin, offsets.npy and hashes.npy for one source; returns (documents, tokens)."""
+    import tokenizers
+
+    from .sources import text_hashes
+
     folder.mkdir(parents=True, exist_ok=True)
+    backend = tokenizers.Tokenizer.from_str(tokenizer_json)
     lengths, hashes = [], []
     with open(folder / "tokens.bin", "wb") as out:
+
+        def write(tokens: np.ndarray, lens: np.ndarray, h: np.ndarray) -> None:
+            out.write(tokens.tobytes())
+            lengths.append(lens)
+            hashes.append(h)
+
         if source.random_access:
             n = source.num_docs if max_docs is None else min(max_docs, source.num_docs)
-            bounds = np.linspace(0, n, max(1, min(n, num_proc * 4, -(-n // 20_000))) + 1).astype(int).tolist()
-            tasks = [(spec, tokenizer_json, a, b, dtype) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-            if num_proc > 1 and len(tasks) > 1:
+            if num_proc > 1 and n > task_docs:
                 import multiprocessing as mp
 
+                bounds = list(range(0, n, task_docs)) + [n]
+                tasks = [(spec, tokenizer_json, a, b, dtype) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
                 with mp.get_context("spawn").Pool(num_proc, initializer=_quiet_worker) as pool:
-                    results = pool.imap(_tokenize_range, tasks)
-                    for tokens, lens, h in results:
-                        out.write(tokens.tobytes())
-                        lengths.append(lens)
-                        hashes.append(h)
+                    for result in pool.imap(_tokenize_range, tasks):  # in order, so the cache keeps source order
+                        write(*result)
             else:
-                for task in tasks:
-                    tokens, lens, h = _tokenize_range(task, source)
-                    out.write(tokens.tobytes())
-                    lengths.append(lens)
-                    hashes.append(h)
+                for a in range(0, n, _BATCH_DOCS):
+                    texts, h = source.fetch(np.arange(a, min(n, a + _BATCH_DOCS), dtype=np.int64))
+                    write(*_encode(backend, texts, dtype), h)
         else:
-            import tokenizers
-
-            from .sources import text_hashes
-
-            backend = tokenizers.Tokenizer.from_str(tokenizer_json)
             remaining = max_docs if max_docs is not None else float("inf")
             while remaining > 0:
                 texts = source.take(int(min(_BATCH_DOCS, remaining)))
                 if not texts:
                     break
-                tokens, lens = _encode(backend, texts, dtype)
-                out.write(tokens.tobytes())
-                lengths.append(lens)
-                hashes.append(text_hashes(texts))
+                write(*_encode(backend, texts, dtype), text_hashes(texts))
                 remaining -= len(texts)
     lens = np.concatenate(lengths) if lengths else np.empty(0, np.int64)
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
@@ -175,14 +173,14 @@ def _prepare_source(spec, source, tokenizer_json: str, folder: Path, dtype: str,
     return len(lens), int(offsets[-1])
 
 
-def _tokenize_range(task: tuple, source=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tokenize documents [a, b) of a random-access source in their natural order (runs in worker processes)."""
+def _tokenize_range(task: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokenize documents [a, b) of a random-access source in their natural order (in a worker process)."""
     import tokenizers
 
     from .sources import open_source
 
     spec, tokenizer_json, a, b, dtype = task
-    source = source if source is not None else open_source(spec)
+    source = open_source(spec)
     backend = tokenizers.Tokenizer.from_str(tokenizer_json)
     tokens, lengths, hashes = [], [], []
     for start in range(a, b, _BATCH_DOCS):
@@ -191,8 +189,6 @@ def _tokenize_range(task: tuple, source=None) -> tuple[np.ndarray, np.ndarray, n
         tokens.append(t)
         lengths.append(n)
         hashes.append(h)
-    if not tokens:
-        return np.empty(0, dtype), np.empty(0, np.int64), np.empty(0, np.uint64)
     return np.concatenate(tokens), np.concatenate(lengths), np.concatenate(hashes)
 
 

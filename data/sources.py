@@ -206,9 +206,11 @@ def _open_hub(spec: SourceSpec) -> StreamSource:
         ds = datasets.load_dataset(spec.location, spec.subset, split="train", streaming=True)
     except Exception as e:  # connection, offline mode, missing repo or config: all mean "cannot use it"
         raise ValueError(HUB_UNREACHABLE.format(name=name, error=_one_line(e))) from None
-    if ds.column_names is not None and "text" not in ds.column_names:
-        raise ValueError(f"the Hub dataset {name} has no 'text' column (columns: {', '.join(ds.column_names)})")
-    return StreamSource(ds.select_columns(["text"]), spec.label, f"hub:{name}", _split_size(ds) or spec.size_hint)
+    if ds.column_names is not None:  # NOTE: None when the Hub does not describe the features up front
+        if "text" not in ds.column_names:
+            raise ValueError(f"the Hub dataset {name} has no 'text' column (columns: {', '.join(ds.column_names)})")
+        ds = ds.select_columns(["text"])
+    return StreamSource(ds, spec.label, f"hub:{name}", _split_size(ds) or spec.size_hint)
 
 
 def _split_size(ds) -> int | None:

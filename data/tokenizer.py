@@ -54,7 +54,7 @@ def load_tokenizer(spec: str | Path):
                              "without network access pass a local tokenizer.json or folder, or leave --tokenizer "
                              "out to train one on the data") from None
         tok = PreTrainedTokenizerFast(tokenizer_object=backend)
-    return _with_bos_eos(tok, str(spec))
+    return _with_bos_eos(tok)
 
 
 def bos_eos_ids(tokenizer) -> tuple[int, int]:
@@ -148,24 +148,25 @@ def resolve_tokenizer(tokenizer_spec: str | None, mix, run_dir: str | Path, voca
 
 
 def sample_texts(mix, max_docs: int) -> Iterator[str]:
-    """Up to `max_docs` training documents, taken round-robin from every source of every stage (held-out ones skipped)."""
-    from .sources import is_eval, open_source, text_hashes
-    from .stream import SourceCursor
+    """Up to `max_docs` training documents, taken in turn from every source of every stage (held-out ones skipped).
 
-    cursors = [SourceCursor(open_source(spec), key=("tokenizer", i)) for i, spec in enumerate(mix.sources)]
-    if any(c.source.random_access is False and c.source.num_docs is None for c in cursors):
-        pass  # streamed sources are read in order; the round-robin still bounds how much of each is read
-    seen, taken = 0, 0
+    Local sources are read in a shuffled order, streams from their start; a source stops contributing after one pass.
+    """
+    from .sources import is_eval, open_source
+    from .stream import SourceCursor, stream_key
+
+    if mix.cache_dir:
+        raise ValueError(f"{mix.cache_dir} is a token cache and holds no text; train the tokenizer on the original data")
+    cursors = [SourceCursor(open_source(spec), stream_key("tokenizer", i)) for i, spec in enumerate(mix.sources)]
+    taken = 0
     while taken < max_docs and cursors:
         for cursor in list(cursors):
-            texts, _ = cursor.take(1)
-            seen += 1
-            if cursor.epoch > 0:  # this source is smaller than its share: stop drawing from it
+            texts, hashes = cursor.take(1)
+            if cursor.epoch > 0:
                 cursors.remove(cursor)
-                continue
-            if texts and not is_eval(text_hashes(texts), mix.eval_fraction)[0]:
-                taken += 1
+            if not is_eval(hashes, mix.eval_fraction)[0]:
                 yield texts[0]
+                taken += 1
                 if taken == max_docs:
                     return
 
@@ -179,7 +180,7 @@ def _declared_id(tokenizer, which: str) -> int | None:
     return token_id if isinstance(token_id, int) else None
 
 
-def _with_bos_eos(tok, spec: str):
+def _with_bos_eos(tok):
     """Record the BOS/EOS the rule picks on the wrapper, so a saved copy declares them."""
     bos, eos = bos_eos_ids(tok)
     tok.bos_token = tok.convert_ids_to_tokens(bos)

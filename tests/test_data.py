@@ -494,9 +494,19 @@ def test_cache_replays_the_text_stream(tok, two_sources, tmp_path):
         data.PackedStream(cache_mix, other, 48, 2)
     reused = data.resolve_tokenizer(None, cache_mix, tmp_path / "run", log=lambda _: None)
     assert reused.get_vocab() == tok.get_vocab()
-    assert main(["--dataset", a, "--tokenizer", str(tok_dir), "--output", str(tmp_path / "cache2"),
-                 "--num-proc", "2"]) == 0
-    assert main(["--dataset", a, "--tokenizer", str(tok_dir), "--output", str(tmp_path / "cache2")]) == 2
+    assert main(["--dataset", a, "--tokenizer", str(tok_dir), "--output", str(tmp_path / "cache")]) == 2  # exists
+
+
+@pytest.mark.slow
+def test_cache_with_worker_processes_matches_one_process(tok, two_sources, tmp_path):
+    from data.prepare import prepare
+
+    tok_dir = data.save_tokenizer(tok, tmp_path / "tok")
+    one = prepare(two_sources, str(tok_dir), tmp_path / "one", log=lambda _: None)
+    two = prepare(two_sources, str(tok_dir), tmp_path / "two", num_proc=2, task_docs=16, log=lambda _: None)
+    assert one["sources"] == two["sources"]
+    for name in ("source-0/tokens.bin", "source-0/offsets.npy", "source-1/hashes.npy"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
 def test_permutation_is_a_bijection():
