@@ -7,7 +7,7 @@ Importing this package registers the deepone classes with transformers' AutoConf
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .attention import ATTN_IMPLEMENTATIONS, check_attn_implementation
-from .config import ModelConfig, available_configs, count_parameters, describe, flops_per_token, load_model_config
+from .config import ModelConfig, available_configs, count_parameters, describe, load_model_config
 from .hf import export_hf, load_hf
 from .hf_deepone import DeepOneConfig, DeepOneForCausalLM
 from .loss import chunked_cross_entropy
@@ -35,7 +35,6 @@ __all__ = [
     "count_parameters",
     "describe",
     "export_hf",
-    "flops_per_token",
     "from_pipeline_state_dict",
     "load_hf",
     "load_model_config",

@@ -93,7 +93,8 @@ def _flex_block_mask(doc_ids: torch.Tensor | None, batch: int, seq_len: int, dev
 
         num_batches = batch
     # NOTE: on CUDA the mask is built by a compiled kernel; eager construction materialises B*T*T booleans.
-    return create_block_mask(mask_mod, num_batches, None, seq_len, seq_len, device=device, _compile=device.type == "cuda")
+    compiled = device.type == "cuda"
+    return create_block_mask(mask_mod, num_batches, None, seq_len, seq_len, device=device, _compile=compiled)
 
 
 @torch.compiler.disable  # data-dependent (single-document check, max_seqlen): keep it out of compiled graphs
@@ -123,7 +124,8 @@ def build_attention_mask(
         cu_seqlens = torch.cat([offsets, end]).to(torch.int32)
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return AttentionMask(implementation, single, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    raise ValueError(f"unknown attention implementation {implementation!r}; use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    check_attn_implementation(implementation)  # raises for an unknown name
+    raise AssertionError(implementation)
 
 
 def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
@@ -162,7 +164,9 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
 
     gqa = q.shape[1] != k.shape[1]
     if q.device.type != "cpu":
-        return _compiled_flex()(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
+        # inside torch.compile(model) the call is traced into the model's graph; outside, use our compiled copy
+        flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+        return flex(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         # NOTE: torch 2.13 implements no FlexAttention backward on CPU; train with the identical mask through sdpa.
         if mask.dense is None and not mask.single_document:

@@ -98,7 +98,9 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown model config field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown model config field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
+            )
         try:
             return cls(**data)
         except TypeError as e:  # a required field is missing
@@ -147,7 +149,7 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
         non_embedding: total - embedding - lm_head (the usual "model size" in scaling-law papers).
         matmul: weights multiplied per token in a forward pass: every linear layer plus the head (counted even when
             tied, because the head matmul is computed either way); norms and the embedding lookup are excluded.
-            6 * matmul * tokens is the standard training FLOP estimate (see flops_per_token).
+            6 * matmul * tokens is the standard training FLOP estimate (monitor/mfu.py adds attention).
     """
     c, hd = cfg.hidden_size, cfg.head_dim
     q_width, kv_width = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
@@ -166,18 +168,6 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
         "non_embedding": total - embedding - lm_head,
         "matmul": cfg.num_hidden_layers * (attn + mlp) + cfg.vocab_size * c,
     }
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 * matmul params + causal attention scores and values.
-
-    Attention: per token, layer and head, QK^T and AV cost 4 * T * head_dim FLOPs forward with full attention;
-    causal masking halves that and backward costs twice the forward, hence 6 * layers * heads * head_dim * T.
-    Document masking in packed rows skips more work; this counts the causal upper bound, as MFU usually does.
-    """
-    matmul = count_parameters(cfg)["matmul"]
-    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
-    return 6.0 * matmul + attn
 
 
 def describe(cfg: ModelConfig) -> str:

@@ -160,7 +160,9 @@ def model_config_from_hf(config: dict) -> ModelConfig:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise ValueError(f"RoPE scaling {rope_type!r} is not implemented (pretraining uses plain RoPE); remove it first")
+        raise ValueError(
+            f"RoPE scaling {rope_type!r} is not implemented (pretraining uses plain RoPE); remove it from config.json"
+        )
     for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
         if config.get(flag):
             raise ValueError(f"config.json sets {flag}=true, which this model does not implement")
@@ -197,6 +199,8 @@ def load_hf(path: str | Path, attn_implementation: str = "sdpa") -> tuple[Transf
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not match the config (missing {missing[:4]}, unexpected {unexpected[:4]})")
+        raise ValueError(
+            f"{folder}: weights do not match config.json (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
     model.load_state_dict({name: t.float() for name, t in state.items()})
     return model, cfg

@@ -111,7 +111,7 @@ class DeepOneForCausalLM(PreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Hugging Face convention: `labels` are NOT shifted (labels[t] is the token at t); padding via attention_mask."""
+        """Hugging Face conventions: `labels` are not shifted (labels[t] is token t); attention_mask 0 = padding."""
         doc_ids = None
         if attention_mask is not None and not bool(attention_mask.all()):
             doc_ids, position_ids = _segments_from_attention_mask(attention_mask)

@@ -33,30 +33,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, normalizer, chunk_size):
         # hidden (N, C), weight (V, C), labels (N,), normalizer: 0-dim float tensor
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = None  # (V, C) fp32 accumulator, created by the first chunk
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start, end in _chunks(hidden.shape[0], chunk_size):
             h, y = hidden[start:end], labels[start:end]
-            logits = (h @ weight.t()).float()  # (n, V): the only full-vocabulary tensor, one chunk at a time
             valid = y != IGNORE_INDEX
-            target = torch.where(valid, y, 0)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            picked = logits.gather(1, target[:, None]).squeeze(1)
-            total += torch.where(valid, lse - picked, 0.0).sum()
+            target = torch.where(valid, y, 0)[:, None]
+            # (n, V): the only full-vocabulary tensor, one chunk at a time; log_softmax is one fused pass
+            logp = torch.log_softmax((h @ weight.t()).float(), dim=-1)
+            total -= torch.where(valid, logp.gather(1, target).squeeze(1), 0.0).sum()
             # d(loss)/d(logits) = (softmax - one_hot) / normalizer on labelled positions, 0 elsewhere
-            grad_logits = torch.exp(logits.sub_(lse[:, None]))  # reuse the logits buffer for the softmax
-            grad_logits.scatter_add_(1, target[:, None], torch.full_like(lse[:, None], -1.0))
+            grad_logits = logp.exp_()  # softmax, in place
+            grad_logits.scatter_add_(1, target, torch.full(target.shape, -1.0, device=target.device))
             grad_logits.mul_((valid.float() / normalizer)[:, None])
             grad_logits = grad_logits.to(hidden.dtype)
             grad_hidden[start:end] = grad_logits @ weight
-            grad_weight += (grad_logits.t() @ h).float()
+            if grad_weight is None:
+                grad_weight = (grad_logits.t() @ h).float()
+            elif grad_weight.dtype == grad_logits.dtype:
+                grad_weight.addmm_(grad_logits.t(), h)  # accumulate in place, no (V, C) temporary
+            else:
+                grad_weight += (grad_logits.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total / normalizer
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
+        # NOTE: scaled in place (no second (V, C) buffer); a second backward through the same graph is refused by
+        # autograd's saved-tensor version check rather than silently scaled twice.
+        return grad_hidden.mul_(grad_output), grad_weight.mul_(grad_output), None, None, None
 
 
 def chunked_cross_entropy(

@@ -77,7 +77,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -255,9 +256,11 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        # NOTE: built first: under torch.compile the mask builder is the one (deliberate) graph break, and placing
+        # it before any computation leaves the rest of the forward as a single graph.
+        attn_mask = build_attention_mask(self.attn_implementation, doc_ids, B, T, input_ids.device)
         hidden = self.embed_tokens(input_ids)  # (B, T, C)
         rope = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, hidden.dtype)
-        attn_mask = build_attention_mask(self.attn_implementation, doc_ids, B, T, hidden.device)
         for block in self.layers:
             hidden = block(hidden, position_ids, doc_ids, rope=rope, attn_mask=attn_mask)
         hidden = self.norm(hidden)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from models import ModelConfig, Transformer, count_parameters, load_model_config
-from models.config import available_configs, flops_per_token
+from models.config import available_configs
 from models.loss import chunked_cross_entropy
 
 DOC_LENGTHS = [(10, 20, 7), (37,), (1, 16, 20)]  # three rows of T = 37: several documents, one, a 1-token document
@@ -121,12 +121,6 @@ def test_load_model_config_errors_and_user_file(tmp_path):
         small_config(num_key_value_heads=3)
     with pytest.raises(ValueError, match="qk_norm"):
         small_config("qwen3", qk_norm=False)
-
-
-def test_flops_per_token_counts_six_n_plus_attention():
-    cfg = small_config()
-    n = count_parameters(cfg)["matmul"]
-    assert flops_per_token(cfg, 100) == 6 * n + 6 * 2 * 4 * 16 * 100
 
 
 # ---- exactness against Hugging Face transformers ----
@@ -243,9 +237,31 @@ def test_chunked_cross_entropy_scaling_and_eval_path():
     (3.0 * ref).backward()
     assert torch.allclose(loss, ref, atol=1e-6)
     assert torch.allclose(hidden.grad, ref_h.grad, atol=1e-6) and torch.allclose(weight.grad, ref_w.grad, atol=1e-6)
+    with pytest.raises(RuntimeError):  # the precomputed gradients were consumed: no silent second backward
+        loss2 = chunked_cross_entropy(hidden, weight, labels, chunk_size=7)
+        loss2.backward(retain_graph=True)
+        loss2.backward()
     with torch.no_grad():
         count = int((labels != -100).sum())  # the default divisor: this batch's labelled positions
         assert torch.allclose(chunked_cross_entropy(hidden, weight, labels, chunk_size=7), ref * 100 / count, atol=1e-6)
+
+
+def test_loss_in_bf16_and_under_autocast_is_close_to_fp32():
+    cfg = small_config()
+    batch = packed_batch(cfg.vocab_size)
+    args = (batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+    model = build(cfg)
+    ref = model(*args, labels=batch["labels"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(*args, labels=batch["labels"])
+    mixed.backward()
+    assert mixed.dtype == torch.float32 and abs(mixed.item() - ref.item()) < 2e-2
+    assert model.embed_tokens.weight.grad.dtype == torch.float32
+    bf16 = build(cfg).to(torch.bfloat16)
+    loss = bf16(*args, labels=batch["labels"])
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 5e-2
+    assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() for p in bf16.parameters())
 
 
 # ---- DeepNet ----

@@ -33,7 +33,8 @@ def test_backend_matches_the_definition(implementation):
     batch = packed_batch(50)
     doc_ids = batch["doc_ids"]
     B, T = doc_ids.shape
-    q, k, v = torch.randn(B, 4, T, 8, generator=g), torch.randn(B, 2, T, 8, generator=g), torch.randn(B, 2, T, 8, generator=g)
+    q = torch.randn(B, 4, T, 8, generator=g)  # 4 query heads sharing 2 kv heads
+    k, v = torch.randn(B, 2, T, 8, generator=g), torch.randn(B, 2, T, 8, generator=g)
     with torch.no_grad():
         mask = build_attention_mask(implementation, doc_ids, B, T, q.device)
         out = attend(q, k, v, mask)
