@@ -109,14 +109,17 @@ def step_fns(ours, theirs, batch: dict, vocab: int, compile_models: bool):
     return ours_step, theirs_step
 
 
-def timed(fn, device) -> float:
+def timed(fn, device) -> tuple[float, int]:
+    """Seconds for one call, and the peak bytes of CUDA memory it allocated (0 on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+        return time.perf_counter() - start, torch.cuda.max_memory_allocated()
+    return time.perf_counter() - start, 0
 
 
 def main(argv=None) -> dict:
@@ -154,10 +157,12 @@ def main(argv=None) -> dict:
     for _ in range(args.warmup):
         ours_step()
         theirs_step()
-    times = {"ours": [], "transformers": []}
+    times, peaks = {"ours": [], "transformers": []}, {"ours": 0, "transformers": 0}
     for _ in range(args.steps):  # interleaved so that load spikes hit both
-        times["ours"].append(timed(ours_step, device))
-        times["transformers"].append(timed(theirs_step, device))
+        for name, step in (("ours", ours_step), ("transformers", theirs_step)):
+            seconds, peak_bytes = timed(step, device)
+            times[name].append(seconds)
+            peaks[name] = max(peaks[name], peak_bytes)
 
     tokens = batch_size * seq_len
     fpt = flops_per_token(cfg, mean_attended_context(batch["doc_ids"]))
@@ -165,7 +170,8 @@ def main(argv=None) -> dict:
     rows = {}
     for name, ts in times.items():
         median = statistics.median(ts)
-        rows[name] = {"step_s": median, "tokens_per_s": tokens / median, "mfu": tokens / median * fpt / peak}
+        rows[name] = {"step_s": median, "tokens_per_s": tokens / median, "mfu": tokens / median * fpt / peak,
+                      "peak_mem_gib": peaks[name] / 2**30}
     result = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
         "dtype": str(dtype).removeprefix("torch."), "attn_implementation": attn, "compile": args.compile,
@@ -181,10 +187,11 @@ def main(argv=None) -> dict:
               f"({cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}), {batch_size} x {seq_len} tokens, "
               f"{args.docs_per_row} docs/row, median of {args.steps} steps")
         print(f"initial loss: ours {first['ours']:.5f}, transformers {first['transformers']:.5f}")
-        print(f"{'model':<14}{'step (s)':>10}{'tokens/s':>12}{'MFU':>8}")
+        print(f"{'model':<14}{'step (s)':>10}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
         for name in ("ours", "transformers"):
             r = rows[name]
-            print(f"{name:<14}{r['step_s']:>10.3f}{r['tokens_per_s']:>12,.0f}{r['mfu']:>8.1%}")
+            mem = f"{r['peak_mem_gib']:>10.2f}" if cuda else f"{'n/a':>10}"
+            print(f"{name:<14}{r['step_s']:>10.3f}{r['tokens_per_s']:>12,.0f}{r['mfu']:>8.1%}{mem}")
         print(f"ratio ours / transformers: {result['ratio_ours_over_transformers']:.2f}x")
     return result
 

@@ -145,10 +145,14 @@ def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-    gqa = q.shape[1] != k.shape[1]
+    n_rep = q.shape[1] // k.shape[1]
     if mask.dense is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+    if n_rep > 1 and q.device.type == "cuda":
+        # NOTE: with an explicit mask, CUDA serves enable_gqa only with the slow math kernel; repeat kv heads instead.
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=n_rep > 1)
 
 
 @functools.cache

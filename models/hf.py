@@ -113,6 +113,7 @@ def export_hf(
     """
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model prefixes its keys with "_orig_mod."
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None and not isinstance(tokenizer, PreTrainedTokenizerFast):

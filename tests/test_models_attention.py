@@ -101,6 +101,15 @@ def test_missing_flash_attn_is_a_value_error_with_install_hint():
         Transformer(small_config(), "flash_attention_2")
 
 
+def test_flex_on_too_old_torch_names_the_minimum_version(monkeypatch):
+    import models.attention as attention
+
+    monkeypatch.setattr(attention, "_torch_version", lambda: (2, 4))
+    with pytest.raises(ValueError, match=r"torch >= 2\.5"):
+        check_attn_implementation("flex_attention")
+    check_attn_implementation("sdpa")  # the other backends do not care
+
+
 def test_unknown_backend_is_a_value_error():
     with pytest.raises(ValueError, match="sdpa"):
         check_attn_implementation("flash3")
