@@ -14,8 +14,6 @@ block is called as `block(hidden, position_ids, doc_ids) -> hidden` with tensors
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -230,9 +228,8 @@ class Transformer(nn.Module):
                 for linear in (attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                     nn.init.xavier_normal_(linear.weight, gain=beta)
             else:
-                for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
-                    linear.weight.normal_(0.0, std)
-                for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                               mlp.down_proj):
                     linear.weight.normal_(0.0, std)
         if isinstance(self.norm, RMSNorm):
             self.norm.weight.fill_(1.0)
@@ -271,8 +268,3 @@ class Transformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-
-def xavier_normal_std(weight: torch.Tensor, gain: float = 1.0) -> float:
-    """The standard deviation nn.init.xavier_normal_ uses for a (fan_out, fan_in) matrix."""
-    fan_out, fan_in = weight.shape
-    return gain * math.sqrt(2.0 / (fan_in + fan_out))
