@@ -64,15 +64,13 @@ def pack_rows(tokens: np.ndarray, starts: np.ndarray, num_rows: int, max_length:
     new_doc = np.lib.stride_tricks.as_strided(starts, (n, T + 1), (T * starts.strides[0], starts.strides[0]))
     input_ids = win[:, :T].astype(np.int64)
     labels = win[:, 1:].astype(np.int64)
-    labels[new_doc[:, 1:]] = IGNORE_INDEX
-    seg_start = new_doc[:, :T].copy()
-    seg_start[:, 0] = True  # a row always opens a segment, even in the middle of a document
-    doc_ids = np.cumsum(seg_start, axis=1, dtype=np.int64)
-    doc_ids -= 1
+    np.putmask(labels, new_doc[:, 1:], IGNORE_INDEX)
+    doc_ids = np.zeros((n, T), dtype=np.int64)
+    np.cumsum(new_doc[:, 1:T], axis=1, dtype=np.int64, out=doc_ids[:, 1:])  # a row always opens segment 0
     t = np.arange(T, dtype=np.int64)
-    position_ids = np.where(seg_start, t, 0)
-    np.maximum.accumulate(position_ids, axis=1, out=position_ids)
-    np.subtract(t, position_ids, out=position_ids)
+    position_ids = np.where(new_doc[:, :T], t, 0)  # index of each segment start (column 0 is 0 either way) ...
+    np.maximum.accumulate(position_ids, axis=1, out=position_ids)  # ... carried forward over the segment ...
+    np.subtract(t, position_ids, out=position_ids)  # ... and subtracted
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "doc_ids": doc_ids}
 
 

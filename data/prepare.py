@@ -58,10 +58,11 @@ class CacheSource:
         self.fingerprint = entry["fingerprint"]
         self.num_docs = entry["num_docs"]
         folder = Path(cache_dir) / entry["dir"]
-        self._offsets = np.load(folder / "offsets.npy", mmap_mode="r")
-        self._hashes = np.load(folder / "hashes.npy", mmap_mode="r")
+        # NOTE: plain ndarray views of the memory maps: indexing np.memmap objects costs ~10x more per call.
+        self._offsets = np.asarray(np.load(folder / "offsets.npy", mmap_mode="r"))
+        self._hashes = np.asarray(np.load(folder / "hashes.npy", mmap_mode="r"))
         dtype = np.dtype(manifest["dtype"])
-        self._tokens = (np.memmap(folder / "tokens.bin", dtype=dtype, mode="r") if entry["num_tokens"]
+        self._tokens = (np.asarray(np.memmap(folder / "tokens.bin", dtype=dtype, mode="r")) if entry["num_tokens"]
                         else np.empty(0, dtype))
 
     def fetch(self, indices: np.ndarray) -> tuple[TokenDocs, np.ndarray]:

@@ -27,7 +27,8 @@ from .mix import Mix, Stage
 from .packing import FIELDS, RowBuffer, TokenDocs, assemble
 from .sources import is_eval, open_source, text_hashes
 
-CHUNK_DOCS = 256  # documents drawn per chunk; part of the stream definition (stage switches happen per chunk)
+CHUNK_DOCS = 1024  # documents drawn per chunk; stage switches and blend fractions are decided once per chunk
+PERMUTATION_CACHE_DOCS = 1 << 22  # up to 4M documents a pass's permutation is computed once (32 MB), not per chunk
 STATE_VERSION = 1
 _M64 = (1 << 64) - 1
 
@@ -58,20 +59,32 @@ def uniforms(key: int, start: int, n: int) -> np.ndarray:
 
 
 def permute(indices: np.ndarray, n: int, key: int) -> np.ndarray:
-    """Image of `indices` under a keyed pseudo-random bijection of [0, n) (Feistel network plus cycle walking)."""
+    """Image of `indices` under a keyed pseudo-random bijection of [0, n).
+
+    An unbalanced Feistel network on the smallest bit width holding n-1 (each round xors one half with a keyed hash
+    of the other, which is invertible for any split), plus cycle walking: values landing in [n, 2^bits) are mapped
+    again until they land inside, which takes fewer than two rounds on average since 2^bits < 2n.
+    """
     if n <= 1:
         return indices.astype(np.int64)
-    half = max(1, ((n - 1).bit_length() + 1) // 2)
-    mask = np.uint64((1 << half) - 1)
+    bits = max(2, (n - 1).bit_length())
+    lo_bits = bits // 2
+    lo_mask, hi_mask = np.uint64((1 << lo_bits) - 1), np.uint64((1 << (bits - lo_bits)) - 1)
+    shift = np.uint64(lo_bits)
     round_keys = [np.uint64(stream_key(key, r)) for r in range(4)]
     x = indices.astype(np.uint64)
-    todo = np.ones(len(x), dtype=bool)
-    while todo.any():  # values landing outside [0, n) are walked on until they land inside (at most a few steps)
-        left, right = x[todo] >> np.uint64(half), x[todo] & mask
-        for k in round_keys:
-            left, right = right, left ^ (_mix64(right ^ k) & mask)
-        x[todo] = (left << np.uint64(half)) | right
-        todo = x >= np.uint64(n)
+    todo = np.arange(len(x))
+    while len(todo):
+        y = x[todo]
+        hi, lo = y >> shift, y & lo_mask
+        for r, k in enumerate(round_keys):
+            if r % 2 == 0:
+                hi ^= _mix64(lo ^ k) & hi_mask
+            else:
+                lo ^= _mix64(hi ^ k) & lo_mask
+        y = (hi << shift) | lo
+        x[todo] = y
+        todo = todo[y >= np.uint64(n)]
     return x.astype(np.int64)
 
 
@@ -92,6 +105,7 @@ class SourceCursor:
         self.shuffle = shuffle
         self.epoch = 0
         self.pos = 0
+        self._permutation: tuple[int, np.ndarray] | None = None  # (epoch, its whole permutation) for small sources
 
     def take(self, n: int) -> tuple[list[str] | TokenDocs, np.ndarray]:
         """The next `n` documents (crossing into the next pass when this one ends) and their text hashes."""
@@ -100,10 +114,7 @@ class SourceCursor:
             if self.source.random_access:
                 size = self.source.num_docs
                 m = min(n, size - self.pos)
-                idx = np.arange(self.pos, self.pos + m, dtype=np.int64)
-                if self.shuffle:
-                    idx = permute(idx, size, stream_key(self.key, self.epoch))
-                got, h = self.source.fetch(idx)
+                got, h = self.source.fetch(self._indices(self.pos, m))
                 self.pos += m
                 if self.pos == size:
                     self.epoch, self.pos = self.epoch + 1, 0
@@ -119,11 +130,25 @@ class SourceCursor:
             parts.append(got)
             hashes.append(h)
             n -= m
-        if parts and isinstance(parts[0], TokenDocs):
+        if len(parts) == 1:
+            docs = parts[0]
+        elif parts and isinstance(parts[0], TokenDocs):
             docs = TokenDocs(np.concatenate([p.flat for p in parts]), np.concatenate([p.lengths for p in parts]))
         else:
             docs = [d for p in parts for d in p]
-        return docs, np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
+        return docs, hashes[0] if len(hashes) == 1 else np.concatenate(hashes)
+
+    def _indices(self, start: int, m: int) -> np.ndarray:
+        """Document indices at positions [start, start + m) of the current pass."""
+        size = self.source.num_docs
+        if not self.shuffle:
+            return np.arange(start, start + m, dtype=np.int64)
+        key = stream_key(self.key, self.epoch)
+        if size > PERMUTATION_CACHE_DOCS:
+            return permute(np.arange(start, start + m, dtype=np.int64), size, key)
+        if self._permutation is None or self._permutation[0] != self.epoch:  # whole pass at once: same values
+            self._permutation = (self.epoch, permute(np.arange(size, dtype=np.int64), size, key))
+        return self._permutation[1][start:start + m]
 
     def state_dict(self) -> dict:
         state = {"epoch": self.epoch, "pos": self.pos}

@@ -57,6 +57,12 @@ def tok():
 
 
 @pytest.fixture
+def small_chunks(monkeypatch):
+    """Draw 16 documents per chunk so that short tests cross many chunk boundaries (the default is 1024)."""
+    monkeypatch.setattr(stream, "CHUNK_DOCS", 16)
+
+
+@pytest.fixture
 def two_sources(tmp_path):
     a = write_txt(tmp_path / "a.txt", make_docs(60, 1, "alpha"))
     b = write_jsonl(tmp_path / "b.jsonl", make_docs(25, 2, "beta"))
@@ -192,7 +198,7 @@ def test_corpus_layout_streams_like_the_hub(smollm_layout):
     assert mapped[0].fetch(np.arange(300))[0] == stories
 
 
-def test_streamed_sources_resume_exactly(smollm_layout, tok):
+def test_streamed_sources_resume_exactly(smollm_layout, tok, small_chunks):
     root, _, _ = smollm_layout
     mix = parse_mix(f"{root}/cosmopedia-v2,{root}/fineweb-edu-dedup")
     make = lambda: data.PackedStream(mix, tok, 64, 2, seed=3, open_fn=streaming)  # noqa: E731
@@ -278,26 +284,41 @@ def test_assemble_gathers_out_of_order_documents():
 
 
 @pytest.mark.parametrize("spec", ["balanced", "weighted", "curriculum"])
-def test_resume_is_exact(tok, two_sources, spec):
+def test_resume_is_exact(tok, two_sources, spec, small_chunks):
     a, b = two_sources.split(",")
     spec = {"balanced": two_sources, "weighted": f"{a}:1,{b}:2", "curriculum": f"{b}@3000~1500;{a},{b}"}[spec]
     mix = parse_mix(spec)
     s = data.PackedStream(mix, tok, 48, 2, seed=5)
-    batches(s, 11)
+    batches(s, 31)
     state = json.loads(json.dumps(s.state_dict()))
-    assert state["skip"] > 0  # the packer held a partly used chunk at the save point
-    expected = batches(s, 60)  # long enough to cross source passes (and the curriculum switch)
+    assert state["skip"] > 0 and state["docs"]["chunks"] > 0  # saved in the middle of a later chunk
+    expected = batches(s, 60)  # long enough to cross chunks, source passes (and the curriculum switch)
+    assert s.state_dict()["docs"]["chunks"] > state["docs"]["chunks"] + 2
     resumed = data.PackedStream(mix, tok, 48, 2, seed=5)
     resumed.load_state_dict(state)
     assert_same(batches(resumed, 60), expected)
     assert resumed.state_dict() == s.state_dict()
+    if "@" in spec:
+        assert state["stage"] == 0 and s.state_dict()["stage"] == 1
+
+
+def test_resume_is_exact_with_full_size_chunks(tok, two_sources):
+    mix = parse_mix(two_sources)
+    s = data.PackedStream(mix, tok, 512, 8, seed=1)
+    batches(s, 30)
+    state = json.loads(json.dumps(s.state_dict()))
+    expected = batches(s, 30)
+    assert s.state_dict()["docs"]["chunks"] > state["docs"]["chunks"]
+    resumed = data.PackedStream(mix, tok, 512, 8, seed=1)
+    resumed.load_state_dict(state)
+    assert_same(batches(resumed, 30), expected)
 
 
 def test_state_records_epochs_and_reshuffles(tok, tmp_path):
     path = write_txt(tmp_path / "small.txt", make_docs(12, 4, "small"))
     mix = parse_mix(str(path), eval_fraction=0.0)
-    s = data.PackedStream(mix, tok, 128, 8, seed=0)
-    rows = batches(s, 60)  # more than one chunk of documents: the saved position is past many passes
+    s = data.PackedStream(mix, tok, 256, 16, seed=0)
+    rows = batches(s, 50)  # more than one chunk of documents: the saved position is past many passes
     first_pass, second_pass = documents_in(rows, tok)[:12], documents_in(rows, tok)[12:24]
     assert sorted(first_pass) == sorted(second_pass) == sorted(make_docs(12, 4, "small"))
     assert first_pass != second_pass  # each pass has its own permutation
@@ -319,7 +340,7 @@ def test_fingerprint_mismatch_is_explained(tok, two_sources, tmp_path):
     data.PackedStream(mix, tok, 48, 4, world_size=2, seed=5).load_state_dict(state)  # batch layout may change
 
 
-def test_global_batches_do_not_depend_on_world_size(tok, two_sources):
+def test_global_batches_do_not_depend_on_world_size(tok, two_sources, small_chunks):
     mix = parse_mix(two_sources)
     single = batches(data.PackedStream(mix, tok, 40, 4, seed=1), 6)
     ranks = [batches(data.PackedStream(mix, tok, 40, 2, rank=r, world_size=2, seed=1), 6) for r in range(2)]
@@ -332,7 +353,7 @@ def test_global_batches_do_not_depend_on_world_size(tok, two_sources):
         assert_same([{k: v[data.rank_rows(r, 2)] for k, v in g.items()} for g in glob], ranks[r])
 
 
-def test_resume_with_another_world_size(tok, two_sources):
+def test_resume_with_another_world_size(tok, two_sources, small_chunks):
     mix = parse_mix(two_sources)
     s = data.PackedStream(mix, tok, 40, 4, seed=1)
     batches(s, 3)
@@ -373,16 +394,18 @@ def test_empty_split_is_an_error_not_a_hang(tok, tmp_path):
 def test_curriculum_switches_stage_softly(tok, tmp_path):
     a = write_txt(tmp_path / "a.txt", make_docs(400, 7, "alpha"))
     b = write_txt(tmp_path / "b.txt", make_docs(400, 8, "beta"))
-    mix = parse_mix(f"{a}@1500docs~1000;{b}", eval_fraction=0.0)
-    s = data.PackedStream(mix, tok, 64, 8, seed=0)
-    tags, stages = [], []
-    while len(tags) < 2500:
+    mix = parse_mix(f"{a}@3000docs~2048;{b}", eval_fraction=0.0)
+    s = data.PackedStream(mix, tok, 256, 16, seed=0)
+    rows, stages = [], []
+    while s._docs.docs_drawn < 5 * stream.CHUNK_DOCS:
         stages.append(s.current_stage)
-        tags += [d.split(" ")[0] for d in documents_in([next(s)], tok)]
-    beta = np.array([t == "beta" for t in tags])
-    assert not beta[:400].any()  # before the window opens: stage 1 only
-    assert 0.1 < beta[700:1300].mean() < 0.9  # inside the window: blended
-    assert beta[1700:].all()  # after the budget: stage 2 only
+        rows.append(next(s))
+    beta = np.array([d.startswith("beta") for d in documents_in(rows, tok)])
+    # Decided per chunk of 1024 documents: the blend is 0 at 0 docs, 3.5% at 1024, 53.5% at 2048; 3072 >= 3000 ends it.
+    n = stream.CHUNK_DOCS
+    assert not beta[:n].any()
+    assert 0.3 < beta[2 * n:3 * n].mean() < 0.75
+    assert beta[3 * n:].all() and len(beta) > 3 * n + 100
     assert stages[0] == 0 and stages[-1] == 1 and sorted(stages) == stages
     assert s.state_dict()["stage"] == 1
 
@@ -472,7 +495,7 @@ def test_tokenizer_cli(tmp_path, two_sources):
 # Token cache
 
 
-def test_cache_replays_the_text_stream(tok, two_sources, tmp_path):
+def test_cache_replays_the_text_stream(tok, two_sources, tmp_path, small_chunks):
     from data.prepare import main, prepare
 
     tok_dir = data.save_tokenizer(tok, tmp_path / "tok")

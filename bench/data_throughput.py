@@ -1,0 +1,131 @@
+"""Data pipeline throughput: what packing adds on top of tokenization, and how fast a token cache feeds training.
+
+    python -m bench.data_throughput [--text PATH] [--tokenizer SPEC] [--max-length 2048] [--json]
+
+(a) tokenize + pack: one pass of PackedStream over a local text source (Arrow reads, held-out hashing, shuffling,
+    interleaving, tokenization, BOS/EOS, packing, tensors), against the raw `tokenizers` `encode_batch` (and
+    `encode_batch_fast`) on the same documents in batches of the same size. Target: packing costs <= 15%.
+(b) cache: PackedStream reading a token cache of the same text (memory-mapped, shuffled). Target >= 50M tokens/s.
+Each timing is the best of --repeats runs (this measures the code, not a busy machine). Defaults use the shared
+sample data and SmolLM2 tokenizer when ../shared exists, else the built-in corpus and a tokenizer trained on it.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+from data.stream import CHUNK_DOCS  # noqa: E402
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def pack_rate(mix, tok, max_length: int, batch_size: int, num_docs: int) -> float:
+    """Document tokens per second while PackedStream draws at least one pass (chunks of CHUNK_DOCS documents)."""
+    s = data.PackedStream(mix, tok, max_length, batch_size, seed=0)  # construction (dataset loading) is not timed
+    t0 = time.perf_counter()
+    while s._docs.docs_drawn < num_docs:
+        next(s)
+    elapsed = time.perf_counter() - t0
+    body_tokens = s._docs.stage_tokens - 2 * s._docs.stage_docs  # every token drawn so far, without BOS/EOS
+    return body_tokens / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--text", default=None, help="a .txt/.jsonl/.parquet file or folder (default: shared samples)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: shared SmolLM2, else trained)")
+    p.add_argument("--max-length", type=int, default=2048, help="tokens per row")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per batch")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best is reported)")
+    p.add_argument("--cache-tokens", type=float, default=20e6, help="tokens read from the cache in (b)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args(argv)
+
+    text = args.text or (str(SHARED / "data/tinystories/train_lowercase_4mb.txt") if SHARED.is_dir() else "builtin")
+    mix = data.parse_mix(text, eval_fraction=0.0)
+    if args.tokenizer:
+        tok = data.load_tokenizer(args.tokenizer)
+    elif (SHARED / "tokenizers/smollm2/tokenizer.json").is_file():
+        tok = data.load_tokenizer(SHARED / "tokenizers/smollm2/tokenizer.json")
+    else:
+        tok = data.train_tokenizer(data.tokenizer.sample_texts(mix, 5000), 32768)
+    from data.sources import open_source
+
+    source = open_source(mix.sources[0])
+    import numpy as np
+
+    texts = source.fetch(np.arange(source.num_docs))[0]
+    backend = tok.backend_tokenizer
+    batches = [texts[i:i + CHUNK_DOCS] for i in range(0, len(texts), CHUNK_DOCS)]
+    n_tokens = sum(len(e.ids) for b in batches for e in backend.encode_batch_fast(b, add_special_tokens=False))
+
+    def raw(method: str):
+        encode = getattr(backend, method)
+        return lambda: [[e.ids for e in encode(b, add_special_tokens=False)] for b in batches]
+
+    t_raw = best_time(raw("encode_batch"), args.repeats)
+    t_fast = best_time(raw("encode_batch_fast"), args.repeats)
+    t_pack = n_tokens / max(pack_rate(mix, tok, args.max_length, args.batch_size, len(texts))
+                            for _ in range(args.repeats))  # seconds per pass at the best rate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = data.save_tokenizer(tok, Path(tmp) / "tok")
+        from data.prepare import prepare
+
+        prepare(text, str(tok_dir), Path(tmp) / "cache", log=lambda _: None)
+        cache_mix = data.parse_mix(str(Path(tmp) / "cache"), eval_fraction=0.0)
+        steps = max(1, int(args.cache_tokens // (args.max_length * args.batch_size)))
+
+        def read_cache():
+            s = data.PackedStream(cache_mix, tok, args.max_length, args.batch_size, seed=0)
+            next(s)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                next(s)
+            return time.perf_counter() - t0
+
+        t_cache = min(read_cache() for _ in range(args.repeats))
+    cache_rate = steps * args.max_length * args.batch_size / t_cache
+
+    result = {
+        "text": text, "documents": len(texts), "tokens": n_tokens, "tokenizer_vocab": len(tok),
+        "max_length": args.max_length, "batch_size": args.batch_size,
+        "encode_batch_tokens_per_s": n_tokens / t_raw, "encode_batch_fast_tokens_per_s": n_tokens / t_fast,
+        "tokenize_and_pack_tokens_per_s": n_tokens / t_pack,
+        "pack_overhead_vs_encode_batch": t_pack / t_raw - 1, "pack_overhead_vs_encode_batch_fast": t_pack / t_fast - 1,
+        "cache_tokens_per_s": cache_rate,
+        "targets_met": {"pack_overhead_le_15pct": t_pack / t_raw - 1 <= 0.15, "cache_ge_50M": cache_rate >= 50e6},
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{text}: {len(texts):,} documents, {n_tokens:,} tokens, vocab {len(tok):,}, "
+          f"rows {args.batch_size} x {args.max_length}")
+    print(f"{'measurement':<44}{'tokens/s':>14}")
+    for name, rate in [("tokenizers encode_batch (raw)", n_tokens / t_raw),
+                       ("tokenizers encode_batch_fast (raw)", n_tokens / t_fast),
+                       ("PackedStream from text (tokenize + pack)", n_tokens / t_pack),
+                       ("PackedStream from token cache", cache_rate)]:
+        print(f"{name:<44}{rate / 1e6:>12.2f} M")
+    print(f"packing overhead: {t_pack / t_raw - 1:+.1%} vs encode_batch (target <= +15%), "
+          f"{t_pack / t_fast - 1:+.1%} vs encode_batch_fast; cache {cache_rate / 1e6:.1f}M tokens/s (target >= 50M)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
