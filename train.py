@@ -457,12 +457,17 @@ def train_ddp(run: Run) -> int:
         if lr_spike and step == int(lr_spike["step"]):  # debugging aid for the divergence guard's tests
             scheduler.lr_factor *= lr_spike["factor"]
         step_loss = torch.zeros((), device=device)
-        for _ in range(args.gradient_accumulation_steps):
-            batch = next(stream)
+        micro_batches = [next(stream) for _ in range(args.gradient_accumulation_steps)]
+        # NOTE: normalise by the label count of the whole global batch, not per micro-batch and rank, so the loss and
+        # gradients equal a single process's over the same rows (accumulate() divides by the micro-steps and DDP
+        # averages over ranks, hence the factor).
+        labels = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
+        num_items = reduce_sum(torch.tensor(float(labels), device=device)) / (world * len(micro_batches))
+        for batch in micro_batches:
             interval_ctx += mean_attended_context(batch["doc_ids"])
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(model):
-                loss = model(**batch)
+                loss = model(**batch, num_items=num_items)
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:

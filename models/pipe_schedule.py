@@ -37,7 +37,25 @@ class GPipeSchedule(ds.PipeSchedule):
 
 
 def use_gpipe(engine) -> None:
-    """Make ``engine.train_batch`` run GPipe instead of DeepSpeed's default 1F1B."""
+    """Make ``engine.train_batch`` run GPipe instead of DeepSpeed's default 1F1B.
+
+    NOTE: DeepSpeed's last stage backpropagates ``engine.loss``, the loss of its most recent forward, which is right
+    only when a backward directly follows its forward (1F1B). With all forwards first, the loss of every micro-batch
+    is kept by buffer and put back before its backward.
+    """
     engine._train_schedule = lambda: GPipeSchedule(
         micro_batches=engine.micro_batches, stages=engine.num_stages, stage_id=engine.stage_id
     )
+    base, losses = type(engine)._INSTRUCTION_MAP, {}
+
+    def forward(self, buffer_id):
+        base[ds.ForwardPass](self, buffer_id)
+        if self.is_last_stage():
+            losses[buffer_id] = self.loss
+
+    def backward(self, buffer_id):
+        if self.is_last_stage():
+            self.loss = losses.pop(buffer_id)
+        base[ds.BackwardPass](self, buffer_id)
+
+    engine._INSTRUCTION_MAP = {**base, ds.ForwardPass: forward, ds.BackwardPass: backward}
