@@ -48,7 +48,8 @@ train_pipeline() {
 
 case $PRESET in
   demo)
-    # Offline CPU demo: tiny Llama on the built-in corpus (Python's own documentation). ~3 min on 2 cores.
+    # Offline CPU demo: tiny Llama (~1.5M params) on the built-in corpus (Python's own documentation), 0.9M tokens.
+    # About 4 minutes on 2 CPU cores; the eval loss falls from ~7.6 to ~4.3 and a sample is printed at the end.
     "$PYTHON" train.py \
       --init-model \
       --overwrite-output-dir \
@@ -57,13 +58,14 @@ case $PRESET in
       --dataset builtin \
       --vocab-size 2048 \
       --tokenizer-docs 20000 \
-      --max-length 256 \
+      --max-length 128 \
       --batch-size 16 \
-      --max-steps 300 \
-      --learning-rate 4e-4 \
+      --total-tokens 0.0009 \
+      --min-cooldown-tokens 0 \
+      --learning-rate 6e-4 \
       --warmup-steps 30 \
       --optimizer adamw \
-      --step-cadence 4.8 \
+      --step-cadence 3.2 \
       --eval-batches 4 \
       "$@"
     ;;

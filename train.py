@@ -92,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adamw"], help="update rule")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto = bf16 on GPU, fp32 on CPU")
+    g.add_argument("--no-stochastic-rounding", action="store_true", help="Adafactor on bf16 weights rounds to nearest")
     g.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay")
     g.add_argument("--max-grad-norm", type=float, default=4.0, help="gradient clipping threshold (0 = off)")
     g = p.add_argument_group("checkpoints and logging")
@@ -368,7 +369,7 @@ def train_ddp(run: Run) -> int:
     tokenizer = build_tokenizer(run, is_main, accelerator.wait_for_everyone)
     model = build_model(run, torch.bfloat16 if pure_bf16 else torch.float32).to(device)
     optimizer = schedule.build_optimizer(args.optimizer, model, plan.max_lr, weight_decay=args.weight_decay,
-                                         seed=args.seed)
+                                         seed=args.seed, stochastic_rounding=not args.no_stochastic_rounding)
     scheduler = schedule.InfiniteLR(optimizer, plan)
     stream = data.PackedStream(run.extra["mix"], tokenizer, args.max_length, args.batch_size, rank=rank,
                                world_size=world, seed=args.seed, dispatch=args.dispatch_batches)
@@ -584,7 +585,7 @@ def train_pipeline(run: Run) -> int:
     models.load_pipeline_state(net, build_model(run, torch.float32).state_dict(), run.model_cfg)  # same init as DDP
     net.to(device=device, dtype=torch.bfloat16 if pure_bf16 else torch.float32)
     optimizer = schedule.build_optimizer(args.optimizer, net, plan.max_lr, weight_decay=args.weight_decay,
-                                         seed=args.seed)
+                                         seed=args.seed, stochastic_rounding=not args.no_stochastic_rounding)
     scheduler = schedule.InfiniteLR(optimizer, plan)
     engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds_config)
     if PIPELINE_SCHEDULES[args.pipeline_schedule] == "GPipe":
