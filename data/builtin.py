@@ -1,15 +1,16 @@
 """The built-in offline corpus: English documentation text that ships with Python and the installed packages.
 
 Sources, in this order: the standard library, then site-packages (sorted paths). From `.py` files it takes
-module, class and function docstrings (found by a scan of the source, never imported); from packages it also takes `.md`/`.rst`
-files and the long descriptions in `*.dist-info/METADATA`. Doctest and fenced code blocks are removed, and a
-document is kept only if it reads like prose (enough words, enough common English function words). Exact
-duplicates are dropped. The order is deterministic, and extraction stops at `max_bytes` of text.
+module, class and function docstrings (found by a scan of the source, never imported); from packages it also
+takes `.md`/`.rst` files and the long descriptions in `*.dist-info/METADATA`. Doctest and fenced code blocks
+are removed, and a document is kept only if it reads like prose (enough words, enough common English function
+words). Exact duplicates are dropped. The order is deterministic, and extraction stops at `max_bytes` of text
+(about 24 MB of text, 23k documents, from a Python 3.11 install with this project's requirements).
 
 The result is cached as JSON lines in `<cache>/builtin-py<X.Y>-<hash>.jsonl`, where <cache> is $SMALL_LLM_CACHE,
 else $XDG_CACHE_HOME/small-llm-pretraining, else ~/.cache/small-llm-pretraining, and <hash> covers the list of
-scanned files with their sizes and the extraction settings: the first run takes tens of seconds, later ones are instant,
-and a changed installation gets a new file.
+scanned files with their sizes and the extraction settings: the first run takes a few seconds (using up to 8
+processes), later ones only list the files, and a changed installation gets a new file.
 """
 
 import hashlib

@@ -27,8 +27,9 @@ time and the next pass starts for all of them together. With weights, sources ar
 probabilities and each one restarts (reshuffled) on its own when it runs out.
 """
 
+import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -78,7 +79,7 @@ class Mix:
     stages: tuple[Stage, ...]
     spec: str
     eval_fraction: float = DEFAULT_EVAL_FRACTION
-    cache_dir: str | None = field(default=None)  # set when the spec named a token cache
+    cache_dir: str | None = None  # set when the spec named a token cache
 
     @property
     def sources(self) -> list[SourceSpec]:
@@ -208,7 +209,7 @@ def _resolve_source(name: str) -> list[SourceSpec]:
     path = Path(name).expanduser()
     if path.exists():
         path = path.resolve()
-        if path.is_dir() and (path / "manifest.json").is_file():
+        if path.is_dir() and _is_token_cache(path):
             return [SourceSpec("cache", str(path), path.name)]
         if path.is_file() and not name.lower().endswith(TEXT_SUFFIXES):
             raise ValueError(f"{name} is not a .txt, .jsonl, .json or .parquet file; convert it or point at a folder")
@@ -221,6 +222,16 @@ def _resolve_source(name: str) -> list[SourceSpec]:
         return [SourceSpec("hub", repo, name, subset)]
     raise ValueError(f"unknown dataset {name!r}: not an existing path, not 'smollm' or 'builtin', and not a Hub id "
                      "like OWNER/NAME[/SUBSET]")
+
+
+def _is_token_cache(folder: Path) -> bool:
+    """A folder written by `python -m data.prepare` (a manifest.json of another tool does not count)."""
+    from .prepare import CACHE_FORMAT
+
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("format") == CACHE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _cache_mix(cache_dir: str, eval_fraction: float) -> Mix:

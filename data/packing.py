@@ -65,7 +65,8 @@ def pack_rows(tokens: np.ndarray, starts: np.ndarray, num_rows: int, max_length:
     input_ids = win[:, :T].astype(np.int64)
     labels = win[:, 1:].astype(np.int64)
     np.putmask(labels, new_doc[:, 1:], IGNORE_INDEX)
-    doc_ids = np.zeros((n, T), dtype=np.int64)
+    doc_ids = np.empty((n, T), dtype=np.int64)
+    doc_ids[:, 0] = 0
     np.cumsum(new_doc[:, 1:T], axis=1, dtype=np.int64, out=doc_ids[:, 1:])  # a row always opens segment 0
     t = np.arange(T, dtype=np.int64)
     position_ids = np.where(new_doc[:, :T], t, 0)  # index of each segment start (column 0 is 0 either way) ...
@@ -100,7 +101,7 @@ class RowBuffer:
         self._tokens, self._starts = self._tokens[n:], self._starts[n:]
 
     def pop_rows(self, num_rows: int, rows: slice | None = None) -> dict[str, np.ndarray]:
-        """Take `num_rows` rows off the front; materialise only `rows` of them. The last token stays for the next row."""
+        """Take `num_rows` rows off the front, materialising only `rows` of them; the last token starts the next row."""
         out = pack_rows(self._tokens, self._starts, num_rows, self.max_length, rows)
         self.drop(num_rows * self.max_length)
         return out

@@ -231,7 +231,7 @@ class DocumentStream:
                          for j, spec in enumerate(stage.sources)] for i, stage in enumerate(self.stages)]
         self.interleavers = [self._interleaver(i, stage) for i, stage in enumerate(self.stages)]
         self.stage, self.stage_tokens, self.stage_docs, self.docs_drawn, self.chunks = 0, 0, 0, 0, 0
-        self._idle_since: list[int] | None = None  # source epochs when the last kept document was seen
+        self._idle_since: tuple[int, list[int]] | None = None  # (stage, source epochs) at the last kept document
 
     @property
     def fingerprints(self) -> list[list[str]]:
@@ -244,10 +244,13 @@ class DocumentStream:
         blend = self._blend_fraction()
         if blend > 0:
             stage_of[uniforms(stream_key(self.seed, "blend"), self.docs_drawn, n) < blend] += 1
-        source_of = np.empty(n, dtype=np.int64)
-        for k in np.unique(stage_of):
-            where = np.flatnonzero(stage_of == k)
-            source_of[where] = self.interleavers[k].pick(len(where))
+        if blend > 0:
+            source_of = np.empty(n, dtype=np.int64)
+            for k in np.unique(stage_of):
+                where = np.flatnonzero(stage_of == k)
+                source_of[where] = self.interleavers[k].pick(len(where))
+        else:
+            source_of = self.interleavers[self.stage].pick(n)
         # Read each source's documents in its own order, then lay them out in drawing order.
         group = stage_of * max(len(s) for s in self.cursors) + source_of
         hashes = np.empty(n, dtype=np.uint64)
@@ -314,7 +317,7 @@ class DocumentStream:
         if stage.budget is None or stage.window == 0:
             return 0.0
         done = self.stage_tokens if stage.unit == "tokens" else self.stage_docs
-        return float(np.clip((done - (stage.budget - stage.window)) / stage.window, 0.0, 1.0))
+        return min(1.0, max(0.0, (done - (stage.budget - stage.window)) / stage.window))
 
     def _advance_stage(self, docs: int, tokens: int) -> None:
         self.stage_docs += docs
@@ -325,17 +328,15 @@ class DocumentStream:
             self.stage, self.stage_tokens, self.stage_docs = self.stage + 1, 0, 0
 
     def _check_progress(self, kept: int) -> None:
-        """Fail instead of looping forever when a whole pass over every source kept no document."""
-        epochs = [c.epoch for stage in self.cursors for c in stage]
-        if kept or self._idle_since is None:
+        """Fail instead of looping forever when a whole pass over every source of the stage kept no document."""
+        epochs = (self.stage, [c.epoch for c in self.cursors[self.stage]])
+        if kept or self._idle_since is None or self._idle_since[0] != self.stage:
             self._idle_since = epochs
-        elif all(e > e0 for e, e0 in zip(epochs, self._idle_since, strict=True)):
+        elif all(e > e0 for e, e0 in zip(epochs[1], self._idle_since[1], strict=True)):
             what = "held-out (eval)" if self.split == "eval" else "training"
-            raise ValueError(f"the {what} split of {self._describe()} is empty: every document was read and none "
-                             f"fell in it (eval fraction {self.eval_fraction}); use more data or another fraction")
-
-    def _describe(self) -> str:
-        return ", ".join(c.source.label for stage in self.cursors for c in stage)
+            names = ", ".join(c.source.label for c in self.cursors[self.stage])
+            raise ValueError(f"the {what} split of {names} is empty: every document was read and none fell in it "
+                             f"(eval fraction {self.eval_fraction}); use more data or another fraction")
 
 
 # -----------------------------------------------------------------------------

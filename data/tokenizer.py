@@ -156,7 +156,7 @@ def sample_texts(mix, max_docs: int) -> Iterator[str]:
     from .stream import SourceCursor, stream_key
 
     if mix.cache_dir:
-        raise ValueError(f"{mix.cache_dir} is a token cache and holds no text; train the tokenizer on the original data")
+        raise ValueError(f"{mix.cache_dir} is a token cache and holds no text; train a tokenizer on the original data")
     cursors = [SourceCursor(open_source(spec), stream_key("tokenizer", i)) for i, spec in enumerate(mix.sources)]
     taken = 0
     while taken < max_docs and cursors:

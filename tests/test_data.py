@@ -532,6 +532,22 @@ def test_cache_with_worker_processes_matches_one_process(tok, two_sources, tmp_p
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
+def test_balanced_interleaving_ends_every_source_together():
+    il = stream.Interleaver([60, 25], None, key=7)
+    for _ in range(3):  # three passes: each one draws every document of every source exactly once
+        picks = np.concatenate([il.pick(10) for _ in range(8)] + [il.pick(5)])
+        assert np.bincount(picks, minlength=2).tolist() == [60, 25]
+        assert 0.5 < picks[:42].mean() / picks[42:].mean() < 2  # spread over the pass, not one source first
+    in_pieces = stream.Interleaver([60, 25], None, key=7)
+    assert np.concatenate([in_pieces.pick(k) for k in (1, 50, 100, 19)]).tolist() == \
+        stream.Interleaver([60, 25], None, key=7).pick(170).tolist()  # counters, not call sizes, decide
+
+
+def test_weighted_interleaving_follows_the_weights():
+    picks = stream.Interleaver([60, 25], [1.0, 3.0], key=3).pick(20_000)
+    assert abs(picks.mean() - 0.75) < 0.02
+
+
 def test_permutation_is_a_bijection():
     for n in (1, 2, 7, 64, 1000, 4097):
         perm = stream.permute(np.arange(n), n, key=12345)
