@@ -60,7 +60,7 @@ def packed_batch(batch: int, seq_len: int, docs: int, vocab: int, device, seed: 
     position_ids = torch.zeros(batch, seq_len, dtype=torch.long)
     for row in range(batch):
         cuts = sorted(torch.randperm(seq_len - 1, generator=g)[: docs - 1].add(1).tolist())
-        for d, (start, end) in enumerate(zip([0, *cuts], [*cuts, seq_len])):
+        for d, (start, end) in enumerate(zip([0, *cuts], [*cuts, seq_len], strict=True)):
             doc_ids[row, start:end] = d
             position_ids[row, start:end] = torch.arange(end - start)
     next_doc = torch.cat([doc_ids[:, 1:], doc_ids[:, -1:]], dim=1)

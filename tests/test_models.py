@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from models import ModelConfig, Transformer, count_parameters, load_model_config
+from models.attention import build_attention_mask
 from models.config import available_configs
 from models.loss import chunked_cross_entropy
+from models.model import rope_cos_sin
 
 DOC_LENGTHS = [(10, 20, 7), (37,), (1, 16, 20)]  # three rows of T = 37: several documents, one, a 1-token document
 
@@ -168,7 +170,7 @@ def test_document_masking_is_real_not_only_position_resets():
         unmasked = model(batch["input_ids"], batch["position_ids"], None)  # same positions, no document mask
         per_doc = [model(batch["input_ids"][r : r + 1, s:e])[0] for r, s, e in segments()]
     alone = [masked[r, s:e] for r, s, e in segments()]
-    assert max((a - b).abs().max().item() for a, b in zip(alone, per_doc)) <= 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(alone, per_doc, strict=True)) <= 1e-5
     # later documents of row 0 see earlier ones without the mask: outputs change
     assert (unmasked[0, 10:] - masked[0, 10:]).abs().max().item() > 1e-2
     assert torch.allclose(unmasked[0, :10], masked[0, :10], atol=1e-5)  # the first document is unaffected
@@ -302,9 +304,6 @@ def test_deepnet_block_is_post_norm_with_alpha():
     pos = torch.arange(5).expand(2, 5)
     with torch.no_grad():
         out = block(x, pos, None)
-        from models.attention import build_attention_mask
-        from models.model import rope_cos_sin
-
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
         mask = build_attention_mask("sdpa", None, 2, 5, x.device)
         h = block.attn_norm(cfg.deepnet_alpha * x + block.self_attn(x, cos, sin, mask))

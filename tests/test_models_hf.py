@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_models import build, packed_batch, small_config
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from models import export_hf, load_hf
@@ -15,7 +16,7 @@ VOCAB = ["<unk>", "<bos>", "<eos>"] + [f"w{i}" for i in range(40)]
 
 
 def word_tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(["<bos>", "<eos>"])
     return tok
@@ -127,4 +128,4 @@ def test_load_hf_reads_sharded_checkpoints(tmp_path):
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
     (out / "model.safetensors").unlink()
     again, _ = load_hf(out)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
