@@ -274,7 +274,9 @@ _SYNTAX_HELP = """\
 | `stories.txt@50M;smollm` | curriculum: 50M tokens of stories, then the SmolLM mix (`@20kdocs` counts documents) |
 | `stories.txt@50M~10M;smollm` | soft switch: the SmolLM mix is blended in linearly over the last 10M stage tokens |
 
-Local files are read through `datasets` (Arrow, memory-mapped), shuffled per pass with a seeded permutation and
-resumed exactly in O(1); Hub sources are streamed in order and resumed from the stream's own state. A fixed
-fraction of documents (0.5% by default, chosen by a hash of the text) is held out for evaluation and never trained on.
+Quote mixes in the shell (`;` ends a command). Stage budgets count training tokens (with BOS/EOS) or documents;
+the switch and the blend are decided once per chunk of 1024 documents. Local files are read through `datasets`
+(Arrow, memory-mapped), shuffled per pass with a seeded permutation and resumed exactly in O(1); Hub sources are
+streamed in order and resumed from the stream's own state. A fixed fraction of documents (0.5% by default, chosen
+by a hash of the text, so the same for every seed and world size) is held out for evaluation and never trained on.
 """

@@ -19,6 +19,8 @@ import hashlib
 import json
 from collections import deque
 from itertools import chain
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +28,9 @@ import torch
 from .mix import Mix, Stage
 from .packing import FIELDS, RowBuffer, TokenDocs, assemble
 from .sources import is_eval, open_source, text_hashes
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 CHUNK_DOCS = 1024  # documents drawn per chunk; stage switches and blend fractions are decided once per chunk
 PERMUTATION_CACHE_DOCS = 1 << 22  # up to 4M documents a pass's permutation is computed once (32 MB), not per chunk
@@ -358,7 +363,7 @@ class PackedStream:
     In dispatch mode only rank 0 reads data; tensors arrive on the process group's device (CUDA for NCCL).
     """
 
-    def __init__(self, mix: Mix, tokenizer, max_length: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
+    def __init__(self, mix: Mix, tokenizer: "PreTrainedTokenizerFast", max_length: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, dispatch: bool = False, split: str = "train", group=None, open_fn=open_source):
         from .tokenizer import bos_eos_ids, tokenizer_hash
 
@@ -388,7 +393,7 @@ class PackedStream:
             self._docs = DocumentStream(mix, encode, bos, eos, seed=seed_used, split=split,
                                         shuffle=split == "train", stages=stages, open_fn=open_fn)
             self._fingerprint["sources"] = self._docs.fingerprints
-            self._check_cache(tokenizer)
+            self._check_cache()
             self._buffer = RowBuffer(max_length)
             self._log: deque[tuple[dict, int]] = deque()  # (doc stream state before a chunk, its token count)
             self._consumed = 0  # tokens of the oldest logged chunk already emitted in rows
@@ -495,18 +500,18 @@ class PackedStream:
                              "the data from the beginning (train.py --no-restore-dataset-state) or restore the "
                              "original settings")
 
-    def _check_cache(self, tokenizer) -> None:
+    def _check_cache(self) -> None:
         if not self.mix.cache_dir:
             return
         from .prepare import read_manifest
 
-        manifest = read_manifest(__import__("pathlib").Path(self.mix.cache_dir))
+        manifest = read_manifest(Path(self.mix.cache_dir))
         if manifest["tokenizer"]["hash"] != self._fingerprint["tokenizer"]:
             raise ValueError(f"the token cache {self.mix.cache_dir} was made with another tokenizer; pass "
                              f"--tokenizer {self.mix.cache_dir}/tokenizer or prepare the cache again")
 
 
-def eval_batches(mix: Mix, tokenizer, max_length: int, batch_size: int, num_batches: int, *, rank: int = 0,
+def eval_batches(mix: Mix, tokenizer: "PreTrainedTokenizerFast", max_length: int, batch_size: int, num_batches: int, *, rank: int = 0,
                  world_size: int = 1) -> list[dict[str, torch.Tensor]]:
     """The held-out set: this rank's rows of the first `num_batches` global batches of the eval stream.
 

@@ -20,8 +20,14 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+    from .mix import Mix
 
 BOS, EOS = "<|bos|>", "<|eos|>"
 _BOS_CANDIDATES = (BOS, "<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>")
@@ -30,7 +36,7 @@ DEFAULT_VOCAB_SIZE = 32768
 DEFAULT_TOKENIZER_DOCS = 20_000
 
 
-def load_tokenizer(spec: str | Path):
+def load_tokenizer(spec: str | Path) -> "PreTrainedTokenizerFast":
     """Load a tokenizer from a tokenizer.json file, a folder holding one, or a Hub name (needs network)."""
     from transformers import PreTrainedTokenizerFast
 
@@ -57,7 +63,7 @@ def load_tokenizer(spec: str | Path):
     return _with_bos_eos(tok)
 
 
-def bos_eos_ids(tokenizer) -> tuple[int, int]:
+def bos_eos_ids(tokenizer: "PreTrainedTokenizerFast") -> tuple[int, int]:
     """(BOS id, EOS id) following the rule in the module docstring. Raises ValueError when none is found."""
     bos = _declared_id(tokenizer, "bos") if tokenizer.bos_token else None
     eos = _declared_id(tokenizer, "eos") if tokenizer.eos_token else None
@@ -72,7 +78,7 @@ def bos_eos_ids(tokenizer) -> tuple[int, int]:
     return bos, eos
 
 
-def tokenizer_hash(tokenizer) -> str:
+def tokenizer_hash(tokenizer: "PreTrainedTokenizerFast") -> str:
     """A short digest of what decides the token ids: vocabulary, merges, normalizer, pre-tokenizer and BOS/EOS."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     for key in ("truncation", "padding", "post_processor", "decoder"):
@@ -82,7 +88,7 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, *, min_frequency: int = 2,
-                    show_progress: bool = False):
+                    show_progress: bool = False) -> "PreTrainedTokenizerFast":
     """Train a byte-level BPE tokenizer with `<|bos|>` (id 0) and `<|eos|>` (id 1) on an iterable of documents.
 
     Digits are split one by one (as in the SmolLM2 and Llama-3 tokenizers), which helps small models with numbers.
@@ -104,7 +110,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, 
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS)
 
 
-def save_tokenizer(tokenizer, folder: str | Path) -> Path:
+def save_tokenizer(tokenizer: "PreTrainedTokenizerFast", folder: str | Path) -> Path:
     """Save so that `AutoTokenizer.from_pretrained(folder)` and `load_tokenizer(folder)` both load it.
 
     Written to a temporary sibling folder and renamed, so a crash never leaves a half-written tokenizer behind.
@@ -112,6 +118,11 @@ def save_tokenizer(tokenizer, folder: str | Path) -> Path:
     folder = Path(folder)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tokenizer.save_pretrained(str(tmp))
+    config_path = tmp / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    # NOTE: transformers 5 records its internal class name, which transformers 4 cannot load; both load this one.
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
     if folder.exists():
         import shutil
 
@@ -120,8 +131,9 @@ def save_tokenizer(tokenizer, folder: str | Path) -> Path:
     return folder
 
 
-def resolve_tokenizer(tokenizer_spec: str | None, mix, run_dir: str | Path, vocab_size: int = DEFAULT_VOCAB_SIZE,
-                      max_docs: int = DEFAULT_TOKENIZER_DOCS, log=print):
+def resolve_tokenizer(tokenizer_spec: str | None, mix: "Mix", run_dir: str | Path,
+                      vocab_size: int = DEFAULT_VOCAB_SIZE, max_docs: int = DEFAULT_TOKENIZER_DOCS,
+                      log: Callable[[str], None] = print) -> "PreTrainedTokenizerFast":
     """The tokenizer a run uses, in this order:
 
     1. `tokenizer_spec` (`--tokenizer`) when given;
@@ -147,7 +159,7 @@ def resolve_tokenizer(tokenizer_spec: str | None, mix, run_dir: str | Path, voca
     return tok
 
 
-def sample_texts(mix, max_docs: int) -> Iterator[str]:
+def sample_texts(mix: "Mix", max_docs: int) -> Iterator[str]:
     """Up to `max_docs` training documents, taken in turn from every source of every stage (held-out ones skipped).
 
     Local sources are read in a shuffled order, streams from their start; a source stops contributing after one pass.
@@ -175,12 +187,12 @@ def sample_texts(mix, max_docs: int) -> Iterator[str]:
 # Helpers
 
 
-def _declared_id(tokenizer, which: str) -> int | None:
+def _declared_id(tokenizer: "PreTrainedTokenizerFast", which: str) -> int | None:
     token_id = getattr(tokenizer, f"{which}_token_id")
     return token_id if isinstance(token_id, int) else None
 
 
-def _with_bos_eos(tok):
+def _with_bos_eos(tok: "PreTrainedTokenizerFast") -> "PreTrainedTokenizerFast":
     """Record the BOS/EOS the rule picks on the wrapper, so a saved copy declares them."""
     bos, eos = bos_eos_ids(tok)
     tok.bos_token = tok.convert_ids_to_tokens(bos)

@@ -444,6 +444,7 @@ def test_tokenizer_save_load_round_trip(tok, tmp_path):
     ids = tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
     auto = AutoTokenizer.from_pretrained(str(folder))
     assert auto(text, add_special_tokens=False)["input_ids"] == ids
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert auto.decode(ids) == text
     for spec in (folder, folder / "tokenizer.json"):
         loaded = data.load_tokenizer(spec)
