@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +61,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see python train.py --help\n")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("token budget and batch")
     g.add_argument("--init-model", action="store_true", help="start a new model instead of resuming the newest checkpoint")
@@ -123,7 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object")
     g.add_argument("--world-size", type=int, default=None, help="with --dry-run: plan for N processes")
     g.add_argument("--verbose-info", action="store_true", help="print the full resolved configuration at start")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 class UsageError(ValueError):
@@ -366,15 +371,17 @@ def train_ddp(run: Run) -> int:
         ckpt.remove_checkpoints(run.output_dir / "checkpoints")
 
     # ---- model, optimizer, schedule, data
-    tokenizer = build_tokenizer(run, is_main, accelerator.wait_for_everyone)
+    with bad_input():
+        tokenizer = build_tokenizer(run, is_main, accelerator.wait_for_everyone)
     model = build_model(run, torch.bfloat16 if pure_bf16 else torch.float32).to(device)
     optimizer = schedule.build_optimizer(args.optimizer, model, plan.max_lr, weight_decay=args.weight_decay,
                                          seed=args.seed, stochastic_rounding=not args.no_stochastic_rounding)
     scheduler = schedule.InfiniteLR(optimizer, plan)
-    stream = data.PackedStream(run.extra["mix"], tokenizer, args.max_length, args.batch_size, rank=rank,
-                               world_size=world, seed=args.seed, dispatch=args.dispatch_batches)
-    eval_set = data.eval_batches(run.extra["mix"], tokenizer, args.max_length, args.batch_size, args.eval_batches,
-                                 rank=rank, world_size=world)
+    with bad_input():
+        stream = data.PackedStream(run.extra["mix"], tokenizer, args.max_length, args.batch_size, rank=rank,
+                                   world_size=world, seed=args.seed, dispatch=args.dispatch_batches)
+        eval_set = data.eval_batches(run.extra["mix"], tokenizer, args.max_length, args.batch_size,
+                                     args.eval_batches, rank=rank, world_size=world)
     detector = DivergenceDetector(args.divergence_threshold, warmup_steps=plan.warmup_steps)
     progress = {"step": 0, "tokens": 0, "lr_factor": 1.0, "rollbacks": 0, "run_dir": None}
 
@@ -393,7 +400,8 @@ def train_ddp(run: Run) -> int:
             ckpt.restore_rng(state["rank_state"]["rng"])
 
     if run.resume_from is not None:
-        restore(run.resume_from, data_too=not args.no_restore_dataset_state)
+        with bad_input():
+            restore(run.resume_from, data_too=not args.no_restore_dataset_state)
         if args.no_restore_dataset_state:
             accelerator.print("data: --no-restore-dataset-state given, restarting the data from the beginning")
         accelerator.print(f"resumed from {run.resume_from} at step {progress['step']:,}")
@@ -453,6 +461,7 @@ def train_ddp(run: Run) -> int:
         run_eval()
     interval_loss, interval_steps, interval_ctx = torch.zeros((), device=device), 0, 0.0
     interval_start, command, exit_code, eval_loss = time.perf_counter(), None, 0, None
+    stage = stream.current_stage
     while progress["step"] < plan.total_steps:
         step = progress["step"] + 1
         if lr_spike and step == int(lr_spike["step"]):  # debugging aid for the divergence guard's tests
@@ -480,6 +489,10 @@ def train_ddp(run: Run) -> int:
             step_loss += loss.detach() / args.gradient_accumulation_steps
         progress["step"], progress["tokens"] = step, progress["tokens"] + plan.tokens_per_step
         interval_loss += step_loss
+        if stream.current_stage != stage:  # a curriculum moved on to its next mix
+            stage = stream.current_stage
+            logger.event(step, "stage", stage=stage, dataset=args.dataset)
+            bar.print(f"step {step:,}: data stage {stage} of {args.dataset}")
         interval_steps += 1
 
         if step % plan.logging_steps == 0 or step == plan.total_steps:
@@ -571,7 +584,8 @@ def train_pipeline(run: Run) -> int:
         ckpt.remove_checkpoints(run.output_dir / "checkpoints")
 
     # ---- the model as a layer list, the DeepSpeed config filled from our plan (one source of truth)
-    tokenizer = build_tokenizer(run, is_main, barrier)
+    with bad_input():
+        tokenizer = build_tokenizer(run, is_main, barrier)
     ds_config = json.loads((Path(__file__).parent / "ds_configs" / "pipeline.json").read_text())
     pipe_opts = ds_config.pop("pipeline")
     n_micro = world * args.microbatch_scale
@@ -719,10 +733,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print_plan(run)
             return 0
-        return train_pipeline(run) if args.pipeline else train_ddp(run)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return train_pipeline(run) if args.pipeline else train_ddp(run)
+    except UsageError as e:  # found once training was set up (e.g. a changed data mix on resume)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception:
+        traceback.print_exc()
+        safe = ckpt.latest_checkpoint(run.output_dir / "checkpoints", warn=lambda m: None)
+        print(f"error: training failed (traceback above); newest complete checkpoint: {safe or 'none'}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
