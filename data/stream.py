@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 CHUNK_DOCS = 1024  # documents drawn per chunk; stage switches and blend fractions are decided once per chunk
 PERMUTATION_CACHE_DOCS = 1 << 22  # up to 4M documents a pass's permutation is computed once (32 MB), not per chunk
 STATE_VERSION = 1
-_M64 = (1 << 64) - 1
 
 
 # -----------------------------------------------------------------------------
@@ -245,28 +244,26 @@ class DocumentStream:
     def next_chunk(self) -> tuple[np.ndarray, np.ndarray]:
         """Draw CHUNK_DOCS documents; return the kept ones as (tokens with BOS/EOS, per-document lengths)."""
         n = CHUNK_DOCS
+        # Which stage and source each document comes from (the next stage only inside a soft-switch window).
         stage_of = np.full(n, self.stage, dtype=np.int64)
         blend = self._blend_fraction()
         if blend > 0:
             stage_of[uniforms(stream_key(self.seed, "blend"), self.docs_drawn, n) < blend] += 1
-        if blend > 0:
-            source_of = np.empty(n, dtype=np.int64)
-            for k in np.unique(stage_of):
-                where = np.flatnonzero(stage_of == k)
-                source_of[where] = self.interleavers[k].pick(len(where))
-        else:
-            source_of = self.interleavers[self.stage].pick(n)
+        source_of = np.empty(n, dtype=np.int64)
+        for k in np.unique(stage_of):
+            where = np.flatnonzero(stage_of == k)
+            source_of[where] = self.interleavers[k].pick(len(where))
         # Read each source's documents in its own order, then lay them out in drawing order.
-        group = stage_of * max(len(s) for s in self.cursors) + source_of
+        width = max(len(stage) for stage in self.cursors)
+        group = stage_of * width + source_of
         hashes = np.empty(n, dtype=np.uint64)
         texts = np.empty(n, dtype=object)
         is_text = np.zeros(n, dtype=bool)
-        starts, lengths = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        starts, lengths = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)  # token docs: where, how long
         pieces, base = [], 0
         for g in np.unique(group):
             where = np.flatnonzero(group == g)
-            k, s = divmod(int(g), max(len(s) for s in self.cursors))
-            docs, hashes[where] = self.cursors[k][s].take(len(where))
+            docs, hashes[where] = self.cursors[g // width][g % width].take(len(where))
             if isinstance(docs, TokenDocs):
                 starts[where] = base + np.cumsum(docs.lengths) - docs.lengths
                 lengths[where] = docs.lengths
@@ -363,8 +360,9 @@ class PackedStream:
     In dispatch mode only rank 0 reads data; tensors arrive on the process group's device (CUDA for NCCL).
     """
 
-    def __init__(self, mix: Mix, tokenizer: "PreTrainedTokenizerFast", max_length: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, dispatch: bool = False, split: str = "train", group=None, open_fn=open_source):
+    def __init__(self, mix: Mix, tokenizer: "PreTrainedTokenizerFast", max_length: int, batch_size: int, *,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, dispatch: bool = False, split: str = "train",
+                 group=None, open_fn=open_source):
         from .tokenizer import bos_eos_ids, tokenizer_hash
 
         if max_length < 1 or batch_size < 1 or not 0 <= rank < world_size:
@@ -408,6 +406,14 @@ class PackedStream:
         if not self._reader:
             return 0
         return self._log[0][0]["stage"] if self._log else self._docs.stage
+
+    @property
+    def epoch(self) -> int:
+        """Completed passes over the current stage's sources (the least-read one), for logs; 0 on dispatch followers."""
+        if not self._reader:
+            return 0
+        state = self._log[0][0] if self._log else self._docs.state_dict()
+        return min(src["epoch"] for src in state["sources"][state["stage"] if self.split == "train" else 0])
 
     @property
     def tokens(self) -> int:
@@ -491,9 +497,8 @@ class PackedStream:
         return dict(zip(FIELDS, out.unbind(0), strict=True))
 
     def _check_fingerprint(self, saved: dict) -> None:
-        mine = self._fingerprint
-        keys = [k for k in mine if k != "sources" or self._reader]
-        changed = [k for k in keys if saved.get(k) != mine[k]]
+        mine = self._fingerprint  # NOTE: ranks that never read data (dispatch followers) cannot check the sources
+        changed = [k for k in mine if saved.get(k) != mine[k]]
         if changed:
             details = ", ".join(f"{k} {_short(saved.get(k))} -> {_short(mine[k])}" for k in changed)
             raise ValueError(f"the saved data position belongs to different data or settings ({details}); restart "
@@ -511,8 +516,8 @@ class PackedStream:
                              f"--tokenizer {self.mix.cache_dir}/tokenizer or prepare the cache again")
 
 
-def eval_batches(mix: Mix, tokenizer: "PreTrainedTokenizerFast", max_length: int, batch_size: int, num_batches: int, *, rank: int = 0,
-                 world_size: int = 1) -> list[dict[str, torch.Tensor]]:
+def eval_batches(mix: Mix, tokenizer: "PreTrainedTokenizerFast", max_length: int, batch_size: int, num_batches: int,
+                 *, rank: int = 0, world_size: int = 1) -> list[dict[str, torch.Tensor]]:
     """The held-out set: this rank's rows of the first `num_batches` global batches of the eval stream.
 
     The eval stream packs the held-out documents of the last stage's sources in their natural order (independent of
