@@ -170,9 +170,20 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError("--json only applies to --dry-run")
     if args.world_size is not None and not args.dry_run:
         raise UsageError("--world-size only applies to --dry-run; launchers set the real world size")
+    parse_lr_spike(args.inject_lr_spike)
     if args.pipeline_schedule not in PIPELINE_SCHEDULES:
         raise UsageError(f"--pipeline-schedule {args.pipeline_schedule} is not available with DeepSpeed's pipeline "
                          f"engine; use one of {', '.join(sorted(set(PIPELINE_SCHEDULES.values())))}")
+
+
+def parse_lr_spike(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        step, factor = text.split(",")
+        return {"step": int(step), "factor": float(factor)}
+    except ValueError:
+        raise UsageError(f"--inject-lr-spike {text!r} must be STEP,FACTOR, e.g. 100,50") from None
 
 
 PIPELINE_SCHEDULES = {"1F1B": "1F1B", "Schedule1F1B": "1F1B", "GPipe": "GPipe", "ScheduleGPipe": "GPipe"}
@@ -427,7 +438,7 @@ def train_ddp(run: Run) -> int:
     peak_flops, peak_mem = device_peak_flops(device, dtype), PeakMemory(device)
     control = JobControl(run.output_dir, run.output_dir.name, enabled=is_main)
     signals = StopSignals()
-    lr_spike = dict(zip(("step", "factor"), map(float, args.inject_lr_spike.split(",")))) if args.inject_lr_spike else {}
+    lr_spike = parse_lr_spike(args.inject_lr_spike)
 
     def reduce_sum(t: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(t, reduction="sum") if world > 1 else t
@@ -464,8 +475,9 @@ def train_ddp(run: Run) -> int:
     stage = stream.current_stage
     while progress["step"] < plan.total_steps:
         step = progress["step"] + 1
-        if lr_spike and step == int(lr_spike["step"]):  # debugging aid for the divergence guard's tests
-            scheduler.lr_factor *= lr_spike["factor"]
+        if "factor" in lr_spike and step == int(lr_spike["step"]):  # testing aid for the divergence guard: applied once
+            scheduler.lr_factor *= lr_spike.pop("factor")
+            scheduler.load_state_dict(scheduler.state_dict())  # re-apply the LR for this update
         step_loss = torch.zeros((), device=device)
         micro_batches = [next(stream) for _ in range(args.gradient_accumulation_steps)]
         # NOTE: normalise by the label count of the whole global batch, not per micro-batch and rank, so the loss and
