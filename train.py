@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="smollm", help="smollm (Hub mix), builtin (offline), paths, or a mix; see README")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json, folder or Hub name (default: train one on the data)")
     g.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size when a tokenizer is trained")
-    g.add_argument("--tokenizer-docs", type=int, default=200_000, help="documents used to train a tokenizer")
+    g.add_argument("--tokenizer-docs", type=int, default=50_000, help="documents used to train a tokenizer")
     g.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation")
     g.add_argument("--no-restore-dataset-state", action="store_true", help="on resume, restart the data from the start")
     g.add_argument("--dispatch-batches", action="store_true", help="rank 0 reads the data and sends each rank its rows")
@@ -206,6 +206,8 @@ def resolve_run(args: argparse.Namespace) -> Run:
 def _resolve_run(args: argparse.Namespace) -> Run:
     validate_args(args)
     models.check_attn_implementation(args.attn_implementation)  # a missing optional kernel fails here, not later
+    if args.init_from and not args.tokenizer and (Path(args.init_from) / "tokenizer.json").is_file():
+        args.tokenizer = args.init_from  # continued pretraining keeps the model's own tokenizer
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     model_name = args.model_config or args.model
@@ -229,6 +231,9 @@ def _resolve_run(args: argparse.Namespace) -> Run:
         if not (Path(args.init_from) / "config.json").is_file():
             raise UsageError(f"--init-from {args.init_from} is not a Hugging Face model folder (no config.json)")
         model_cfg = model_config_from_hf(json.loads((Path(args.init_from) / "config.json").read_text()))
+        if vocab_size is not None and vocab_size > model_cfg.vocab_size:
+            raise UsageError(f"the tokenizer has {vocab_size:,} tokens but {args.init_from} embeds only "
+                             f"{model_cfg.vocab_size:,}; pass the model's own tokenizer with --tokenizer")
     else:
         model_cfg = models.load_model_config(model_name, vocab_size=vocab_size)
     if args.max_length > model_cfg.max_position_embeddings:
@@ -472,7 +477,7 @@ def train_ddp(run: Run) -> int:
         run_eval()
     interval_loss, interval_steps, interval_ctx = torch.zeros((), device=device), 0, 0.0
     interval_start, command, exit_code, eval_loss = time.perf_counter(), None, 0, None
-    stage = stream.current_stage
+    stage, epoch = stream.current_stage, stream.epoch
     while progress["step"] < plan.total_steps:
         step = progress["step"] + 1
         if "factor" in lr_spike and step == int(lr_spike["step"]):  # testing aid for the divergence guard: applied once
@@ -527,6 +532,8 @@ def train_ddp(run: Run) -> int:
         if eval_loss is not None:
             reason = reason or detector.update_eval(step, eval_loss)
         wish = control.poll() or ("stop" if signals.requested else None)
+        if args.save_strategy == "epoch" and stream.epoch != epoch:  # a pass over the data just ended
+            epoch, wish = stream.epoch, wish or "save"
         if reason:
             wish = {"abort": "abort", "stop": "stop", "rollback": "rollback"}.get(args.divergence_action, wish)
         command = agree(wish, device, world)

@@ -140,3 +140,30 @@ def test_bad_input_exits_2_with_one_line_and_leaves_checkpoints_alone(case, trai
     assert len(lines) == 1, (case, out.stderr)
     assert "Traceback" not in out.stderr
     assert _digest(trained_dir / "checkpoints") == before
+
+
+def test_init_from_continues_pretraining_from_an_exported_model(corpus, trained_dir, tmp_path):
+    """--init-from takes the weights and the tokenizer of an HF folder: the first eval equals the source's last."""
+    source = json.loads((trained_dir / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    out = tmp_path / "continued"
+    run = train(*TINY, "--dataset", str(corpus), "--init-from", str(trained_dir / "final"), "--init-model",
+                "--max-steps", "2", "--output-dir", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    log = sorted((out / "runs").iterdir())[-1] / "trainer_logs.jsonl"
+    first_eval = next(json.loads(line) for line in log.read_text().splitlines() if '"eval"' in line)
+    assert first_eval["step"] == 0
+    assert first_eval["loss"] == pytest.approx(source["eval_loss"], abs=1e-5)
+
+
+def test_save_strategy_epoch_saves_when_a_pass_over_the_data_ends(tokenizer_dir, tmp_path):
+    small = tmp_path / "small.jsonl"
+    docs = [json.loads(line)["text"] for line in write_corpus(tmp_path / "all.jsonl").read_text().splitlines()]
+    # The first 16 characters of each docstring: a pass over the data every ~20 steps of 16 x 64 tokens.
+    small.write_text("".join(json.dumps({"text": d[:16]}) + "\n" for d in docs))
+    out = tmp_path / "run"
+    run = train(*TINY, "--dataset", str(small), "--tokenizer", str(tokenizer_dir), "--init-model", "--max-steps",
+                "50", "--batch-size", "16", "--save-strategy", "epoch", "--save-total-limit", "50",
+                "--output-dir", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert len(steps) >= 3 and steps[-1] == 50  # at least two pass boundaries, plus the end
