@@ -19,12 +19,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import shutil
-import signal
 import sys
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,18 +35,16 @@ from models.hf import model_config_from_hf
 from monitor import (
     DivergenceDetector,
     JobControl,
-    PeakMemory,
     Progress,
     RunLogger,
     device_peak_flops,
-    flops_per_token,
-    mean_attended_context,
-    mfu,
     new_run_dir,
     runinfo,
     samples,
+    steering,
 )
 from monitor import checkpoint as ckpt
+from monitor.meter import Meter
 
 DEFAULT_MODEL = "deepone-162m"
 
@@ -64,27 +59,33 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("token budget and batch")
-    g.add_argument("--init-model", action="store_true", help="start a new model instead of resuming the newest checkpoint")
+    g.add_argument(
+        "--init-model", action="store_true", help="start a new model (default: resume the newest checkpoint)"
+    )
     g.add_argument("--total-tokens", type=float, default=3.0, help="training budget in billions of tokens")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides the budget)")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps to run (overrides the budget)")
     g.add_argument("--batch-size", type=int, default=4, help="sequences per device per micro-step")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-steps per optimizer step")
     g.add_argument("--max-length", type=int, default=4096, help="tokens per packed sequence")
     g = p.add_argument_group("learning rate")
     g.add_argument("--learning-rate", type=float, default=1.4e-5, help="peak LR for global batch 1 (scaled by sqrt)")
     g.add_argument("--warmup-steps", type=int, default=500, help="linear warmup from 0 to the peak LR, in steps")
-    g.add_argument("--min-cooldown-tokens", type=float, default=100.0, help="minimum cosine cooldown, billions of tokens")
+    g.add_argument("--min-cooldown-tokens", type=float, default=100.0, help="minimum cooldown, billions of tokens")
     g.add_argument("--anneal-steps", type=int, default=0, help="anneal to min_lr over the last N steps (0 = never)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help="named config in models/configs/ (e.g. tiny, llama-124m)")
     g.add_argument("--model-config", default=None, help="path to a model config JSON (overrides --model)")
     g.add_argument("--init-from", default=None, help="start from a Hugging Face model folder (continued pretraining)")
-    g.add_argument("--attn-implementation", default="sdpa",
-                   choices=["eager", "sdpa", "flex_attention", "flash_attention_2"], help="attention kernel")
+    g.add_argument(
+        "--attn-implementation",
+        default="sdpa",
+        choices=["eager", "sdpa", "flex_attention", "flash_attention_2"],
+        help="attention kernel",
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="smollm", help="smollm (Hub mix), builtin (offline), paths, or a mix; see README")
-    g.add_argument("--tokenizer", default=None, help="tokenizer.json, folder or Hub name (default: train one on the data)")
+    g.add_argument("--dataset", default="smollm", help="smollm (Hub), builtin (offline), paths or a mix")
+    g.add_argument("--tokenizer", default=None, help="tokenizer.json, folder or Hub name (default: train one)")
     g.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size when a tokenizer is trained")
     g.add_argument("--tokenizer-docs", type=int, default=50_000, help="documents used to train a tokenizer")
     g.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation")
@@ -104,14 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--step-cadence", type=float, default=1.0, help="scale the log/eval/save intervals")
     g.add_argument("--sample-tokens", type=int, default=48, help="tokens generated per text sample at eval (0 = none)")
     g = p.add_argument_group("divergence guard")
-    g.add_argument("--divergence-action", default="abort", choices=["abort", "stop", "rollback", "none"],
-                   help="on a loss blow-up: abort (keep checkpoints), stop (save, then stop), rollback, or none")
-    g.add_argument("--divergence-threshold", type=float, default=1.0, help="nats by which the fast loss EMA may "
-                   "exceed the slow one")
+    g.add_argument(
+        "--divergence-action",
+        default="abort",
+        choices=["abort", "stop", "rollback", "none"],
+        help="on a loss blow-up: abort (keep checkpoints), stop (save, then stop), rollback, or none",
+    )
+    g.add_argument(
+        "--divergence-threshold",
+        type=float,
+        default=1.0,
+        help="nats by which the fast loss EMA may exceed the slow one",
+    )
     g.add_argument("--max-rollbacks", type=int, default=3, help="rollbacks before giving up (abort)")
     g.add_argument("--rollback-lr-factor", type=float, default=0.5, help="LR multiplier applied at each rollback")
-    g.add_argument("--inject-lr-spike", default=None, metavar="STEP,FACTOR",
-                   help="testing aid: multiply the LR by FACTOR from STEP on, to provoke a divergence")
+    g.add_argument(
+        "--inject-lr-spike",
+        default=None,
+        metavar="STEP,FACTOR",
+        help="testing aid: multiply the LR by FACTOR from STEP on, to provoke a divergence",
+    )
     g.add_argument("--seed", type=int, default=42, help="seed for init, data order and sampling")
     g = p.add_argument_group("distributed")
     g.add_argument("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo on CPU)")
@@ -154,26 +167,22 @@ class Run:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "gradient_accumulation_steps", "max_length", "microbatch_scale", "eval_batches"):
+    """Checks outside the plan (make_plan checks sizes, budget, LR and cadence)."""
+    for name in ("microbatch_scale", "eval_batches", "save_total_limit"):
         if getattr(args, name) <= 0:
-            flag = "--" + name.replace("_", "-")
-            raise UsageError(f"{flag} must be a positive integer, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps <= 0:
         raise UsageError(f"--max-steps must be positive, got {args.max_steps}; omit it to train to the token budget")
-    if args.total_tokens <= 0:
-        raise UsageError(f"--total-tokens must be positive (billions of tokens), got {args.total_tokens}")
-    if args.learning_rate <= 0 or not math.isfinite(args.learning_rate):
-        raise UsageError(f"--learning-rate must be a positive number, got {args.learning_rate}")
-    if args.step_cadence <= 0:
-        raise UsageError(f"--step-cadence must be positive, got {args.step_cadence}")
     if args.json and not args.dry_run:
         raise UsageError("--json only applies to --dry-run")
     if args.world_size is not None and not args.dry_run:
         raise UsageError("--world-size only applies to --dry-run; launchers set the real world size")
     parse_lr_spike(args.inject_lr_spike)
     if args.pipeline_schedule not in PIPELINE_SCHEDULES:
-        raise UsageError(f"--pipeline-schedule {args.pipeline_schedule} is not available with DeepSpeed's pipeline "
-                         f"engine; use one of {', '.join(sorted(set(PIPELINE_SCHEDULES.values())))}")
+        raise UsageError(
+            f"--pipeline-schedule {args.pipeline_schedule} is not available with DeepSpeed's pipeline "
+            f"engine; use one of {', '.join(sorted(set(PIPELINE_SCHEDULES.values())))}"
+        )
 
 
 def parse_lr_spike(text: str | None) -> dict:
@@ -210,6 +219,24 @@ def _resolve_run(args: argparse.Namespace) -> Run:
         args.tokenizer = args.init_from  # continued pretraining keeps the model's own tokenizer
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    if args.pipeline and args.batch_size % (world_size * args.microbatch_scale):
+        raise UsageError(
+            f"--batch-size {args.batch_size} is not divisible by stages × microbatch scale = "
+            f"{world_size} × {args.microbatch_scale}; change --batch-size or --microbatch-scale"
+        )
+    plan = schedule.make_plan(  # every rank of a pipeline is a stage: one data-parallel replica
+        total_tokens=args.total_tokens,
+        batch_size=args.batch_size,
+        grad_accum=args.gradient_accumulation_steps,
+        world_size=1 if args.pipeline else world_size,
+        max_length=args.max_length,
+        base_lr=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        min_cooldown_tokens=args.min_cooldown_tokens,
+        step_cadence=args.step_cadence,
+        max_steps=args.max_steps,
+        anneal_steps=args.anneal_steps,
+    )
     model_name = args.model_config or args.model
     output_dir = Path(args.output_dir or Path("output_models") / Path(model_name).stem)
     checkpoints = output_dir / "checkpoints"
@@ -217,8 +244,10 @@ def _resolve_run(args: argparse.Namespace) -> Run:
     if not args.init_model and not args.dry_run:
         resume_from = ckpt.latest_checkpoint(checkpoints, warn=lambda m: rank == 0 and print(m, file=sys.stderr))
     if args.init_model and ckpt.checkpoint_dirs(checkpoints) and not args.overwrite_output_dir and not args.dry_run:
-        raise UsageError(f"{output_dir} already holds checkpoints; drop --init-model to resume them, choose another "
-                         "--output-dir, or add --overwrite-output-dir to delete them")
+        raise UsageError(
+            f"{output_dir} already holds checkpoints; drop --init-model to resume them, choose another "
+            "--output-dir, or add --overwrite-output-dir to delete them"
+        )
 
     vocab_size = None
     if args.tokenizer:
@@ -232,51 +261,46 @@ def _resolve_run(args: argparse.Namespace) -> Run:
             raise UsageError(f"--init-from {args.init_from} is not a Hugging Face model folder (no config.json)")
         model_cfg = model_config_from_hf(json.loads((Path(args.init_from) / "config.json").read_text()))
         if vocab_size is not None and vocab_size > model_cfg.vocab_size:
-            raise UsageError(f"the tokenizer has {vocab_size:,} tokens but {args.init_from} embeds only "
-                             f"{model_cfg.vocab_size:,}; pass the model's own tokenizer with --tokenizer")
+            raise UsageError(
+                f"the tokenizer has {vocab_size:,} tokens but {args.init_from} embeds only "
+                f"{model_cfg.vocab_size:,}; pass the model's own tokenizer with --tokenizer"
+            )
     else:
         model_cfg = models.load_model_config(model_name, vocab_size=vocab_size)
     if args.max_length > model_cfg.max_position_embeddings:
-        raise UsageError(f"--max-length {args.max_length} is longer than the model supports "
-                         f"({model_cfg.max_position_embeddings}); lower --max-length or raise max_position_embeddings")
+        raise UsageError(
+            f"--max-length {args.max_length} is longer than the model supports "
+            f"({model_cfg.max_position_embeddings}); lower --max-length or raise max_position_embeddings"
+        )
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer_state.json").read_text())
         if saved["model_config"] != model_cfg.to_dict():
-            raise UsageError(f"{output_dir} holds a different model ({saved['model_name']}); use another --output-dir, "
-                             "or --init-model --overwrite-output-dir to replace it")
+            raise UsageError(
+                f"{output_dir} holds a different model ({saved['model_name']}); use another --output-dir, "
+                "or --init-model --overwrite-output-dir to replace it"
+            )
 
-    dp_size = world_size
-    if args.pipeline:
-        dp_size = 1  # every rank is a pipeline stage; see train_pipeline for the microbatch split
-        n_micro = world_size * args.microbatch_scale
-        if args.batch_size % n_micro:
-            raise UsageError(f"--batch-size {args.batch_size} is not divisible by stages × microbatch scale = "
-                             f"{world_size} × {args.microbatch_scale} = {n_micro}; change --batch-size or --microbatch-scale")
-    try:
-        plan = schedule.make_plan(
-            total_tokens=args.total_tokens, batch_size=args.batch_size, grad_accum=args.gradient_accumulation_steps,
-            world_size=dp_size, max_length=args.max_length, base_lr=args.learning_rate, warmup_steps=args.warmup_steps,
-            min_cooldown_tokens=args.min_cooldown_tokens, step_cadence=args.step_cadence, max_steps=args.max_steps,
-            anneal_steps=args.anneal_steps)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if not args.dry_run:
-        mix = data.parse_mix(args.dataset)  # raises ValueError for a missing path or an unknown name
     run = Run(args, plan, model_cfg, output_dir, resume_from, world_size, rank)
-    run.extra["mix"] = None if args.dry_run else mix
+    run.extra["mix"] = None if args.dry_run else data.parse_mix(args.dataset)  # ValueError for a missing path
     return run
 
 
 def print_plan(run: Run) -> None:
     counts = models.count_parameters(run.model_cfg)
-    plan = run.plan.to_dict() | {"parameters": counts, "model": run.args.model_config or run.args.model,
-                                 "world_size": run.world_size, "pipeline": run.args.pipeline}
+    plan = run.plan.to_dict() | {
+        "parameters": counts,
+        "model": run.args.model_config or run.args.model,
+        "world_size": run.world_size,
+        "pipeline": run.args.pipeline,
+    }
     if run.args.json:
         print(json.dumps(plan))
     else:
         print(schedule.format_plan(run.plan))
-        print(f"model {plan['model']}: {counts['total'] / 1e6:.1f}M parameters "
-              f"({counts['non_embedding'] / 1e6:.1f}M without embeddings); world size {run.world_size}")
+        print(
+            f"model {plan['model']}: {counts['total'] / 1e6:.1f}M parameters "
+            f"({counts['non_embedding'] / 1e6:.1f}M without embeddings); world size {run.world_size}"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -285,9 +309,16 @@ def print_plan(run: Run) -> None:
 
 def build_tokenizer(run: Run, is_main: bool, barrier):
     """Load --tokenizer, reuse the run's own, or train one from the data (the main rank trains, the others wait)."""
+
     def resolve():
-        return data.resolve_tokenizer(run.args.tokenizer, run.extra["mix"], run.output_dir,
-                                      vocab_size=run.args.vocab_size, max_docs=run.args.tokenizer_docs)
+        return data.resolve_tokenizer(
+            run.args.tokenizer,
+            run.extra["mix"],
+            run.output_dir,
+            vocab_size=run.args.vocab_size,
+            max_docs=run.args.tokenizer_docs,
+        )
+
     tok = resolve() if is_main else None
     barrier()
     return tok if is_main else resolve()
@@ -306,56 +337,47 @@ def build_model(run: Run, dtype: torch.dtype) -> models.Transformer:
 
 def trainer_state(run: Run, progress: dict, stream, eval_loss: float | None) -> dict:
     """The JSON part of a checkpoint: counters, schedule, data position, and what the run is."""
-    return {**progress, "eval_loss": eval_loss, "world_size": run.world_size,
-            "model_name": run.args.model_config or run.args.model, "model_config": run.model_cfg.to_dict(),
-            "plan": run.plan.to_dict(), "args": vars(run.args), "data_state": stream.state_dict(),
-            "run_info": run.extra.get("info", {})}
+    return {
+        **progress,
+        "eval_loss": eval_loss,
+        "world_size": run.world_size,
+        "model_name": run.args.model_config or run.args.model,
+        "model_config": run.model_cfg.to_dict(),
+        "plan": run.plan.to_dict(),
+        "args": vars(run.args),
+        "data_state": stream.state_dict(),
+        "run_info": run.extra.get("info", {}),
+    }
 
 
-@torch.no_grad()
-def evaluate(model, batches: list[dict], device, reduce_sum) -> float:
-    """Token-weighted mean loss over this rank's share of the fixed held-out batches, summed across ranks."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        n = (batch["labels"] != -100).sum()
-        total += torch.stack([model(**batch).double() * n, n.double()])
-    model.train(was_training)
-    total = reduce_sum(total)
-    return (total[0] / total[1].clamp(min=1)).item()
+def start_monitoring(run: Run, progress: dict, is_main: bool, vocab_size: int):
+    """The run directory (reused on resume), logs, run info, progress display, job control and stop signals."""
+    resuming = progress["run_dir"] is not None
+    run_dir = Path(progress["run_dir"]) if resuming else new_run_dir(run.output_dir)
+    progress["run_dir"] = str(run_dir)
+    logger = RunLogger(run_dir, enabled=is_main, resume_step=progress["step"] if resuming else None)
+    run.extra["info"] = runinfo.collect(
+        args=vars(run.args),
+        plan=run.plan.to_dict(),
+        model_config=run.model_cfg,
+        world_size=run.world_size,
+        parameters=models.count_parameters(run.model_cfg),
+        data={"dataset": run.args.dataset, "vocab": vocab_size},
+    )
+    if is_main:
+        runinfo.write(run_dir, run.extra["info"])
+        if run.args.verbose_info:
+            runinfo.show(run.extra["info"])
+        print(schedule.format_plan(run.plan), flush=True)
+    bar = Progress(run.plan.total_steps, run.plan.total_train_tokens, enabled=is_main, start_step=progress["step"])
+    control = JobControl(run.output_dir, run.output_dir.name, enabled=is_main)
+    return logger, bar, control, steering.StopSignals()
 
 
 def sample_text(model, tokenizer, device, max_new_tokens: int, seed: int) -> str:
-    return samples.generate(model, tokenizer, samples.PROMPTS[0], max_new_tokens=max_new_tokens, device=device,
-                            seed=seed)
-
-
-class StopSignals:
-    """SIGTERM/SIGINT ask for a clean stop: save a checkpoint at the next step boundary, then exit."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-
-# Commands every rank must agree on at a step boundary, in increasing priority (all-reduced with MAX).
-COMMANDS = [None, "save", "rollback", "stop", "abort"]
-
-
-def agree(command: str | None, device, world_size: int) -> str | None:
-    """The highest-priority command any rank raised this step (job control, a signal, the divergence guard)."""
-    code = torch.tensor([COMMANDS.index(command)], device=device)
-    if world_size > 1:
-        torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
-    return COMMANDS[int(code)]
+    return samples.generate(
+        model, tokenizer, samples.PROMPTS[0], max_new_tokens=max_new_tokens, device=device, seed=seed
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -375,10 +397,15 @@ def train_ddp(run: Run) -> int:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision="bf16" if dtype == torch.bfloat16 and not pure_bf16 else "no",
         kwargs_handlers=[InitProcessGroupKwargs(backend=args.dist_backend or ("gloo" if cpu else "nccl"))]
-        if run.world_size > 1 else [],
+        if run.world_size > 1
+        else [],
     )
-    device, is_main, rank, world = (accelerator.device, accelerator.is_main_process, accelerator.process_index,
-                                    accelerator.num_processes)
+    device, is_main, rank, world = (
+        accelerator.device,
+        accelerator.is_main_process,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
     run.world_size = world
     if not cpu:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -390,14 +417,35 @@ def train_ddp(run: Run) -> int:
     with bad_input():
         tokenizer = build_tokenizer(run, is_main, accelerator.wait_for_everyone)
     model = build_model(run, torch.bfloat16 if pure_bf16 else torch.float32).to(device)
-    optimizer = schedule.build_optimizer(args.optimizer, model, plan.max_lr, weight_decay=args.weight_decay,
-                                         seed=args.seed, stochastic_rounding=not args.no_stochastic_rounding)
+    optimizer = schedule.build_optimizer(
+        args.optimizer,
+        model,
+        plan.max_lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        stochastic_rounding=not args.no_stochastic_rounding,
+    )
     scheduler = schedule.InfiniteLR(optimizer, plan)
     with bad_input():
-        stream = data.PackedStream(run.extra["mix"], tokenizer, args.max_length, args.batch_size, rank=rank,
-                                   world_size=world, seed=args.seed, dispatch=args.dispatch_batches)
-        eval_set = data.eval_batches(run.extra["mix"], tokenizer, args.max_length, args.batch_size,
-                                     args.eval_batches, rank=rank, world_size=world)
+        stream = data.PackedStream(
+            run.extra["mix"],
+            tokenizer,
+            args.max_length,
+            args.batch_size,
+            rank=rank,
+            world_size=world,
+            seed=args.seed,
+            dispatch=args.dispatch_batches,
+        )
+        eval_set = data.eval_batches(
+            run.extra["mix"],
+            tokenizer,
+            args.max_length,
+            args.batch_size,
+            args.eval_batches,
+            rank=rank,
+            world_size=world,
+        )
     detector = DivergenceDetector(args.divergence_threshold, warmup_steps=plan.warmup_steps)
     progress = {"step": 0, "tokens": 0, "lr_factor": 1.0, "rollbacks": 0, "run_dir": None}
 
@@ -427,22 +475,7 @@ def train_ddp(run: Run) -> int:
     raw_model = accelerator.unwrap_model(model)
 
     # ---- logging, job control, signals
-    resuming = progress["run_dir"] is not None
-    run_dir = Path(progress["run_dir"]) if resuming else new_run_dir(run.output_dir)
-    progress["run_dir"] = str(run_dir)
-    logger = RunLogger(run_dir, enabled=is_main, resume_step=progress["step"] if resuming else None)
-    run.extra["info"] = runinfo.collect(
-        args=vars(args), plan=plan.to_dict(), model_config=run.model_cfg, world_size=world,
-        parameters=models.count_parameters(run.model_cfg), data={"dataset": args.dataset, "vocab": len(tokenizer)})
-    if is_main:
-        runinfo.write(run_dir, run.extra["info"])
-        if args.verbose_info:
-            runinfo.show(run.extra["info"])
-        print(schedule.format_plan(plan), flush=True)
-    bar = Progress(plan.total_steps, plan.total_train_tokens, enabled=is_main, start_step=progress["step"])
-    peak_flops, peak_mem = device_peak_flops(device, dtype), PeakMemory(device)
-    control = JobControl(run.output_dir, run.output_dir.name, enabled=is_main)
-    signals = StopSignals()
+    logger, bar, control, signals = start_monitoring(run, progress, is_main, len(tokenizer))
     lr_spike = parse_lr_spike(args.inject_lr_spike)
 
     def reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -453,16 +486,21 @@ def train_ddp(run: Run) -> int:
         if (run.output_dir / "checkpoints" / f"checkpoint-{progress['step']}" / ckpt.MARKER).is_file():
             return  # saved already at this step (an exact resume makes the state identical)
         path = ckpt.save_checkpoint(
-            run.output_dir / "checkpoints", progress["step"], rank=rank, barrier=accelerator.wait_for_everyone,
+            run.output_dir / "checkpoints",
+            progress["step"],
+            rank=rank,
+            barrier=accelerator.wait_for_everyone,
             model_state=raw_model.state_dict() if is_main else None,
             optimizer_state=optimizer.state_dict() if is_main else None,
-            trainer_state=trainer_state(run, progress, stream, eval_loss), rank_state={"rng": ckpt.capture_rng()})
+            trainer_state=trainer_state(run, progress, stream, eval_loss),
+            rank_state={"rng": ckpt.capture_rng()},
+        )
         if is_main:
             pruned = ckpt.prune_checkpoints(run.output_dir / "checkpoints", args.save_total_limit)
             bar.print(f"saved {path}" + (f" (removed {len(pruned)} older)" if pruned else ""))
 
     def run_eval() -> float:
-        loss = evaluate(model, eval_set, device, reduce_sum)
+        loss = samples.evaluate(model, eval_set, device, reduce_sum)
         step = progress["step"]
         logger.eval(step, tokens=progress["tokens"], loss=loss)
         if is_main and args.sample_tokens > 0:
@@ -475,8 +513,8 @@ def train_ddp(run: Run) -> int:
     model.train()
     if progress["step"] == 0:
         run_eval()
-    interval_loss, interval_steps, interval_ctx = torch.zeros((), device=device), 0, 0.0
-    interval_start, command, exit_code, eval_loss = time.perf_counter(), None, 0, None
+    meter = Meter(run.model_cfg, plan.tokens_per_step, world, device_peak_flops(device, dtype), device)
+    command, exit_code, eval_loss = None, 0, None
     stage, epoch = stream.current_stage, stream.epoch
     while progress["step"] < plan.total_steps:
         step = progress["step"] + 1
@@ -491,7 +529,7 @@ def train_ddp(run: Run) -> int:
         labels = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
         num_items = reduce_sum(torch.tensor(float(labels), device=device)) / (world * len(micro_batches))
         for batch in micro_batches:
-            interval_ctx += mean_attended_context(batch["doc_ids"])
+            meter.add_micro_batch(batch["doc_ids"])
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 loss = model(**batch, num_items=num_items)
@@ -505,26 +543,20 @@ def train_ddp(run: Run) -> int:
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / args.gradient_accumulation_steps
         progress["step"], progress["tokens"] = step, progress["tokens"] + plan.tokens_per_step
-        interval_loss += step_loss
+        meter.add_step(step_loss)
         if stream.current_stage != stage:  # a curriculum moved on to its next mix
             stage = stream.current_stage
             logger.event(step, "stage", stage=stage, dataset=args.dataset)
             bar.print(f"step {step:,}: data stage {stage} of {args.dataset}")
-        interval_steps += 1
-
         if step % plan.logging_steps == 0 or step == plan.total_steps:
-            elapsed = time.perf_counter() - interval_start
-            tokens_per_s = interval_steps * plan.tokens_per_step / elapsed
-            context = interval_ctx / (interval_steps * args.gradient_accumulation_steps)
             record = logger.train(
-                step, tokens=progress["tokens"], loss=(reduce_sum(interval_loss) / (interval_steps * world)).item(),
-                lr=scheduler.current_lr, grad_norm=None if grad_norm is None else float(grad_norm),
-                tokens_per_s=tokens_per_s,
-                mfu=mfu(tokens_per_s / world, flops_per_token(run.model_cfg, context), peak_flops),
-                peak_mem_bytes=peak_mem.read_and_reset())
+                step,
+                tokens=progress["tokens"],
+                lr=scheduler.current_lr,
+                grad_norm=None if grad_norm is None else float(grad_norm),
+                **meter.record(reduce_sum),
+            )
             bar.update(step, progress["tokens"], record or {})
-            interval_loss.zero_()
-            interval_steps, interval_ctx, interval_start = 0, 0.0, time.perf_counter()
 
         # Every rank learns, at the same step, what job control, signals and the divergence guard ask for.
         reason = detector.update(step, step_loss.item(), None if grad_norm is None else float(grad_norm))
@@ -534,9 +566,7 @@ def train_ddp(run: Run) -> int:
         wish = control.poll() or ("stop" if signals.requested else None)
         if args.save_strategy == "epoch" and stream.epoch != epoch:  # a pass over the data just ended
             epoch, wish = stream.epoch, wish or "save"
-        if reason:
-            wish = {"abort": "abort", "stop": "stop", "rollback": "rollback"}.get(args.divergence_action, wish)
-        command = agree(wish, device, world)
+        command = steering.agree(steering.divergence_wish(reason, args.divergence_action, wish), device, world)
         if command in ("abort", "stop", "rollback") and reason:
             logger.event(step, "divergence", reason=reason, action=command)
             bar.print(f"divergence at step {step:,}: {reason}; action: {command}")
@@ -547,7 +577,8 @@ def train_ddp(run: Run) -> int:
             else:
                 rollbacks = progress["rollbacks"] + 1
                 restore(last, data_too=False)  # keep the data position: the offending batches are skipped
-                progress["rollbacks"], progress["lr_factor"] = rollbacks, progress["lr_factor"] * args.rollback_lr_factor
+                progress["rollbacks"] = rollbacks
+                progress["lr_factor"] *= args.rollback_lr_factor
                 scheduler.lr_factor = progress["lr_factor"]
                 scheduler.load_state_dict({"step": progress["step"]})
                 logger.event(progress["step"], "rollback", to=str(last), lr_factor=progress["lr_factor"])
@@ -587,7 +618,7 @@ def train_pipeline(run: Run) -> int:
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
-    from models.pipe_schedule import use_gpipe
+    from models.pipe_engine import assemble_stages, deepspeed_config, use_gpipe
 
     args, plan = run.args, run.plan
     cpu = not torch.cuda.is_available()
@@ -605,34 +636,47 @@ def train_pipeline(run: Run) -> int:
     # ---- the model as a layer list, the DeepSpeed config filled from our plan (one source of truth)
     with bad_input():
         tokenizer = build_tokenizer(run, is_main, barrier)
-    ds_config = json.loads((Path(__file__).parent / "ds_configs" / "pipeline.json").read_text())
-    pipe_opts = ds_config.pop("pipeline")
-    n_micro = world * args.microbatch_scale
-    micro = args.batch_size // n_micro
-    ds_config.update(train_batch_size=args.batch_size * args.gradient_accumulation_steps,
-                     train_micro_batch_size_per_gpu=micro, gradient_clipping=args.max_grad_norm,
-                     gradient_accumulation_steps=n_micro * args.gradient_accumulation_steps,
-                     bf16={"enabled": dtype == torch.bfloat16 and not pure_bf16})
-    net = PipelineModule(layers=models.pipeline_layers(run.model_cfg, args.attn_implementation), num_stages=world,
-                         loss_fn=lambda loss, labels: loss, **pipe_opts)  # the last layer already returns the loss
+    micro = args.batch_size // (world * args.microbatch_scale)
+    ds_config, pipe_opts = deepspeed_config(
+        Path(__file__).parent / "ds_configs" / "pipeline.json",
+        batch_size=args.batch_size,
+        micro_batch=micro,
+        grad_accum=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        bf16=dtype == torch.bfloat16 and not pure_bf16,
+    )
+    net = PipelineModule(
+        layers=models.pipeline_layers(run.model_cfg, args.attn_implementation),
+        num_stages=world,
+        loss_fn=lambda loss, labels: loss,
+        **pipe_opts,
+    )  # the last layer already returns the loss
     models.load_pipeline_state(net, build_model(run, torch.float32).state_dict(), run.model_cfg)  # same init as DDP
     net.to(device=device, dtype=torch.bfloat16 if pure_bf16 else torch.float32)
-    optimizer = schedule.build_optimizer(args.optimizer, net, plan.max_lr, weight_decay=args.weight_decay,
-                                         seed=args.seed, stochastic_rounding=not args.no_stochastic_rounding)
+    optimizer = schedule.build_optimizer(
+        args.optimizer,
+        net,
+        plan.max_lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        stochastic_rounding=not args.no_stochastic_rounding,
+    )
     scheduler = schedule.InfiniteLR(optimizer, plan)
     engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds_config)
     if PIPELINE_SCHEDULES[args.pipeline_schedule] == "GPipe":
         use_gpipe(engine)
     if is_main:
-        print(f"pipeline: {world} stages, {engine.micro_batches} micro-batches of {micro} sequences, "
-              f"schedule {PIPELINE_SCHEDULES[args.pipeline_schedule]}; DeepSpeed config {json.dumps(ds_config)}")
-        print(schedule.format_plan(plan), flush=True)
+        print(
+            f"pipeline: {world} stages, {engine.micro_batches} micro-batches of {micro} sequences, "
+            f"schedule {PIPELINE_SCHEDULES[args.pipeline_schedule]}; DeepSpeed config {json.dumps(ds_config)}"
+        )
 
     # The first stage feeds inputs and the last one labels: both read the same single stream of micro-batches.
     feeds = engine.is_first_stage() or engine.is_last_stage()
     stream = data.PackedStream(run.extra["mix"], tokenizer, args.max_length, micro, seed=args.seed) if feeds else None
-    eval_rows = data.eval_batches(run.extra["mix"], tokenizer, args.max_length, micro,
-                                  args.eval_batches * (args.batch_size // micro))
+    eval_rows = data.eval_batches(
+        run.extra["mix"], tokenizer, args.max_length, micro, args.eval_batches * (args.batch_size // micro)
+    )
 
     def micro_batches(batches):
         for b in batches:
@@ -640,25 +684,8 @@ def train_pipeline(run: Run) -> int:
 
     progress = {"step": 0, "tokens": 0, "run_dir": None}
     if run.resume_from is not None:
-        saved = json.loads((run.resume_from / "trainer_state.json").read_text())
-        if saved["world_size"] != world:
-            raise UsageError(f"{run.resume_from} was written by {saved['world_size']} pipeline stages; resume it with "
-                             f"{saved['world_size']} processes (stage files cannot be re-split)")
-        net.load_state_dict(ckpt.load_state_dict_file(run.resume_from / f"stage-{rank}.safetensors"))
-        optimizer.load_state_dict(torch.load(run.resume_from / f"optimizer-{rank}.pt", weights_only=True))
-        progress.update({k: saved[k] for k in progress})
-        scheduler.load_state_dict({"step": progress["step"]})
-        if stream is not None and not args.no_restore_dataset_state:
-            stream.load_state_dict(saved["data_state"])
-        ckpt.restore_rng(json.loads((run.resume_from / f"rank-{rank}.json").read_text())["rng"])
-        if is_main:
-            print(f"resumed from {run.resume_from} at step {progress['step']:,}", flush=True)
-    run_dir = Path(progress["run_dir"]) if progress["run_dir"] else new_run_dir(run.output_dir)
-    logger = RunLogger(run_dir, enabled=is_main, resume_step=progress["step"] if progress["run_dir"] else None)
-    progress["run_dir"] = str(run_dir)
-    bar = Progress(plan.total_steps, plan.total_train_tokens, enabled=is_main, start_step=progress["step"])
-    control = JobControl(run.output_dir, run.output_dir.name, enabled=is_main)
-    signals = StopSignals()
+        resume_stages(run, net, optimizer, scheduler, stream, progress, rank, world)
+    logger, bar, control, signals = start_monitoring(run, progress, is_main, len(tokenizer))
     detector = DivergenceDetector(args.divergence_threshold, warmup_steps=plan.warmup_steps)
 
     def stage_files(folder: Path) -> None:
@@ -667,9 +694,17 @@ def train_pipeline(run: Run) -> int:
 
     def save(eval_loss: float) -> None:
         state = trainer_state(run, progress, stream, eval_loss) if is_main else None
-        path = ckpt.save_checkpoint(run.output_dir / "checkpoints", progress["step"], rank=rank, barrier=barrier,
-                                    model_state=None, optimizer_state=None, trainer_state=state,
-                                    rank_state={"rng": ckpt.capture_rng()}, extra_files=stage_files)
+        path = ckpt.save_checkpoint(
+            run.output_dir / "checkpoints",
+            progress["step"],
+            rank=rank,
+            barrier=barrier,
+            model_state=None,
+            optimizer_state=None,
+            trainer_state=state,
+            rank_state={"rng": ckpt.capture_rng()},
+            extra_files=stage_files,
+        )
         if is_main:
             ckpt.prune_checkpoints(run.output_dir / "checkpoints", args.save_total_limit)
             bar.print(f"saved {path}")
@@ -683,29 +718,33 @@ def train_pipeline(run: Run) -> int:
 
     if progress["step"] == 0:
         run_eval()
-    exit_code, interval, start = 0, [], time.perf_counter()
+    exit_code = 0
+    # All stages share one device budget: MFU per device = (whole-pipeline tokens/s ÷ stages) over one device's peak.
+    meter = Meter(run.model_cfg, plan.tokens_per_step, world, device_peak_flops(device, dtype), device)
     while progress["step"] < plan.total_steps:
         loss = engine.train_batch(micro_batches(stream) if feeds else None).item()  # the same value on every stage
         scheduler.step()
         progress["step"] += 1
         progress["tokens"] += plan.tokens_per_step
         step = progress["step"]
-        interval.append(loss)
+        meter.add_step(loss * world)  # the same loss on every stage: undo the meter's mean over ranks
         if step % plan.logging_steps == 0 or step == plan.total_steps:
-            tokens_per_s = len(interval) * plan.tokens_per_step / (time.perf_counter() - start)
             grad_norm = engine.get_global_grad_norm()
-            record = logger.train(step, tokens=progress["tokens"], loss=sum(interval) / len(interval),
-                                  lr=scheduler.current_lr, grad_norm=None if grad_norm is None else float(grad_norm),
-                                  tokens_per_s=tokens_per_s)
+            record = logger.train(
+                step,
+                tokens=progress["tokens"],
+                lr=scheduler.current_lr,
+                grad_norm=None if grad_norm is None else float(grad_norm),
+                **meter.record(),
+            )
             bar.update(step, progress["tokens"], record or {})
-            interval, start = [], time.perf_counter()
         reason = detector.update(step, loss)
         eval_loss = run_eval() if step % plan.eval_steps == 0 else None
         wish = control.poll() or ("stop" if signals.requested else None)
-        if reason and args.divergence_action != "none":
-            wish = "abort" if args.divergence_action == "abort" else "stop"  # rollback: not offered for pipelines
-            logger.event(step, "divergence", reason=reason, action=wish)
-        command = agree(wish, device, world)
+        action = "stop" if args.divergence_action == "rollback" else args.divergence_action  # no pipeline rollback
+        command = steering.agree(steering.divergence_wish(reason, action, wish), device, world)
+        if reason and command in ("stop", "abort"):
+            logger.event(step, "divergence", reason=reason, action=command)
         scheduled = args.save_strategy == "steps" and step % plan.save_steps == 0
         if command in ("save", "stop") or (scheduled and command != "abort"):
             save(eval_loss if eval_loss is not None else run_eval())
@@ -725,11 +764,9 @@ def train_pipeline(run: Run) -> int:
         ckpt.save_state_dict(net.state_dict(), parts / f"stage-{rank}.safetensors")
         barrier()
         if is_main:
-            merged = {}
-            for k in range(world):
-                merged.update(ckpt.load_state_dict_file(parts / f"stage-{k}.safetensors"))
-            full = models.Transformer(run.model_cfg, args.attn_implementation)
-            full.load_state_dict(models.from_pipeline_state_dict(merged, run.model_cfg))
+            full = assemble_stages(
+                [parts / f"stage-{k}.safetensors" for k in range(world)], run.model_cfg, args.attn_implementation
+            )
             shutil.rmtree(parts)
             export_dir = models.export_hf(full, run.model_cfg, run.output_dir / "final", tokenizer=tokenizer)
             logger.summary(step, tokens=progress["tokens"], loss=final_eval)
@@ -740,6 +777,26 @@ def train_pipeline(run: Run) -> int:
     control.close()
     barrier()
     return exit_code
+
+
+def resume_stages(run: Run, net, optimizer, scheduler, stream, progress: dict, rank: int, world: int) -> None:
+    """Load this stage's weights, optimizer state, RNG and (first/last stage) data position from the checkpoint."""
+    saved = json.loads((run.resume_from / "trainer_state.json").read_text())
+    if saved["world_size"] != world:
+        raise UsageError(
+            f"{run.resume_from} was written by {saved['world_size']} pipeline stages; resume it with "
+            f"{saved['world_size']} processes (stage files cannot be re-split)"
+        )
+    net.load_state_dict(ckpt.load_state_dict_file(run.resume_from / f"stage-{rank}.safetensors"))
+    optimizer.load_state_dict(torch.load(run.resume_from / f"optimizer-{rank}.pt", weights_only=True))
+    progress.update({k: saved[k] for k in progress})
+    scheduler.load_state_dict({"step": progress["step"]})
+    if stream is not None and not run.args.no_restore_dataset_state:
+        with bad_input():
+            stream.load_state_dict(saved["data_state"])
+    ckpt.restore_rng(json.loads((run.resume_from / f"rank-{rank}.json").read_text())["rng"])
+    if rank == 0:
+        print(f"resumed from {run.resume_from} at step {progress['step']:,}", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -763,8 +820,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         traceback.print_exc()
         safe = ckpt.latest_checkpoint(run.output_dir / "checkpoints", warn=lambda m: None)
-        print(f"error: training failed (traceback above); newest complete checkpoint: {safe or 'none'}",
-              file=sys.stderr)
+        print(
+            f"error: training failed (traceback above); newest complete checkpoint: {safe or 'none'}", file=sys.stderr
+        )
         return 1
 
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     texts = source.fetch(np.arange(source.num_docs))[0]
     backend = tok.backend_tokenizer
-    batches = [texts[i:i + CHUNK_DOCS] for i in range(0, len(texts), CHUNK_DOCS)]
+    batches = [texts[i : i + CHUNK_DOCS] for i in range(0, len(texts), CHUNK_DOCS)]
     n_tokens = sum(len(e.ids) for b in batches for e in backend.encode_batch_fast(b, add_special_tokens=False))
 
     def raw(method: str) -> float:
@@ -99,27 +99,39 @@ def main(argv: list[str] | None = None) -> int:
     cache_rate = steps * args.max_length * args.batch_size / t_cache
 
     result = {
-        "text": text, "documents": len(texts), "tokens": n_tokens, "tokenizer_vocab": len(tok),
-        "max_length": args.max_length, "batch_size": args.batch_size,
-        "encode_batch_tokens_per_s": n_tokens / t_raw, "encode_batch_fast_tokens_per_s": n_tokens / t_fast,
+        "text": text,
+        "documents": len(texts),
+        "tokens": n_tokens,
+        "tokenizer_vocab": len(tok),
+        "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "encode_batch_tokens_per_s": n_tokens / t_raw,
+        "encode_batch_fast_tokens_per_s": n_tokens / t_fast,
         "tokenize_and_pack_tokens_per_s": n_tokens / t_pack,
-        "pack_overhead_vs_encode_batch": t_pack / t_raw - 1, "pack_overhead_vs_encode_batch_fast": t_pack / t_fast - 1,
+        "pack_overhead_vs_encode_batch": t_pack / t_raw - 1,
+        "pack_overhead_vs_encode_batch_fast": t_pack / t_fast - 1,
         "cache_tokens_per_s": cache_rate,
         "targets_met": {"pack_overhead_le_15pct": t_pack / t_raw - 1 <= 0.15, "cache_ge_50M": cache_rate >= 50e6},
     }
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{text}: {len(texts):,} documents, {n_tokens:,} tokens, vocab {len(tok):,}, "
-          f"rows {args.batch_size} x {args.max_length}")
+    print(
+        f"{text}: {len(texts):,} documents, {n_tokens:,} tokens, vocab {len(tok):,}, "
+        f"rows {args.batch_size} x {args.max_length}"
+    )
     print(f"{'measurement':<44}{'tokens/s':>14}")
-    for name, rate in [("tokenizers encode_batch (raw)", n_tokens / t_raw),
-                       ("tokenizers encode_batch_fast (raw)", n_tokens / t_fast),
-                       ("PackedStream from text (tokenize + pack)", n_tokens / t_pack),
-                       ("PackedStream from token cache", cache_rate)]:
+    for name, rate in [
+        ("tokenizers encode_batch (raw)", n_tokens / t_raw),
+        ("tokenizers encode_batch_fast (raw)", n_tokens / t_fast),
+        ("PackedStream from text (tokenize + pack)", n_tokens / t_pack),
+        ("PackedStream from token cache", cache_rate),
+    ]:
         print(f"{name:<44}{rate / 1e6:>12.2f} M")
-    print(f"packing overhead: {t_pack / t_raw - 1:+.1%} vs encode_batch (target <= +15%), "
-          f"{t_pack / t_fast - 1:+.1%} vs encode_batch_fast; cache {cache_rate / 1e6:.1f}M tokens/s (target >= 50M)")
+    print(
+        f"packing overhead: {t_pack / t_raw - 1:+.1%} vs encode_batch (target <= +15%), "
+        f"{t_pack / t_fast - 1:+.1%} vs encode_batch_fast; cache {cache_rate / 1e6:.1f}M tokens/s (target >= 50M)"
+    )
     return 0
 
 

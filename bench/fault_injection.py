@@ -27,9 +27,32 @@ sys.path.insert(0, str(ROOT))
 from monitor import checkpoint as ckpt  # noqa: E402
 
 # Saves, evaluates and logs every step: kills land in checkpoint writes as often as in training steps.
-RUN = ["--model", "tiny", "--max-length", "64", "--batch-size", "4", "--warmup-steps", "2", "--learning-rate", "1e-3",
-       "--optimizer", "adamw", "--step-cadence", "0.0002", "--eval-batches", "1", "--sample-tokens", "0",
-       "--max-steps", "40", "--save-total-limit", "3", "--seed", "3"]
+RUN = [
+    "--model",
+    "tiny",
+    "--max-length",
+    "64",
+    "--batch-size",
+    "4",
+    "--warmup-steps",
+    "2",
+    "--learning-rate",
+    "1e-3",
+    "--optimizer",
+    "adamw",
+    "--step-cadence",
+    "0.0002",
+    "--eval-batches",
+    "1",
+    "--sample-tokens",
+    "0",
+    "--max-steps",
+    "40",
+    "--save-total-limit",
+    "3",
+    "--seed",
+    "3",
+]
 
 
 def logged_steps(output_dir: Path) -> list[int]:
@@ -48,12 +71,16 @@ def logged_steps(output_dir: Path) -> list[int]:
 def run_trial(workdir: Path, delay: float, data_args: list[str]) -> dict:
     """One kill-and-resume trial; returns what happened (raises AssertionError when a guarantee is broken)."""
     out = workdir / "run"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                        "SMALL_LLM_JOBS_DIR": str(workdir / "jobs")}
+    env = os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "SMALL_LLM_JOBS_DIR": str(workdir / "jobs"),
+    }
     (workdir / "jobs").mkdir(mode=0o700, exist_ok=True)
     cmd = [sys.executable, str(ROOT / "train.py"), *RUN, *data_args, "--output-dir", str(out)]
-    proc = subprocess.Popen([*cmd, "--init-model"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*cmd, "--init-model"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     time.sleep(delay)
     finished_before_kill = proc.poll() is not None
     proc.send_signal(signal.SIGKILL)
@@ -74,8 +101,14 @@ def run_trial(workdir: Path, delay: float, data_args: list[str]) -> dict:
     if newest is not None:
         assert f"resumed from {newest}" in resumed.stdout, resumed.stdout[-2000:]
     assert (out / "final" / "model.safetensors").is_file()
-    return {"delay_s": round(delay, 2), "finished_before_kill": finished_before_kill, "resumed_from_step": saved_step,
-            "damaged_folders_skipped": damaged, "interrupted_saves": interrupted_saves, "lost_steps": lost}
+    return {
+        "delay_s": round(delay, 2),
+        "finished_before_kill": finished_before_kill,
+        "resumed_from_step": saved_step,
+        "damaged_folders_skipped": damaged,
+        "interrupted_saves": interrupted_saves,
+        "lost_steps": lost,
+    }
 
 
 def make_data(workdir: Path) -> list[str]:
@@ -109,9 +142,13 @@ def main() -> int:
             if not args.json:
                 print(f"trial {i + 1:2d}/{args.trials}: {results[-1]}", flush=True)
     damaged = sum(len(r["damaged_folders_skipped"]) for r in results)
-    summary = {"trials": len(results), "all_resumed": True, "max_lost_steps": max(r["lost_steps"] for r in results),
-               "damaged_folders_skipped": damaged,
-               "kills_during_a_save": sum(r["interrupted_saves"] > 0 for r in results)}
+    summary = {
+        "trials": len(results),
+        "all_resumed": True,
+        "max_lost_steps": max(r["lost_steps"] for r in results),
+        "damaged_folders_skipped": damaged,
+        "kills_during_a_save": sum(r["interrupted_saves"] > 0 for r in results),
+    }
     print(json.dumps({"summary": summary, "trials": results}) if args.json else f"summary: {summary}")
     return 0
 

@@ -38,8 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=None, help="override num_hidden_layers (default: the config's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--attn-implementation", default=None, choices=["eager", "sdpa", "flex_attention"],
-                   help="default: sdpa on CPU, flex_attention on CUDA (used by both models)")
+    p.add_argument(
+        "--attn-implementation",
+        default=None,
+        choices=["eager", "sdpa", "flex_attention"],
+        help="default: sdpa on CPU, flex_attention on CUDA (used by both models)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="rows per step (default 2 on CPU, 8 on CUDA)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 256 on CPU, 2048 on CUDA)")
     p.add_argument("--docs-per-row", type=int, default=3, help="documents packed into each row (default 3)")
@@ -170,22 +174,37 @@ def main(argv=None) -> dict:
     rows = {}
     for name, ts in times.items():
         median = statistics.median(ts)
-        rows[name] = {"step_s": median, "tokens_per_s": tokens / median, "mfu": tokens / median * fpt / peak,
-                      "peak_mem_gib": peaks[name] / 2**30}
+        rows[name] = {
+            "step_s": median,
+            "tokens_per_s": tokens / median,
+            "mfu": tokens / median * fpt / peak,
+            "peak_mem_gib": peaks[name] / 2**30,
+        }
     result = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
-        "dtype": str(dtype).removeprefix("torch."), "attn_implementation": attn, "compile": args.compile,
-        "config": args.config, "num_hidden_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size,
-        "batch_size": batch_size, "seq_len": seq_len, "docs_per_row": args.docs_per_row, "steps": args.steps,
-        "initial_loss": first, "peak_flops": peak, **rows,
+        "dtype": str(dtype).removeprefix("torch."),
+        "attn_implementation": attn,
+        "compile": args.compile,
+        "config": args.config,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "vocab_size": cfg.vocab_size,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "docs_per_row": args.docs_per_row,
+        "steps": args.steps,
+        "initial_loss": first,
+        "peak_flops": peak,
+        **rows,
         "ratio_ours_over_transformers": rows["ours"]["tokens_per_s"] / rows["transformers"]["tokens_per_s"],
     }
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['device']}, {result['dtype']}, {attn}, compile={args.compile}, {args.config} "
-              f"({cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}), {batch_size} x {seq_len} tokens, "
-              f"{args.docs_per_row} docs/row, median of {args.steps} steps")
+        print(
+            f"{result['device']}, {result['dtype']}, {attn}, compile={args.compile}, {args.config} "
+            f"({cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}), {batch_size} x {seq_len} tokens, "
+            f"{args.docs_per_row} docs/row, median of {args.steps} steps"
+        )
         print(f"initial loss: ours {first['ours']:.5f}, transformers {first['transformers']:.5f}")
         print(f"{'model':<14}{'step (s)':>10}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
         for name in ("ours", "transformers"):

@@ -42,8 +42,20 @@ NO_SR_FLAG = "--no-stochastic-rounding"
 
 def train_tokenizer(data_path: Path, out_dir: Path, vocab_size: int) -> Path:
     """Train the byte-level BPE tokenizer every run shares, so all runs see exactly the same tokens."""
-    cmd = [sys.executable, "-m", "data.tokenizer", "train", "--dataset", str(data_path),
-           "--vocab-size", str(vocab_size), "--output", str(out_dir), "--max-docs", "20000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data.tokenizer",
+        "train",
+        "--dataset",
+        str(data_path),
+        "--vocab-size",
+        str(vocab_size),
+        "--output",
+        str(out_dir),
+        "--max-docs",
+        "20000",
+    ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     return out_dir
 
@@ -68,19 +80,58 @@ def last_eval_loss(output_dir: Path) -> tuple[float | None, int | None]:
 def run_one(name: str, optimizer: str, dtype: str, rounding: str, args, tokenizer: Path, work: Path) -> dict:
     """Train one configuration to the token budget; return its result row (status "ok", "unsupported" or "failed")."""
     output_dir = work / name
-    cmd = [sys.executable, "train.py",
-           "--init-model", "--overwrite-output-dir", "--output-dir", str(output_dir),
-           "--dataset", str(args.data), "--tokenizer", str(tokenizer),
-           "--model", "tiny", "--max-length", str(MAX_LENGTH), "--batch-size", str(BATCH_SIZE),
-           "--total-tokens", str(args.tokens), "--warmup-steps", "30", "--min-cooldown-tokens", "0",
-           "--learning-rate", str(args.learning_rate),
-           "--optimizer", optimizer, "--dtype", dtype,
-           "--seed", str(args.seed), "--sample-tokens", "0", "--save-strategy", "no", "--eval-batches", "8",
-           "--step-cadence", f"{step_cadence(args.tokens, args.evals):.4g}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--init-model",
+        "--overwrite-output-dir",
+        "--output-dir",
+        str(output_dir),
+        "--dataset",
+        str(args.data),
+        "--tokenizer",
+        str(tokenizer),
+        "--model",
+        "tiny",
+        "--max-length",
+        str(MAX_LENGTH),
+        "--batch-size",
+        str(BATCH_SIZE),
+        "--total-tokens",
+        str(args.tokens),
+        "--warmup-steps",
+        "30",
+        "--min-cooldown-tokens",
+        "0",
+        "--learning-rate",
+        str(args.learning_rate),
+        "--optimizer",
+        optimizer,
+        "--dtype",
+        dtype,
+        "--seed",
+        str(args.seed),
+        "--sample-tokens",
+        "0",
+        "--save-strategy",
+        "no",
+        "--eval-batches",
+        "8",
+        "--step-cadence",
+        f"{step_cadence(args.tokens, args.evals):.4g}",
+    ]
     if rounding == "nearest":
         cmd.append(NO_SR_FLAG)
-    row = {"name": name, "optimizer": optimizer, "dtype": dtype, "rounding": rounding,
-           "eval_loss": None, "eval_step": None, "ratio_to_adamw": None, "wall_s": None}
+    row = {
+        "name": name,
+        "optimizer": optimizer,
+        "dtype": dtype,
+        "rounding": rounding,
+        "eval_loss": None,
+        "eval_step": None,
+        "ratio_to_adamw": None,
+        "wall_s": None,
+    }
     log_path = work / f"{name}.log"
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -101,19 +152,25 @@ def run_one(name: str, optimizer: str, dtype: str, rounding: str, args, tokenize
 
 def print_table(rows: list[dict], args) -> None:
     """Human-readable table, one line per run."""
-    print(f"TinyStories 4MB, model tiny, {args.tokens * 1e9:,.0f} tokens, batch {BATCH_SIZE} x {MAX_LENGTH}, "
-          f"base LR {args.learning_rate:g} (peak {args.learning_rate * BATCH_SIZE**0.5:g}), seed {args.seed}, CPU")
+    print(
+        f"TinyStories 4MB, model tiny, {args.tokens * 1e9:,.0f} tokens, batch {BATCH_SIZE} x {MAX_LENGTH}, "
+        f"base LR {args.learning_rate:g} (peak {args.learning_rate * BATCH_SIZE**0.5:g}), seed {args.seed}, CPU"
+    )
     print(f"{'optimizer':<10} {'dtype':<5} {'rounding':<10} {'eval loss':>9} {'vs adamw':>8} {'wall':>7}  status")
     for r in rows:
         loss = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
         ratio = f"{r['ratio_to_adamw']:.4f}" if r["ratio_to_adamw"] is not None else "-"
-        print(f"{r['optimizer']:<10} {r['dtype']:<5} {r['rounding']:<10} {loss:>9} {ratio:>8} {r['wall_s']:>6.0f}s  "
-              f"{r['status']}")
+        print(
+            f"{r['optimizer']:<10} {r['dtype']:<5} {r['rounding']:<10} {loss:>9} {ratio:>8} {r['wall_s']:>6.0f}s  "
+            f"{r['status']}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="training text file (documents split by blank lines)")
+    p.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="training text file (documents split by blank lines)"
+    )
     p.add_argument("--tokens", type=float, default=0.0004, help="token budget per run, in billions (0.0004 = 400k)")
     p.add_argument("--learning-rate", type=float, default=4e-4, help="base LR for every run (peak = 4x at batch 16)")
     p.add_argument("--evals", type=int, default=4, help="approximate number of evaluations per run")
@@ -149,8 +206,19 @@ def main(argv: list[str] | None = None) -> int:
         if reference is not None and r["eval_loss"] is not None:
             r["ratio_to_adamw"] = round(r["eval_loss"] / reference, 4)
     if args.json:
-        print(json.dumps({"data": str(args.data), "tokens": args.tokens, "learning_rate": args.learning_rate,
-                          "seed": args.seed, "batch_size": BATCH_SIZE, "max_length": MAX_LENGTH, "runs": rows}))
+        print(
+            json.dumps(
+                {
+                    "data": str(args.data),
+                    "tokens": args.tokens,
+                    "learning_rate": args.learning_rate,
+                    "seed": args.seed,
+                    "batch_size": BATCH_SIZE,
+                    "max_length": MAX_LENGTH,
+                    "runs": rows,
+                }
+            )
+        )
     else:
         print_table(rows, args)
     return 0 if all(r["status"] != "failed" for r in rows) else 1

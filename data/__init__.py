@@ -17,7 +17,19 @@ from .stream import PackedStream, eval_batches, rank_rows
 from .tokenizer import bos_eos_ids, load_tokenizer, resolve_tokenizer, save_tokenizer, train_tokenizer
 
 __all__ = [
-    "IGNORE_INDEX", "Mix", "PackedStream", "SourceSpec", "Stage", "bos_eos_ids", "describe_mix", "eval_batches",
-    "load_tokenizer", "pack_rows", "parse_mix", "rank_rows", "resolve_tokenizer", "save_tokenizer",
+    "IGNORE_INDEX",
+    "Mix",
+    "PackedStream",
+    "SourceSpec",
+    "Stage",
+    "bos_eos_ids",
+    "describe_mix",
+    "eval_batches",
+    "load_tokenizer",
+    "pack_rows",
+    "parse_mix",
+    "rank_rows",
+    "resolve_tokenizer",
+    "save_tokenizer",
     "train_tokenizer",
 ]

@@ -27,7 +27,8 @@ FORMAT_VERSION = 1
 DEFAULT_MAX_BYTES = 32 * 2**20
 MIN_CHARS, MIN_WORDS, MIN_FUNCTION_WORDS = 300, 50, 0.12
 _FUNCTION_WORDS = frozenset(
-    "the a an of to in is and or for be this that with it as are by on if not from at which can when".split())
+    "the a an of to in is and or for be this that with it as are by on if not from at which can when".split()
+)
 _WORD = re.compile(r"[A-Za-z]+")
 _TRIPLE = re.compile(r"[rRuU]?(\"\"\"|''')(.*?)\1", re.S)
 _COMMENT = re.compile(r"#[^\n]*")
@@ -43,8 +44,13 @@ def cache_root() -> Path:
     return Path(base) / "small-llm-pretraining"
 
 
-def builtin_corpus_path(max_bytes: int = DEFAULT_MAX_BYTES, *, cache_dir: Path | None = None,
-                        roots: list[Path] | None = None, workers: int | None = None) -> Path:
+def builtin_corpus_path(
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    *,
+    cache_dir: Path | None = None,
+    roots: list[Path] | None = None,
+    workers: int | None = None,
+) -> Path:
     """Path of the cached corpus (JSON lines with a `text` field), extracting it first if needed."""
     roots = roots if roots is not None else default_roots()
     files = list_files(roots)
@@ -63,8 +69,10 @@ def builtin_corpus_path(max_bytes: int = DEFAULT_MAX_BYTES, *, cache_dir: Path |
             written += 1
     if written == 0:
         tmp.unlink()
-        raise ValueError("found no documentation text in the Python installation for --dataset builtin; "
-                         "pass a local text file or folder instead")
+        raise ValueError(
+            "found no documentation text in the Python installation for --dataset builtin; "
+            "pass a local text file or folder instead"
+        )
     os.replace(tmp, path)
     return path
 
@@ -136,8 +144,8 @@ def _docstrings(source: str) -> list[str]:
         body = m.group(2)
         if len(body) < MIN_CHARS:
             continue
-        before = _COMMENT.sub("", source[max(0, m.start() - 200):m.start()]).rstrip()
-        if before.endswith(":") or not source[:m.start()].strip():
+        before = _COMMENT.sub("", source[max(0, m.start() - 200) : m.start()]).rstrip()
+        if before.endswith(":") or not source[: m.start()].strip():
             out.append(inspect.cleandoc(body.replace("\\\n", "")))
     return out
 

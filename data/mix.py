@@ -103,8 +103,10 @@ def parse_mix(spec: str, eval_fraction: float = DEFAULT_EVAL_FRACTION) -> Mix:
         items_text, budget, unit, window = _split_budget(text)
         last = i == len(stage_texts) - 1
         if budget is None and not last:
-            raise ValueError(f"stage {i + 1} ({text!r}) needs a budget such as '@50M' (tokens) or '@20kdocs' because "
-                             "another stage follows it")
+            raise ValueError(
+                f"stage {i + 1} ({text!r}) needs a budget such as '@50M' (tokens) or '@20kdocs' because "
+                "another stage follows it"
+            )
         if budget is not None and last:
             raise ValueError(f"the last stage ({text!r}) runs until training ends; remove its '@' budget")
         sources, cached = _parse_items(items_text)
@@ -144,8 +146,10 @@ def _split_budget(text: str) -> tuple[str, int | None, str, int]:
     items, _, budget_text = text.rpartition("@")
     m = _BUDGET.match(budget_text.strip())
     if not m:
-        raise ValueError(f"cannot read the stage budget {budget_text!r}; write e.g. '@50M' (tokens), '@20kdocs', or "
-                         "'@50M~5M' for a soft switch over the last 5M tokens")
+        raise ValueError(
+            f"cannot read the stage budget {budget_text!r}; write e.g. '@50M' (tokens), '@20kdocs', or "
+            "'@50M~5M' for a soft switch over the last 5M tokens"
+        )
     budget = _scaled(m.group(1), m.group(2))
     unit = "docs" if (m.group(3) or "t").startswith("d") else "tokens"
     window = _scaled(m.group(4), m.group(5)) if m.group(4) else 0
@@ -171,14 +175,18 @@ def _parse_items(text: str) -> tuple[list[SourceSpec], str | None]:
             cached = expanded[0].location
         if weight is not None:
             if len(expanded) > 1:
-                raise ValueError(f"{name!r} is a named mix of {len(expanded)} sources and cannot take a weight; "
-                                 "list its sources with their own weights instead")
+                raise ValueError(
+                    f"{name!r} is a named mix of {len(expanded)} sources and cannot take a weight; "
+                    "list its sources with their own weights instead"
+                )
             expanded = [_with_weight(expanded[0], weight)]
         sources.extend(expanded)
     weighted = [s.weight is not None for s in sources]
     if any(weighted) and not all(weighted):
-        raise ValueError(f"in {text!r} some sources have a weight and others do not; weight all of them or none "
-                         "(no weights = balanced by size)")
+        raise ValueError(
+            f"in {text!r} some sources have a weight and others do not; weight all of them or none "
+            "(no weights = balanced by size)"
+        )
     return sources, cached
 
 
@@ -204,8 +212,10 @@ def _resolve_source(name: str) -> list[SourceSpec]:
     if name == "builtin":
         return [SourceSpec("builtin", "", "builtin")]
     if name == "smollm":
-        return [SourceSpec("hub", SMOLLM_REPO, f"smollm/{subset}", subset, None, size)
-                for subset, size in SMOLLM_SUBSETS.items()]
+        return [
+            SourceSpec("hub", SMOLLM_REPO, f"smollm/{subset}", subset, None, size)
+            for subset, size in SMOLLM_SUBSETS.items()
+        ]
     path = Path(name).expanduser()
     if path.exists():
         path = path.resolve()
@@ -220,8 +230,10 @@ def _resolve_source(name: str) -> list[SourceSpec]:
         parts = name.split("/")
         repo, subset = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
         return [SourceSpec("hub", repo, name, subset)]
-    raise ValueError(f"unknown dataset {name!r}: not an existing path, not 'smollm' or 'builtin', and not a Hub id "
-                     "like OWNER/NAME[/SUBSET]")
+    raise ValueError(
+        f"unknown dataset {name!r}: not an existing path, not 'smollm' or 'builtin', and not a Hub id "
+        "like OWNER/NAME[/SUBSET]"
+    )
 
 
 def _is_token_cache(folder: Path) -> bool:
@@ -244,8 +256,9 @@ def _cache_mix(cache_dir: str, eval_fraction: float) -> Mix:
         sources = []
         for ref in stage["sources"]:
             entry = manifest["sources"][ref["source"]]
-            sources.append(SourceSpec("cache", cache_dir, entry["label"], str(ref["source"]), ref["weight"],
-                                      entry["num_docs"]))
+            sources.append(
+                SourceSpec("cache", cache_dir, entry["label"], str(ref["source"]), ref["weight"], entry["num_docs"])
+            )
         stages.append(Stage(tuple(sources), stage["budget"], stage["unit"], stage["window"]))
     return Mix(tuple(stages), manifest["mix"], eval_fraction, cache_dir)
 

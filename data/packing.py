@@ -39,15 +39,16 @@ def assemble(source: np.ndarray, starts: np.ndarray, lengths: np.ndarray, bos: i
     body[ends - lengths - 2] = False
     body[ends - 1] = False
     if n and np.array_equal(starts[1:], starts[:-1] + lengths[:-1]):  # already in order: one slice, no index arrays
-        out[body] = source[starts[0]:starts[0] + total]
+        out[body] = source[starts[0] : starts[0] + total]
     elif n:
         offsets = np.cumsum(lengths) - lengths
         out[body] = source[np.repeat(starts - offsets, lengths) + np.arange(total)]
     return out
 
 
-def pack_rows(tokens: np.ndarray, starts: np.ndarray, num_rows: int, max_length: int,
-              rows: slice | None = None) -> dict[str, np.ndarray]:
+def pack_rows(
+    tokens: np.ndarray, starts: np.ndarray, num_rows: int, max_length: int, rows: slice | None = None
+) -> dict[str, np.ndarray]:
     """Build `num_rows` packed rows from the front of a token stream (see the module docstring).
 
     tokens: 1-D token stream with at least num_rows * T + 1 entries; starts: same length, True at the first token of
@@ -57,7 +58,7 @@ def pack_rows(tokens: np.ndarray, starts: np.ndarray, num_rows: int, max_length:
     T = max_length
     assert len(tokens) >= num_rows * T + 1, f"need {num_rows * T + 1} tokens, have {len(tokens)}"
     first, last = (rows.start or 0, rows.stop if rows.stop is not None else num_rows) if rows else (0, num_rows)
-    tokens, starts = tokens[first * T:last * T + 1], starts[first * T:last * T + 1]
+    tokens, starts = tokens[first * T : last * T + 1], starts[first * T : last * T + 1]
     n = last - first
     # (n, T + 1) overlapping windows: a view, no copy.
     win = np.lib.stride_tricks.as_strided(tokens, (n, T + 1), (T * tokens.strides[0], tokens.strides[0]))

@@ -41,8 +41,10 @@ def read_manifest(cache_dir: Path) -> dict:
     if manifest.get("format") != CACHE_FORMAT:
         raise ValueError(f"{cache_dir} holds a manifest.json that is not a token cache of this project")
     if manifest.get("version") != CACHE_VERSION:
-        raise ValueError(f"the token cache {cache_dir} has version {manifest.get('version')}, this code reads "
-                         f"{CACHE_VERSION}; prepare it again")
+        raise ValueError(
+            f"the token cache {cache_dir} has version {manifest.get('version')}, this code reads "
+            f"{CACHE_VERSION}; prepare it again"
+        )
     return manifest
 
 
@@ -62,8 +64,11 @@ class CacheSource:
         self._offsets = np.asarray(np.load(folder / "offsets.npy", mmap_mode="r"))
         self._hashes = np.asarray(np.load(folder / "hashes.npy", mmap_mode="r"))
         dtype = np.dtype(manifest["dtype"])
-        self._tokens = (np.asarray(np.memmap(folder / "tokens.bin", dtype=dtype, mode="r")) if entry["num_tokens"]
-                        else np.empty(0, dtype))
+        self._tokens = (
+            np.asarray(np.memmap(folder / "tokens.bin", dtype=dtype, mode="r"))
+            if entry["num_tokens"]
+            else np.empty(0, dtype)
+        )
 
     def fetch(self, indices: np.ndarray) -> tuple[TokenDocs, np.ndarray]:
         """Tokens of the documents at `indices` (concatenated, in that order) and their text hashes."""
@@ -71,15 +76,23 @@ class CacheSource:
         lengths = self._offsets[indices + 1] - starts
         total = int(lengths.sum())
         if len(indices) and np.all(np.diff(indices) == 1):  # consecutive documents: one slice
-            flat = np.asarray(self._tokens[starts[0]:starts[0] + total])
+            flat = np.asarray(self._tokens[starts[0] : starts[0] + total])
         else:
             offsets = np.cumsum(lengths) - lengths
             flat = self._tokens[np.repeat(starts - offsets, lengths) + np.arange(total)]
         return TokenDocs(flat, lengths), self._hashes[indices]
 
 
-def prepare(spec: str, tokenizer_spec: str, output: Path, *, num_proc: int = 1, max_docs: int | None = None,
-            task_docs: int = 20_000, log=print) -> dict:
+def prepare(
+    spec: str,
+    tokenizer_spec: str,
+    output: Path,
+    *,
+    num_proc: int = 1,
+    max_docs: int | None = None,
+    task_docs: int = 20_000,
+    log=print,
+) -> dict:
     """Tokenize every source of the mix `spec` into a cache at `output`; returns the manifest."""
     from .mix import parse_mix
     from .sources import open_source
@@ -105,22 +118,39 @@ def prepare(spec: str, tokenizer_spec: str, output: Path, *, num_proc: int = 1, 
         folder = output / f"source-{len(entries)}"
         t0 = time.time()
         source = open_source(source_spec)
-        n_docs, n_tokens = _prepare_source(source_spec, source, tok.backend_tokenizer.to_str(), folder, dtype,
-                                           num_proc, max_docs, task_docs)
+        n_docs, n_tokens = _prepare_source(
+            source_spec, source, tok.backend_tokenizer.to_str(), folder, dtype, num_proc, max_docs, task_docs
+        )
         fingerprint = source.fingerprint
         if source.num_docs is not None and n_docs < source.num_docs or source.num_docs is None and max_docs:
             fingerprint += f":first{n_docs}"  # a truncated copy is different data
-        entries.append({"label": source_spec.label, "dir": folder.name, "fingerprint": fingerprint,
-                        "num_docs": n_docs, "num_tokens": n_tokens})
+        entries.append(
+            {
+                "label": source_spec.label,
+                "dir": folder.name,
+                "fingerprint": fingerprint,
+                "num_docs": n_docs,
+                "num_tokens": n_tokens,
+            }
+        )
         log(f"{source_spec.label}: {n_docs:,} documents, {n_tokens:,} tokens in {time.time() - t0:.1f}s")
     save_tokenizer(tok, output / "tokenizer")
     manifest = {
-        "format": CACHE_FORMAT, "version": CACHE_VERSION, "mix": mix.spec, "dtype": dtype,
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "mix": mix.spec,
+        "dtype": dtype,
         "tokenizer": {"hash": tokenizer_hash(tok), "bos": bos, "eos": eos, "vocab_size": len(tok)},
         "sources": entries,
-        "stages": [{"budget": st.budget, "unit": st.unit, "window": st.window,
-                    "sources": [{"source": keys[(s.kind, s.location, s.subset)], "weight": s.weight}
-                                for s in st.sources]} for st in mix.stages],
+        "stages": [
+            {
+                "budget": st.budget,
+                "unit": st.unit,
+                "window": st.window,
+                "sources": [{"source": keys[(s.kind, s.location, s.subset)], "weight": s.weight} for s in st.sources],
+            }
+            for st in mix.stages
+        ],
     }
     tmp = output / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -128,8 +158,9 @@ def prepare(spec: str, tokenizer_spec: str, output: Path, *, num_proc: int = 1, 
     return manifest
 
 
-def _prepare_source(spec, source, tokenizer_json: str, folder: Path, dtype: str, num_proc: int,
-                    max_docs: int | None, task_docs: int) -> tuple[int, int]:
+def _prepare_source(
+    spec, source, tokenizer_json: str, folder: Path, dtype: str, num_proc: int, max_docs: int | None, task_docs: int
+) -> tuple[int, int]:
     """Write tokens.bin, offsets.npy and hashes.npy for one source; returns (documents, tokens)."""
     import tokenizers
 
@@ -210,19 +241,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", required=True, help="tokenizer.json, a folder holding one, or a Hub name")
     p.add_argument("--output", required=True, help="new folder for the cache")
     p.add_argument("--num-proc", type=int, default=1, help="worker processes for local sources (default 1)")
-    p.add_argument("--max-docs", type=int, default=None, help="tokenize at most this many documents per source "
-                   "(needed for Hub streams, which are otherwise read to the end)")
+    p.add_argument(
+        "--max-docs",
+        type=int,
+        default=None,
+        help="tokenize at most this many documents per source "
+        "(needed for Hub streams, which are otherwise read to the end)",
+    )
     args = p.parse_args(argv)
     try:
         t0 = time.time()
-        manifest = prepare(args.dataset, args.tokenizer, Path(args.output), num_proc=max(1, args.num_proc),
-                           max_docs=args.max_docs)
+        manifest = prepare(
+            args.dataset, args.tokenizer, Path(args.output), num_proc=max(1, args.num_proc), max_docs=args.max_docs
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tokens = sum(s["num_tokens"] for s in manifest["sources"])
-    print(f"wrote {tokens:,} tokens ({manifest['dtype']}) to {args.output} in {time.time() - t0:.1f}s; "
-          f"train with --dataset {args.output}")
+    print(
+        f"wrote {tokens:,} tokens ({manifest['dtype']}) to {args.output} in {time.time() - t0:.1f}s; "
+        f"train with --dataset {args.output}"
+    )
     return 0
 
 

@@ -19,8 +19,10 @@ import numpy as np
 
 from .mix import TEXT_SUFFIXES, SourceSpec
 
-HUB_UNREACHABLE = ("cannot stream {name} from the Hugging Face Hub ({error}); without network access pass a local "
-                   "path to --dataset (a .txt/.jsonl/.parquet file or folder) or use --dataset builtin")
+HUB_UNREACHABLE = (
+    "cannot stream {name} from the Hugging Face Hub ({error}); without network access pass a local "
+    "path to --dataset (a .txt/.jsonl/.parquet file or folder) or use --dataset builtin"
+)
 
 
 def open_source(spec: SourceSpec, *, streaming: bool = False):
@@ -29,8 +31,9 @@ def open_source(spec: SourceSpec, *, streaming: bool = False):
         from .builtin import builtin_corpus_path
 
         path = builtin_corpus_path()
-        return _open_files(SourceSpec("files", str(path), "builtin"), [path], streaming,
-                           fingerprint=f"builtin:{path.stem}")
+        return _open_files(
+            SourceSpec("files", str(path), "builtin"), [path], streaming, fingerprint=f"builtin:{path.stem}"
+        )
     if spec.kind == "files":
         return _open_files(spec, list_data_files(Path(spec.location)), streaming)
     if spec.kind == "hub":
@@ -46,8 +49,13 @@ def list_data_files(path: Path) -> list[Path]:
     """A file itself, or every .txt/.jsonl/.json/.parquet file under a folder, sorted by relative path."""
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(TEXT_SUFFIXES)
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.name.lower().endswith(TEXT_SUFFIXES)
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     if not files:
         raise ValueError(f"the folder {path} holds no .txt, .jsonl, .json or .parquet files")
     return files
@@ -55,8 +63,13 @@ def list_data_files(path: Path) -> list[Path]:
 
 def text_hashes(texts: list[str]) -> np.ndarray:
     """A stable 64-bit hash of each document's text; it decides the held-out split (see `is_eval`)."""
-    return np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                                    "little") for t in texts], dtype=np.uint64)
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+            for t in texts
+        ],
+        dtype=np.uint64,
+    )
 
 
 def is_eval(hashes: np.ndarray, eval_fraction: float) -> np.ndarray:
@@ -149,11 +162,14 @@ def _open_files(spec: SourceSpec, files: list[Path], streaming: bool, fingerprin
         kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
         if kind == "parquet":
             kwargs["columns"] = ["text"]
-        ds = datasets.load_dataset(kind, data_files=[str(f) for f in group], split="train", streaming=streaming,
-                                   **kwargs)
+        ds = datasets.load_dataset(
+            kind, data_files=[str(f) for f in group], split="train", streaming=streaming, **kwargs
+        )
         if "text" not in (ds.column_names or []):
-            raise ValueError(f"{group[0]} has no 'text' field (fields: {', '.join(ds.column_names or [])}); "
-                             "each record needs its document in 'text'")
+            raise ValueError(
+                f"{group[0]} has no 'text' field (fields: {', '.join(ds.column_names or [])}); "
+                "each record needs its document in 'text'"
+            )
         ds = ds.select_columns(["text"])
         if kind == "text":  # paragraphs keep the newlines around them; blank ones are not documents
             ds = ds.map(_strip_texts, batched=True).filter(_has_text, batched=True)
@@ -193,8 +209,9 @@ def _check_parquet_text(files: list[Path]) -> None:
     for f in files:
         names = pq.read_schema(f).names
         if "text" not in names:
-            raise ValueError(f"{f} has no 'text' column (columns: {', '.join(names)}); each row needs its document "
-                             "in 'text'")
+            raise ValueError(
+                f"{f} has no 'text' column (columns: {', '.join(names)}); each row needs its document in 'text'"
+            )
 
 
 def _open_hub(spec: SourceSpec) -> StreamSource:
@@ -226,4 +243,3 @@ def _digest(obj) -> str:
 def _one_line(e: Exception) -> str:
     text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
     return text if len(text) < 160 else text[:157] + "..."
-

@@ -152,7 +152,7 @@ class SourceCursor:
             return permute(np.arange(start, start + m, dtype=np.int64), size, key)
         if self._permutation is None or self._permutation[0] != self.epoch:  # whole pass at once: same values
             self._permutation = (self.epoch, permute(np.arange(size, dtype=np.int64), size, key))
-        return self._permutation[1][start:start + m]
+        return self._permutation[1][start : start + m]
 
     def state_dict(self) -> dict:
         state = {"epoch": self.epoch, "pos": self.pos}
@@ -224,15 +224,31 @@ class DocumentStream:
     that grows linearly over the last `window` units of the current stage's budget.
     """
 
-    def __init__(self, mix: Mix, encode, bos: int, eos: int, *, seed: int = 0, split: str = "train",
-                 shuffle: bool = True, stages: tuple[Stage, ...] | None = None, open_fn=open_source):
+    def __init__(
+        self,
+        mix: Mix,
+        encode,
+        bos: int,
+        eos: int,
+        *,
+        seed: int = 0,
+        split: str = "train",
+        shuffle: bool = True,
+        stages: tuple[Stage, ...] | None = None,
+        open_fn=open_source,
+    ):
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
         self.stages = stages if stages is not None else mix.stages
         self.encode, self.bos, self.eos = encode, bos, eos
         self.split, self.eval_fraction, self.seed = split, mix.eval_fraction, seed
-        self.cursors = [[SourceCursor(open_fn(spec), stream_key(seed, "order", i, j), shuffle)
-                         for j, spec in enumerate(stage.sources)] for i, stage in enumerate(self.stages)]
+        self.cursors = [
+            [
+                SourceCursor(open_fn(spec), stream_key(seed, "order", i, j), shuffle)
+                for j, spec in enumerate(stage.sources)
+            ]
+            for i, stage in enumerate(self.stages)
+        ]
         self.interleavers = [self._interleaver(i, stage) for i, stage in enumerate(self.stages)]
         self.stage, self.stage_tokens, self.stage_docs, self.docs_drawn, self.chunks = 0, 0, 0, 0, 0
         self._idle_since: tuple[int, list[int]] | None = None  # (stage, source epochs) at the last kept document
@@ -289,8 +305,11 @@ class DocumentStream:
 
     def state_dict(self) -> dict:
         return {
-            "stage": self.stage, "stage_tokens": self.stage_tokens, "stage_docs": self.stage_docs,
-            "docs_drawn": self.docs_drawn, "chunks": self.chunks,
+            "stage": self.stage,
+            "stage_tokens": self.stage_tokens,
+            "stage_docs": self.stage_docs,
+            "docs_drawn": self.docs_drawn,
+            "chunks": self.chunks,
             "interleavers": [il.state_dict() for il in self.interleavers],
             "sources": [[c.state_dict() for c in stage] for stage in self.cursors],
         }
@@ -337,8 +356,10 @@ class DocumentStream:
         elif all(e > e0 for e, e0 in zip(epochs[1], self._idle_since[1], strict=True)):
             what = "held-out (eval)" if self.split == "eval" else "training"
             names = ", ".join(c.source.label for c in self.cursors[self.stage])
-            raise ValueError(f"the {what} split of {names} is empty: every document was read and none fell in it "
-                             f"(eval fraction {self.eval_fraction}); use more data or another fraction")
+            raise ValueError(
+                f"the {what} split of {names} is empty: every document was read and none fell in it "
+                f"(eval fraction {self.eval_fraction}); use more data or another fraction"
+            )
 
 
 # -----------------------------------------------------------------------------
@@ -360,24 +381,43 @@ class PackedStream:
     In dispatch mode only rank 0 reads data; tensors arrive on the process group's device (CUDA for NCCL).
     """
 
-    def __init__(self, mix: Mix, tokenizer: "PreTrainedTokenizerFast", max_length: int, batch_size: int, *,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, dispatch: bool = False, split: str = "train",
-                 group=None, open_fn=open_source):
+    def __init__(
+        self,
+        mix: Mix,
+        tokenizer: "PreTrainedTokenizerFast",
+        max_length: int,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        dispatch: bool = False,
+        split: str = "train",
+        group=None,
+        open_fn=open_source,
+    ):
         from .tokenizer import bos_eos_ids, tokenizer_hash
 
         if max_length < 1 or batch_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"bad stream shape: max_length {max_length}, batch_size {batch_size}, rank {rank} of "
-                             f"{world_size}")
+            raise ValueError(
+                f"bad stream shape: max_length {max_length}, batch_size {batch_size}, rank {rank} of {world_size}"
+            )
         self.mix, self.max_length, self.batch_size = mix, max_length, batch_size
         self.rank, self.world_size, self.seed, self.split = rank, world_size, seed, split
         self.dispatch, self.group = dispatch and world_size > 1, group
         self.rows = 0  # global rows emitted so far
         self._reader = not self.dispatch or rank == 0
         self._fingerprint = {
-            "version": STATE_VERSION, "split": split, "seed": seed, "max_length": max_length,
-            "eval_fraction": mix.eval_fraction, "tokenizer": tokenizer_hash(tokenizer),
-            "stages": [{"budget": s.budget, "unit": s.unit, "window": s.window,
-                        "weights": [x.weight for x in s.sources]} for s in mix.stages],
+            "version": STATE_VERSION,
+            "split": split,
+            "seed": seed,
+            "max_length": max_length,
+            "eval_fraction": mix.eval_fraction,
+            "tokenizer": tokenizer_hash(tokenizer),
+            "stages": [
+                {"budget": s.budget, "unit": s.unit, "window": s.window, "weights": [x.weight for x in s.sources]}
+                for s in mix.stages
+            ],
         }
         if self._reader:
             bos, eos = bos_eos_ids(tokenizer)
@@ -388,8 +428,17 @@ class PackedStream:
 
             stages = mix.stages if split == "train" else mix.stages[-1:]
             seed_used = seed if split == "train" else 0  # the held-out set is the same for every run
-            self._docs = DocumentStream(mix, encode, bos, eos, seed=seed_used, split=split,
-                                        shuffle=split == "train", stages=stages, open_fn=open_fn)
+            self._docs = DocumentStream(
+                mix,
+                encode,
+                bos,
+                eos,
+                seed=seed_used,
+                split=split,
+                shuffle=split == "train",
+                stages=stages,
+                open_fn=open_fn,
+            )
             self._fingerprint["sources"] = self._docs.fingerprints
             self._check_cache()
             self._buffer = RowBuffer(max_length)
@@ -501,9 +550,11 @@ class PackedStream:
         changed = [k for k in mine if saved.get(k) != mine[k]]
         if changed:
             details = ", ".join(f"{k} {_short(saved.get(k))} -> {_short(mine[k])}" for k in changed)
-            raise ValueError(f"the saved data position belongs to different data or settings ({details}); restart "
-                             "the data from the beginning (train.py --no-restore-dataset-state) or restore the "
-                             "original settings")
+            raise ValueError(
+                f"the saved data position belongs to different data or settings ({details}); restart "
+                "the data from the beginning (train.py --no-restore-dataset-state) or restore the "
+                "original settings"
+            )
 
     def _check_cache(self) -> None:
         if not self.mix.cache_dir:
@@ -512,12 +563,22 @@ class PackedStream:
 
         manifest = read_manifest(Path(self.mix.cache_dir))
         if manifest["tokenizer"]["hash"] != self._fingerprint["tokenizer"]:
-            raise ValueError(f"the token cache {self.mix.cache_dir} was made with another tokenizer; pass "
-                             f"--tokenizer {self.mix.cache_dir}/tokenizer or prepare the cache again")
+            raise ValueError(
+                f"the token cache {self.mix.cache_dir} was made with another tokenizer; pass "
+                f"--tokenizer {self.mix.cache_dir}/tokenizer or prepare the cache again"
+            )
 
 
-def eval_batches(mix: Mix, tokenizer: "PreTrainedTokenizerFast", max_length: int, batch_size: int, num_batches: int,
-                 *, rank: int = 0, world_size: int = 1) -> list[dict[str, torch.Tensor]]:
+def eval_batches(
+    mix: Mix,
+    tokenizer: "PreTrainedTokenizerFast",
+    max_length: int,
+    batch_size: int,
+    num_batches: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[dict[str, torch.Tensor]]:
     """The held-out set: this rank's rows of the first `num_batches` global batches of the eval stream.
 
     The eval stream packs the held-out documents of the last stage's sources in their natural order (independent of

@@ -43,8 +43,10 @@ def load_tokenizer(spec: str | Path) -> "PreTrainedTokenizerFast":
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "tokenizer.json").is_file():
-            raise ValueError(f"the folder {path} has no tokenizer.json; point --tokenizer at a folder saved by this "
-                             "project or by transformers (a fast tokenizer)")
+            raise ValueError(
+                f"the folder {path} has no tokenizer.json; point --tokenizer at a folder saved by this "
+                "project or by transformers (a fast tokenizer)"
+            )
         tok = PreTrainedTokenizerFast.from_pretrained(str(path))
     elif path.is_file():
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
@@ -56,9 +58,11 @@ def load_tokenizer(spec: str | Path) -> "PreTrainedTokenizerFast":
         try:
             backend = tokenizers.Tokenizer.from_pretrained(str(spec))
         except Exception as e:  # offline, unknown repo, no tokenizer.json in it
-            raise ValueError(f"cannot load the tokenizer {spec} from the Hugging Face Hub ({type(e).__name__}); "
-                             "without network access pass a local tokenizer.json or folder, or leave --tokenizer "
-                             "out to train one on the data") from None
+            raise ValueError(
+                f"cannot load the tokenizer {spec} from the Hugging Face Hub ({type(e).__name__}); "
+                "without network access pass a local tokenizer.json or folder, or leave --tokenizer "
+                "out to train one on the data"
+            ) from None
         tok = PreTrainedTokenizerFast(tokenizer_object=backend)
     return _with_bos_eos(tok)
 
@@ -73,8 +77,10 @@ def bos_eos_ids(tokenizer: "PreTrainedTokenizerFast") -> tuple[int, int]:
     if eos is None:
         eos = next((vocab[t] for t in _EOS_CANDIDATES if t in vocab), None)
     if bos is None or eos is None:
-        raise ValueError("the tokenizer has no recognisable BOS/EOS special token (looked for "
-                         f"{', '.join(_BOS_CANDIDATES)} / {', '.join(_EOS_CANDIDATES)}); add one or train a tokenizer")
+        raise ValueError(
+            "the tokenizer has no recognisable BOS/EOS special token (looked for "
+            f"{', '.join(_BOS_CANDIDATES)} / {', '.join(_EOS_CANDIDATES)}); add one or train a tokenizer"
+        )
     return bos, eos
 
 
@@ -87,8 +93,9 @@ def tokenizer_hash(tokenizer: "PreTrainedTokenizerFast") -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, *, min_frequency: int = 2,
-                    show_progress: bool = False) -> "PreTrainedTokenizerFast":
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, *, min_frequency: int = 2, show_progress: bool = False
+) -> "PreTrainedTokenizerFast":
     """Train a byte-level BPE tokenizer with `<|bos|>` (id 0) and `<|eos|>` (id 1) on an iterable of documents.
 
     Digits are split one by one (as in the SmolLM2 and Llama-3 tokenizers), which helps small models with numbers.
@@ -101,11 +108,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, 
     if vocab_size < 260:
         raise ValueError(f"vocab size {vocab_size} is too small: byte-level BPE needs 256 byte tokens plus BOS/EOS")
     backend = tokenizers.Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[BOS, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
     backend.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS)
 
@@ -131,9 +144,14 @@ def save_tokenizer(tokenizer: "PreTrainedTokenizerFast", folder: str | Path) -> 
     return folder
 
 
-def resolve_tokenizer(tokenizer_spec: str | None, mix: "Mix", run_dir: str | Path,
-                      vocab_size: int = DEFAULT_VOCAB_SIZE, max_docs: int = DEFAULT_TOKENIZER_DOCS,
-                      log: Callable[[str], None] = print) -> "PreTrainedTokenizerFast":
+def resolve_tokenizer(
+    tokenizer_spec: str | None,
+    mix: "Mix",
+    run_dir: str | Path,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    max_docs: int = DEFAULT_TOKENIZER_DOCS,
+    log: Callable[[str], None] = print,
+) -> "PreTrainedTokenizerFast":
     """The tokenizer a run uses, in this order:
 
     1. `tokenizer_spec` (`--tokenizer`) when given;

@@ -178,4 +178,3 @@ def describe(cfg: ModelConfig) -> str:
         f"{cfg.num_key_value_heads}kv heads x {cfg.head_dim}, ffn {cfg.intermediate_size}, vocab {cfg.vocab_size}: "
         f"{n['total'] / 1e6:.1f}M params ({n['non_embedding'] / 1e6:.1f}M non-embedding)"
     )
-

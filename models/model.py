@@ -228,8 +228,15 @@ class Transformer(nn.Module):
                 for linear in (attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                     nn.init.xavier_normal_(linear.weight, gain=beta)
             else:
-                for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
-                               mlp.down_proj):
+                for linear in (
+                    attn.q_proj,
+                    attn.k_proj,
+                    attn.v_proj,
+                    attn.o_proj,
+                    mlp.gate_proj,
+                    mlp.up_proj,
+                    mlp.down_proj,
+                ):
                     linear.weight.normal_(0.0, std)
         if isinstance(self.norm, RMSNorm):
             self.norm.weight.fill_(1.0)
@@ -267,4 +274,3 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-

@@ -3,6 +3,7 @@
 from monitor.divergence import DivergenceDetector
 from monitor.jobs import JobControl
 from monitor.logs import RunLogger, find_run_dirs, new_run_dir, read_logs
+
 # NOTE: this rebinds `monitor.mfu` to the function; import the module's other names with `from monitor.mfu import`.
 from monitor.mfu import PeakMemory, device_peak_flops, flops_per_token, mean_attended_context, mfu
 from monitor.progress import Progress

@@ -93,8 +93,16 @@ def summarize(records: list[dict]) -> dict:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     table = Table(title="training runs")
-    for column in ("run", "steps", "tokens", "train loss\nfinal / best", "eval loss\nfinal / best (step)",
-                   "tokens/s\nmean", "MFU\nmean", "wall time"):
+    for column in (
+        "run",
+        "steps",
+        "tokens",
+        "train loss\nfinal / best",
+        "eval loss\nfinal / best (step)",
+        "tokens/s\nmean",
+        "MFU\nmean",
+        "wall time",
+    ):
         table.add_column(column, justify="left" if column == "run" else "right")
     loaded = [_load(run) for run in args.runs]  # every RUN is checked before anything is printed
 

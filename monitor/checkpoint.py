@@ -95,8 +95,9 @@ def restore_rng(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np_state = dict(state["numpy"])
-    np_state["state"] = {k: np.array(v, dtype=np.uint64) if isinstance(v, list) else v
-                         for k, v in np_state["state"].items()}
+    np_state["state"] = {
+        k: np.array(v, dtype=np.uint64) if isinstance(v, list) else v for k, v in np_state["state"].items()
+    }
     np.random.set_state(np_state)
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
@@ -215,7 +216,9 @@ def load_checkpoint(path: Path, rank: int) -> dict[str, Any]:
     rank_file = path / f"rank-{rank}.json"
     optimizer_file = path / "optimizer.pt"
     return {
-        "model_state": load_state_dict_file(path / "model.safetensors") if (path / "model.safetensors").is_file() else None,
+        "model_state": load_state_dict_file(path / "model.safetensors")
+        if (path / "model.safetensors").is_file()
+        else None,
         "optimizer_state": torch.load(optimizer_file, weights_only=True) if optimizer_file.is_file() else None,
         "trainer_state": json.loads((path / "trainer_state.json").read_text()),
         "rank_state": json.loads(rank_file.read_text()) if rank_file.is_file() else None,

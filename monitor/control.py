@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m monitor.control")
         print(f"error: {e}", file=sys.stderr)
         return 1
     if reply is None:
-        print(f"sent {args.command} to {job_id}; no reply within {args.timeout:g}s (it may be evaluating or saving), "
-              "it will act on it when it next checks")
+        print(
+            f"sent {args.command} to {job_id}; no reply within {args.timeout:g}s (it may be evaluating or saving), "
+            "it will act on it when it next checks"
+        )
         return 0
     print(reply)
     return 0 if reply.startswith("ok") else 1

@@ -77,9 +77,7 @@ class JobControl:
     The job id is ``<job_name>-<pid>``, e.g. ``llama-360m-48213``.
     """
 
-    def __init__(
-        self, output_dir: Path, job_name: str, *, enabled: bool = True, jobs_dir: Path | None = None
-    ) -> None:
+    def __init__(self, output_dir: Path, job_name: str, *, enabled: bool = True, jobs_dir: Path | None = None) -> None:
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", job_name).strip("-")[:32] or "job"
         self.job_id = f"{name}-{os.getpid()}"
         self._server: socket.socket | None = None

@@ -24,8 +24,9 @@ def git_commit(repo: Path = Path(__file__).resolve().parents[1]) -> str | None:
         return None
     if out.returncode != 0:
         return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
-                           text=True, timeout=5).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True, timeout=5
+    ).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
@@ -48,9 +49,17 @@ def devices() -> dict:
 def collect(*, args: dict, plan: dict, model_config, parameters: dict, world_size: int, data: dict) -> dict:
     """The full resolved configuration as one JSON-able dict."""
     cfg = asdict(model_config) if is_dataclass(model_config) else dict(model_config)
-    return {"args": args, "plan": plan, "model": cfg | {"parameters": parameters}, "data": data,
-            "world_size": world_size, "devices": devices(), "versions": versions(), "git_commit": git_commit(),
-            "host": platform.node()}
+    return {
+        "args": args,
+        "plan": plan,
+        "model": cfg | {"parameters": parameters},
+        "data": data,
+        "world_size": world_size,
+        "devices": devices(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "host": platform.node(),
+    }
 
 
 def write(run_dir: Path, info: dict) -> None:

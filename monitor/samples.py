@@ -1,4 +1,4 @@
-"""Text samples from a model being trained: fixed prompts, temperature, top-k and a repetition penalty."""
+"""Evaluation on the held-out batches, and text samples from fixed prompts (temperature, top-k, repetition penalty)."""
 
 from __future__ import annotations
 
@@ -52,3 +52,18 @@ def generate(
         ids.append(nxt)
     model.train(was_training)
     return tokenizer.decode(ids[1:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], device, reduce_sum=lambda t: t) -> float:
+    """Token-weighted mean loss over this rank's share of the held-out batches; ``reduce_sum`` sums across ranks."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = (batch["labels"] != -100).sum()
+        total += torch.stack([model(**batch).double() * n, n.double()])
+    model.train(was_training)
+    total = reduce_sum(total)
+    return (total[0] / total[1].clamp(min=1)).item()

@@ -67,8 +67,13 @@ def _wait_for(predicate, timeout: float = 60.0):
 def test_save_stop_abort_a_live_job(jobs_dir, tmp_path, capsys):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = {
-        name: subprocess.Popen([sys.executable, "-c", FAKE_TRAINER, str(tmp_path / name), name, str(jobs_dir)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        name: subprocess.Popen(
+            [sys.executable, "-c", FAKE_TRAINER, str(tmp_path / name), name, str(jobs_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for name in ("alpha", "beta")
     }
     try:
@@ -116,11 +121,21 @@ def test_unknown_job_and_ambiguous_prefix_exit_2(jobs_dir, capsys):
 
 
 def test_command_from_the_module_entry_point(jobs_dir):
-    result = subprocess.run([sys.executable, "-m", "monitor", "control", "--jobs-dir", str(jobs_dir), "abort", "x"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "monitor", "control", "--jobs-dir", str(jobs_dir), "abort", "x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "unknown job 'x'" in result.stderr and "Traceback" not in result.stderr
-    result = subprocess.run([sys.executable, "-m", "monitor.control", "--jobs-dir", str(jobs_dir), "list"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "monitor.control", "--jobs-dir", str(jobs_dir), "list"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and result.stdout.strip() == "no running jobs"
     assert result.stderr == ""  # in particular no runpy warning about monitor.control being imported twice
 

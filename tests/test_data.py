@@ -14,8 +14,10 @@ from data import packing, stream
 from data.mix import parse_mix
 from data.sources import is_eval, open_source, text_hashes
 
-WORDS = ("the cat sat on a mat and then it ran to the old tree where a bird sang songs about rain sun wind "
-         "snow river stone house garden friend story light night morning happy quiet small big green").split()
+WORDS = (
+    "the cat sat on a mat and then it ran to the old tree where a bird sang songs about rain sun wind "
+    "snow river stone house garden friend story light night morning happy quiet small big green"
+).split()
 
 
 def make_docs(n: int, seed: int, tag: str) -> list[str]:
@@ -107,8 +109,11 @@ def test_parse_mix_forms(tmp_path, two_sources):
     assert [s.weight for s in mix.sources] == [1.0, 3.0] and not mix.stages[0].balanced
     assert parse_mix(two_sources).stages[0].balanced
     mix = parse_mix(f"{a}@2kdocs~500; {b}@1.5M;smollm")
-    assert [(s.budget, s.unit, s.window) for s in mix.stages] == [(2000, "docs", 500), (1_500_000, "tokens", 0),
-                                                                 (None, "tokens", 0)]
+    assert [(s.budget, s.unit, s.window) for s in mix.stages] == [
+        (2000, "docs", 500),
+        (1_500_000, "tokens", 0),
+        (None, "tokens", 0),
+    ]
     assert [s.kind for s in mix.stages[2].sources] == ["hub", "hub"]
     assert [s.subset for s in mix.stages[2].sources] == ["cosmopedia-v2", "fineweb-edu-dedup"]
     assert parse_mix("builtin").sources[0].kind == "builtin"
@@ -117,11 +122,21 @@ def test_parse_mix_forms(tmp_path, two_sources):
     assert "held out" in data.describe_mix(mix)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("", "empty"), ("missing.txt", "does not exist"), ("./nope", "does not exist"), ("a b c", "unknown dataset"),
-    ("{a}:1,{b}", "weight all of them or none"), ("{a};{b}", "needs a budget"), ("{a}@5M", "remove its '@' budget"),
-    ("{a}@5X;{b}", "budget"), ("smollm:2", "named mix"), ("{a}:-1", "positive"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "empty"),
+        ("missing.txt", "does not exist"),
+        ("./nope", "does not exist"),
+        ("a b c", "unknown dataset"),
+        ("{a}:1,{b}", "weight all of them or none"),
+        ("{a};{b}", "needs a budget"),
+        ("{a}@5M", "remove its '@' budget"),
+        ("{a}@5X;{b}", "budget"),
+        ("smollm:2", "named mix"),
+        ("{a}:-1", "positive"),
+    ],
+)
 def test_parse_mix_errors(two_sources, spec, message):
     a, b = two_sources.split(",")
     with pytest.raises(ValueError, match=message):
@@ -162,8 +177,10 @@ def test_missing_text_field_is_a_clear_error(tmp_path):
 
 
 def test_hub_unreachable_is_one_clear_line(tok):
-    with pytest.raises(ValueError, match="cannot stream HuggingFaceTB/smollm-corpus/cosmopedia-v2 from the Hugging "
-                                         "Face Hub.*--dataset builtin") as info:
+    with pytest.raises(
+        ValueError,
+        match="cannot stream HuggingFaceTB/smollm-corpus/cosmopedia-v2 from the Hugging Face Hub.*--dataset builtin",
+    ) as info:
         data.PackedStream(parse_mix("smollm"), tok, 32, 2)
     assert "\n" not in str(info.value)
 
@@ -175,11 +192,14 @@ def smollm_layout(tmp_path, shared_dir):
     web = [json.loads(line)["text"] for line in (shared_dir / "data/fineweb-edu-150/fineweb_edu_150.jsonl").open()]
     root = tmp_path / "smollm-corpus"
     for i in range(2):  # two shards per subset, with the subsets' other columns
-        part = stories[i * 150:(i + 1) * 150]
+        part = stories[i * 150 : (i + 1) * 150]
         write_parquet(root / "cosmopedia-v2" / f"train-{i:05d}-of-00002.parquet", part, prompt=["p"] * len(part))
-        part = web[i * 75:(i + 1) * 75]
-        write_parquet(root / "fineweb-edu-dedup" / f"train-{i:05d}-of-00002.parquet", part,
-                      id=[f"<urn:{j}>" for j in range(len(part))])
+        part = web[i * 75 : (i + 1) * 75]
+        write_parquet(
+            root / "fineweb-edu-dedup" / f"train-{i:05d}-of-00002.parquet",
+            part,
+            id=[f"<urn:{j}>" for j in range(len(part))],
+        )
     return root, stories, web
 
 
@@ -238,7 +258,7 @@ def reference_rows(docs: list[list[int]], T: int, n: int) -> dict[str, list]:
         owner += [d] * (len(doc) + 2)
     out = {k: [] for k in packing.FIELDS}
     for r in range(n):
-        w, o = stream_tokens[r * T:r * T + T + 1], owner[r * T:r * T + T + 1]
+        w, o = stream_tokens[r * T : r * T + T + 1], owner[r * T : r * T + T + 1]
         labels, pos, seg = [], [], []
         for t in range(T):
             labels.append(w[t + 1] if o[t + 1] == o[t] else -100)
@@ -362,8 +382,9 @@ def test_resume_with_another_world_size(tok, two_sources, small_chunks):
     ranks = [data.PackedStream(mix, tok, 40, 2, rank=r, world_size=2, seed=1) for r in range(2)]
     for r in ranks:
         r.load_state_dict(state)
-    got = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(batches(ranks[0], 4), batches(ranks[1], 4),
-                                                                     strict=True)]
+    got = [
+        {k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(batches(ranks[0], 4), batches(ranks[1], 4), strict=True)
+    ]
     assert_same(got, expected)
 
 
@@ -404,8 +425,8 @@ def test_curriculum_switches_stage_softly(tok, tmp_path):
     # Decided per chunk of 1024 documents: the blend is 0 at 0 docs, 3.5% at 1024, 53.5% at 2048; 3072 >= 3000 ends it.
     n = stream.CHUNK_DOCS
     assert not beta[:n].any()
-    assert 0.3 < beta[2 * n:3 * n].mean() < 0.75
-    assert beta[3 * n:].all() and len(beta) > 3 * n + 100
+    assert 0.3 < beta[2 * n : 3 * n].mean() < 0.75
+    assert beta[3 * n :].all() and len(beta) > 3 * n + 100
     assert stages[0] == 0 and stages[-1] == 1 and sorted(stages) == stages
     assert s.state_dict()["stage"] == 1
 
@@ -486,8 +507,22 @@ def test_resolve_tokenizer_trains_once(tmp_path, two_sources, monkeypatch):
 def test_tokenizer_cli(tmp_path, two_sources):
     from data.tokenizer import main
 
-    assert main(["train", "--dataset", two_sources, "--vocab-size", "280", "--max-docs", "40",
-                 "--output", str(tmp_path / "t")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                two_sources,
+                "--vocab-size",
+                "280",
+                "--max-docs",
+                "40",
+                "--output",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 0
+    )
     assert len(data.load_tokenizer(tmp_path / "t")) <= 280
     assert main(["train", "--dataset", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "u")]) == 2
 
@@ -540,8 +575,10 @@ def test_balanced_interleaving_ends_every_source_together():
         assert np.bincount(picks, minlength=2).tolist() == [60, 25]
         assert 0.5 < picks[:42].mean() / picks[42:].mean() < 2  # spread over the pass, not one source first
     in_pieces = stream.Interleaver([60, 25], None, key=7)
-    assert np.concatenate([in_pieces.pick(k) for k in (1, 50, 100, 19)]).tolist() == \
-        stream.Interleaver([60, 25], None, key=7).pick(170).tolist()  # counters, not call sizes, decide
+    assert (
+        np.concatenate([in_pieces.pick(k) for k in (1, 50, 100, 19)]).tolist()
+        == stream.Interleaver([60, 25], None, key=7).pick(170).tolist()
+    )  # counters, not call sizes, decide
 
 
 def test_weighted_interleaving_follows_the_weights():

@@ -11,7 +11,13 @@ import torch
 from tests.helpers import PYTHON, ROOT, TINY, train, train_losses, write_corpus
 
 pytestmark = pytest.mark.slow
-ACCELERATE = [PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs/cpu_ddp.yaml")]
+ACCELERATE = [
+    PYTHON,
+    "-m",
+    "accelerate.commands.launch",
+    "--config_file",
+    str(ROOT / "accelerate_configs/cpu_ddp.yaml"),
+]
 DEEPSPEED = [str(Path(PYTHON).parent / "deepspeed"), "--num_gpus", "2"]
 
 
@@ -32,7 +38,9 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(setup):
     root, common = setup
     one = train(*common, "--batch-size", "4", "--max-steps", "4", "--output-dir", str(root / "one"))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = train(*common, "--batch-size", "2", "--max-steps", "4", "--output-dir", str(root / "two"), launcher=ACCELERATE)
+    two = train(
+        *common, "--batch-size", "2", "--max-steps", "4", "--output-dir", str(root / "two"), launcher=ACCELERATE
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     single, ddp = train_losses(root / "one"), train_losses(root / "two")
     assert sorted(ddp) == [1, 2, 3, 4]
@@ -52,14 +60,48 @@ def test_pipeline_two_stages_matches_one_process(setup, schedule, model):
     model_args = ["--model", "tiny"] if model == "tiny" else ["--model-config", str(root / "tiny-untied.json")]
     # The pipeline splits a batch of 4 into 2 micro-batches of 2; the reference accumulates the same 2 micro-batches.
     ref_dir, pipe_dir = root / f"ref-{model}", root / f"pipe-{schedule}-{model}"
-    ref = train(*common, *model_args, "--batch-size", "2", "--gradient-accumulation-steps", "2", "--max-steps", "5",
-                "--output-dir", str(ref_dir))
+    ref = train(
+        *common,
+        *model_args,
+        "--batch-size",
+        "2",
+        "--gradient-accumulation-steps",
+        "2",
+        "--max-steps",
+        "5",
+        "--output-dir",
+        str(ref_dir),
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
-    first = train(*common, *model_args, "--pipeline", "--pipeline-schedule", schedule, "--batch-size", "4",
-                  "--max-steps", "3", "--output-dir", str(pipe_dir), launcher=DEEPSPEED)
+    first = train(
+        *common,
+        *model_args,
+        "--pipeline",
+        "--pipeline-schedule",
+        schedule,
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "3",
+        "--output-dir",
+        str(pipe_dir),
+        launcher=DEEPSPEED,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = train(*[a for a in common if a != "--init-model"], *model_args, "--pipeline", "--pipeline-schedule",
-                    schedule, "--batch-size", "4", "--max-steps", "5", "--output-dir", str(pipe_dir), launcher=DEEPSPEED)
+    resumed = train(
+        *[a for a in common if a != "--init-model"],
+        *model_args,
+        "--pipeline",
+        "--pipeline-schedule",
+        schedule,
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "5",
+        "--output-dir",
+        str(pipe_dir),
+        launcher=DEEPSPEED,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
 
@@ -71,12 +113,12 @@ def test_pipeline_two_stages_matches_one_process(setup, schedule, model):
         assert pipeline[step] == pytest.approx(reference[step], abs=2e-3), step
 
     # The HF export assembled from both stages equals the weights of the final checkpoint's stages.
+    import models
     from monitor.checkpoint import load_state_dict_file
 
-    import models
-
-    cfg = models.ModelConfig.from_dict(json.loads(
-        (pipe_dir / "checkpoints" / "checkpoint-5" / "trainer_state.json").read_text())["model_config"])
+    cfg = models.ModelConfig.from_dict(
+        json.loads((pipe_dir / "checkpoints" / "checkpoint-5" / "trainer_state.json").read_text())["model_config"]
+    )
     merged = {}
     for stage in (0, 1):
         merged |= load_state_dict_file(pipe_dir / "checkpoints" / "checkpoint-5" / f"stage-{stage}.safetensors")

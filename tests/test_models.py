@@ -102,7 +102,11 @@ def test_named_shapes():
     assert load_model_config("tiny").tie_word_embeddings
     llama1b = load_model_config("llama-1b")
     assert (llama1b.hidden_size, llama1b.num_hidden_layers, llama1b.num_key_value_heads, llama1b.rope_theta) == (
-        2048, 16, 8, 500000.0)
+        2048,
+        16,
+        8,
+        500000.0,
+    )
     qwen = load_model_config("qwen3-0.6b")
     assert (qwen.family, qwen.head_dim, qwen.qk_norm, qwen.rope_theta) == ("qwen3", 128, True, 1e6)
     assert 1e6 <= count_parameters(load_model_config("tiny", vocab_size=3000))["total"] <= 3e6
@@ -315,8 +319,11 @@ def test_deepnet_block_is_post_norm_with_alpha():
 def test_llama_init_follows_initializer_range():
     cfg = small_config(hidden_size=256, intermediate_size=512)
     model = build(cfg)
-    for weight in (model.layers[0].self_attn.q_proj.weight, model.layers[1].mlp.down_proj.weight,
-                   model.embed_tokens.weight):
+    for weight in (
+        model.layers[0].self_attn.q_proj.weight,
+        model.layers[1].mlp.down_proj.weight,
+        model.embed_tokens.weight,
+    ):
         assert weight.std().item() == pytest.approx(0.02, rel=0.03)
 
 

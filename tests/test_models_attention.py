@@ -127,4 +127,3 @@ def test_flash_attention_matches_sdpa_on_cuda():  # pragma: no cover - runs only
             outs[impl] = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
     assert (outs["flash_attention_2"] - outs["sdpa"]).abs().max().item() < 5e-2
     assert (outs["flex_attention"] - outs["sdpa"]).abs().max().item() < 5e-2
-

@@ -113,8 +113,15 @@ def test_real_pipeline_module_matches_and_saves_loadable_layer_files(tmp_path):
         print("PIPELINE-OK")
         """
     )
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-               LOCAL_RANK="0", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        OMP_NUM_THREADS="1",
+    )
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert "PIPELINE-OK" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
 

@@ -134,8 +134,14 @@ def test_run_dirs_sort_oldest_first_and_resolve_to_newest(tmp_path):
 
 def test_progress_prints_plain_lines_when_not_a_terminal(capsys):
     progress = Progress(total_steps=100, total_tokens=100 * 4096)
-    metrics = {"loss": 3.0, "lr": 1.4e-4, "grad_norm": 0.5, "tokens_per_s": 12345.0, "mfu": 0.412,
-               "peak_mem_bytes": 3 * 2**30}
+    metrics = {
+        "loss": 3.0,
+        "lr": 1.4e-4,
+        "grad_norm": 0.5,
+        "tokens_per_s": 12345.0,
+        "mfu": 0.412,
+        "peak_mem_bytes": 3 * 2**30,
+    }
     progress.update(10, 10 * 4096, metrics)
     progress.print("saved checkpoint-10")
     progress.update(20, 20 * 4096, {**metrics, "loss": 2.0})
@@ -176,8 +182,15 @@ class _Cfg:
 
 
 def test_flops_per_token_by_hand():
-    cfg = _Cfg(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=None, vocab_size=100)
+    cfg = _Cfg(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=None,
+        vocab_size=100,
+    )
     # head_dim = 64 / 4 = 16; q and o: 64*64 = 4096 each; k and v: 64*(2*16) = 2048 each -> 12288
     # gated MLP: 3 * 64 * 176 = 33792; per layer 46080; 2 layers 92160; LM head 100 * 64 = 6400 -> 98560
     assert matmul_params(cfg) == 98560
@@ -192,8 +205,15 @@ def test_flops_per_token_by_hand():
 
 
 def test_flops_per_token_explicit_head_dim():
-    cfg = _Cfg(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-               num_key_value_heads=1, head_dim=32, vocab_size=50)
+    cfg = _Cfg(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        vocab_size=50,
+    )
     # q, o: 64 * 128 = 8192 each; k, v: 64 * 32 = 2048 each -> 20480; MLP 3 * 64 * 128 = 24576
     # (20480 + 24576) * 3 = 135168; head 50 * 64 = 3200 -> 138368; attention 12 * 3 * 4 * 32 * 10 = 46080
     assert flops_per_token(cfg, 10.0) == pytest.approx(6 * 138368 + 46080)
@@ -203,8 +223,15 @@ def test_flops_per_token_explicit_head_dim():
 def test_matmul_params_match_hugging_face_linear_layers(family):
     """Oracle: the weights of every nn.Linear in the Hugging Face model (attention, MLP, LM head)."""
     transformers = pytest.importorskip("transformers")
-    common = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=True)
+    common = dict(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     if family == "llama":
         cfg = transformers.LlamaConfig(**common)
         model = transformers.LlamaForCausalLM(cfg)

@@ -21,8 +21,17 @@ def _synthetic_run(output_dir: Path, offset: float, steps: int = 200) -> Path:
         log.event(0, "start", args={"lr": 1e-3}, time=1000.0)
         for step in range(1, steps + 1):
             loss = 3.0 + offset + 7.0 * math.exp(-step / 30) + 0.05 * math.sin(step)
-            log.train(step, tokens=step * 2048, loss=loss, lr=1e-3 * min(1.0, step / 20), grad_norm=1.0,
-                      tokens_per_s=1000.0 + step, mfu=0.3, peak_mem_bytes=2**30, time=1000.0 + 2 * step)
+            log.train(
+                step,
+                tokens=step * 2048,
+                loss=loss,
+                lr=1e-3 * min(1.0, step / 20),
+                grad_norm=1.0,
+                tokens_per_s=1000.0 + step,
+                mfu=0.3,
+                peak_mem_bytes=2**30,
+                time=1000.0 + 2 * step,
+            )
             if step % 50 == 0:
                 log.eval(step, tokens=step * 2048, loss=loss + 0.1, time=1000.0 + 2 * step)
         log.summary(steps, tokens=steps * 2048, time=1000.0 + 2 * steps)
@@ -91,16 +100,25 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "trainer_logs.jsonl").write_text('{"type": "event", "step": 0, "event": "start"}\n')
-    for argv in (["summary", str(tmp_path / "missing")], ["plot", str(empty)], ["compare", str(empty)],
-                 ["tb", str(tmp_path / "missing")]):
+    for argv in (
+        ["summary", str(tmp_path / "missing")],
+        ["plot", str(empty)],
+        ["compare", str(empty)],
+        ["tb", str(tmp_path / "missing")],
+    ):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "monitor", "plot", str(tmp_path / "missing")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "monitor", "plot", str(tmp_path / "missing")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
     assert "does not exist" in result.stderr

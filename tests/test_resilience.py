@@ -49,8 +49,9 @@ SPIKE = ["--inject-lr-spike", "8,1000", "--max-steps", "16"]  # LR x1000 at step
 @pytest.mark.parametrize("action", ["abort", "stop", "rollback"])
 def test_divergence_guard_acts_within_a_few_steps_of_a_blow_up(action, data_args, tmp_path, jobs_env):
     out = tmp_path / "run"
-    run = train(*TINY, *data_args, *SPIKE, "--init-model", "--divergence-action", action, "--output-dir", str(out),
-                env=jobs_env)
+    run = train(
+        *TINY, *data_args, *SPIKE, "--init-model", "--divergence-action", action, "--output-dir", str(out), env=jobs_env
+    )
     events = [e for e in _events(out) if e["type"] == "event"]
     divergence = [e for e in events if e["event"] == "divergence"]
     assert divergence, run.stdout[-2000:]
@@ -74,8 +75,17 @@ def test_divergence_guard_acts_within_a_few_steps_of_a_blow_up(action, data_args
 
 
 def _start(data_args, out: Path, env: dict, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *data_args, "--max-steps", "100000", "--output-dir",
-           str(out), *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *TINY,
+        *data_args,
+        "--max-steps",
+        "100000",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
     full_env = os.environ | {"OMP_NUM_THREADS": "1"} | env
     return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -96,8 +96,18 @@ def _digest(folder: Path) -> str:
 def trained_dir(corpus, tokenizer_dir, tmp_path_factory) -> Path:
     """An output dir holding one complete checkpoint, to check that bad input never touches it."""
     out = tmp_path_factory.mktemp("trained")
-    run = train(*TINY, "--dataset", str(corpus), "--tokenizer", str(tokenizer_dir), "--init-model",
-                "--max-steps", "3", "--output-dir", str(out))
+    run = train(
+        *TINY,
+        "--dataset",
+        str(corpus),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--init-model",
+        "--max-steps",
+        "3",
+        "--output-dir",
+        str(out),
+    )
     assert run.returncode == 0, run.stderr
     return out
 
@@ -132,8 +142,17 @@ BAD_INPUT = {
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
 def test_bad_input_exits_2_with_one_line_and_leaves_checkpoints_alone(case, trained_dir, corpus, tokenizer_dir):
     before = _digest(trained_dir / "checkpoints")
-    args = [*TINY, "--dataset", str(corpus), "--tokenizer", str(tokenizer_dir), "--max-steps", "6",
-            "--output-dir", str(trained_dir)]
+    args = [
+        *TINY,
+        "--dataset",
+        str(corpus),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--max-steps",
+        "6",
+        "--output-dir",
+        str(trained_dir),
+    ]
     out = train(*args, *BAD_INPUT[case])
     assert out.returncode == 2, (case, out.stdout[-500:], out.stderr[-2000:])
     lines = [line for line in out.stderr.splitlines() if line.strip()]
@@ -146,8 +165,18 @@ def test_init_from_continues_pretraining_from_an_exported_model(corpus, trained_
     """--init-from takes the weights and the tokenizer of an HF folder: the first eval equals the source's last."""
     source = json.loads((trained_dir / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
     out = tmp_path / "continued"
-    run = train(*TINY, "--dataset", str(corpus), "--init-from", str(trained_dir / "final"), "--init-model",
-                "--max-steps", "2", "--output-dir", str(out))
+    run = train(
+        *TINY,
+        "--dataset",
+        str(corpus),
+        "--init-from",
+        str(trained_dir / "final"),
+        "--init-model",
+        "--max-steps",
+        "2",
+        "--output-dir",
+        str(out),
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     log = sorted((out / "runs").iterdir())[-1] / "trainer_logs.jsonl"
     first_eval = next(json.loads(line) for line in log.read_text().splitlines() if '"eval"' in line)
@@ -161,9 +190,24 @@ def test_save_strategy_epoch_saves_when_a_pass_over_the_data_ends(tokenizer_dir,
     # The first 16 characters of each docstring: a pass over the data every ~20 steps of 16 x 64 tokens.
     small.write_text("".join(json.dumps({"text": d[:16]}) + "\n" for d in docs))
     out = tmp_path / "run"
-    run = train(*TINY, "--dataset", str(small), "--tokenizer", str(tokenizer_dir), "--init-model", "--max-steps",
-                "50", "--batch-size", "16", "--save-strategy", "epoch", "--save-total-limit", "50",
-                "--output-dir", str(out))
+    run = train(
+        *TINY,
+        "--dataset",
+        str(small),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--init-model",
+        "--max-steps",
+        "50",
+        "--batch-size",
+        "16",
+        "--save-strategy",
+        "epoch",
+        "--save-total-limit",
+        "50",
+        "--output-dir",
+        str(out),
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
     assert len(steps) >= 3 and steps[-1] == 50  # at least two pass boundaries, plus the end

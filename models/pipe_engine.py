@@ -1,5 +1,6 @@
-"""GPipe for DeepSpeed's pipeline engine: every forward of the batch, then every backward.
+"""DeepSpeed pipeline-engine plumbing: the GPipe schedule, the config filled from the plan, the export assembly.
 
+GPipe runs every forward of the batch, then every backward.
 DeepSpeed ships 1F1B (``TrainSchedule``), which interleaves forwards and backwards to keep at most ``stages``
 micro-batches of activations alive. GPipe keeps all of them (more memory, a larger bubble) but is the simplest
 schedule to reason about, and the spec offers it. The engine runs whatever ``_train_schedule()`` returns, so
@@ -7,6 +8,9 @@ schedule to reason about, and the spec offers it. The engine runs whatever ``_tr
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from deepspeed.runtime.pipe import schedule as ds
 
@@ -59,3 +63,36 @@ def use_gpipe(engine) -> None:
         base[ds.BackwardPass](self, buffer_id)
 
     engine._INSTRUCTION_MAP = {**base, ds.ForwardPass: forward, ds.BackwardPass: backward}
+
+
+def deepspeed_config(
+    path: Path, *, batch_size: int, grad_accum: int, micro_batch: int, max_grad_norm: float, bf16: bool
+) -> tuple[dict, dict]:
+    """``ds_configs/pipeline.json`` with the batch fields filled from our plan (one source of truth for batch size).
+
+    Returns (DeepSpeed config, PipelineModule options from its ``pipeline`` section).
+    """
+    config = json.loads(Path(path).read_text())
+    module_options = config.pop("pipeline")
+    config.update(
+        train_batch_size=batch_size * grad_accum,
+        train_micro_batch_size_per_gpu=micro_batch,
+        gradient_accumulation_steps=batch_size // micro_batch * grad_accum,
+        gradient_clipping=max_grad_norm,
+        bf16={"enabled": bf16},
+    )
+    return config, module_options
+
+
+def assemble_stages(stage_files: list[Path], cfg, attn_implementation: str):
+    """A full ``Transformer`` from the per-stage safetensors files a pipeline run wrote (for the HF export)."""
+    from models.model import Transformer
+    from models.pipeline import from_pipeline_state_dict
+    from monitor.checkpoint import load_state_dict_file
+
+    merged = {}
+    for file in stage_files:
+        merged.update(load_state_dict_file(file))
+    model = Transformer(cfg, attn_implementation)
+    model.load_state_dict(from_pipeline_state_dict(merged, cfg))
+    return model

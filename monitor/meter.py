@@ -1,0 +1,49 @@
+"""Per-interval training statistics: mean loss, tokens/s, MFU over the measured attention context, peak memory."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from monitor.mfu import PeakMemory, flops_per_token, mean_attended_context, mfu
+
+
+class Meter:
+    """Accumulate what happens between two log records; ``record()`` returns the fields and starts a new interval.
+
+    The loss is kept on the device (no sync per step); it is summed across ranks only when a record is made.
+    """
+
+    def __init__(self, model_cfg, tokens_per_step: int, world_size: int, peak_flops: float, device: torch.device):
+        self.model_cfg, self.tokens_per_step, self.world_size = model_cfg, tokens_per_step, world_size
+        self.peak_flops, self.device = peak_flops, device
+        self.peak_memory = PeakMemory(device)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.steps, self.micro_batches, self.context = 0, 0, 0.0
+        self.start = time.perf_counter()
+
+    def add_micro_batch(self, doc_ids: torch.Tensor) -> None:
+        """Call with each micro-batch's CPU doc_ids (avoids a device sync)."""
+        self.context += mean_attended_context(doc_ids)
+        self.micro_batches += 1
+
+    def add_step(self, loss: torch.Tensor | float) -> None:
+        self.loss += loss.detach() if isinstance(loss, torch.Tensor) else loss
+        self.steps += 1
+
+    def record(self, reduce_sum=lambda t: t) -> dict:
+        """loss (mean over steps and ranks), tokens_per_s (all ranks), mfu (per device), peak_mem_bytes."""
+        tokens_per_s = self.steps * self.tokens_per_step / (time.perf_counter() - self.start)
+        context = self.context / max(self.micro_batches, 1)
+        fields = {
+            "loss": (reduce_sum(self.loss) / (self.steps * self.world_size)).item(),
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(tokens_per_s / self.world_size, flops_per_token(self.model_cfg, context), self.peak_flops),
+            "peak_mem_bytes": self.peak_memory.read_and_reset(),
+        }
+        self._reset()
+        return fields
