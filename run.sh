@@ -140,8 +140,29 @@ case $PRESET in
       --attn-implementation flex_attention \
       "$@"
     ;;
+  big_adam)
+    # Spec config big_adam: AdamW (fp32 master weights, bf16 autocast on GPU) with a large batch through gradient
+    # accumulation: global batch 4 x 8 x world size (128 sequences on 4 GPUs, LR scaled by sqrt(128)). 4 GPUs, ~8 h.
+    train \
+      --init-model \
+      --optimizer adamw \
+      --gradient-accumulation-steps 8 \
+      --output-dir output_models/big_adam \
+      --attn-implementation flex_attention \
+      "$@"
+    ;;
+  curriculum)
+    # Spec config tiny_small_lm: TinyStories for the first 300M tokens, blending into the SmolLM mix over the last
+    # 100M of them (a soft sequential switch, logged as a "stage" event), then the SmolLM mix. 4 GPUs, ~6-8 h.
+    train \
+      --init-model \
+      --dataset "roneneldan/TinyStories@300M~100M;smollm" \
+      --output-dir output_models/curriculum \
+      --attn-implementation flex_attention \
+      "$@"
+    ;;
   *)
-    echo "unknown preset '${PRESET}'; presets: demo default long small explore resume pipeline pipeline_test conservative" >&2
+    echo "unknown preset '${PRESET}'; presets: demo default long small explore resume pipeline pipeline_test conservative big_adam curriculum" >&2
     echo "usage: ./run.sh [-d 0,1,3] PRESET [train.py options...]  (Example 4: ./run.sh -d 0,1,3,4,5 default)" >&2
     exit 2
     ;;

@@ -211,3 +211,35 @@ def test_save_strategy_epoch_saves_when_a_pass_over_the_data_ends(tokenizer_dir,
     assert run.returncode == 0, run.stderr[-2000:]
     steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
     assert len(steps) >= 3 and steps[-1] == 50  # at least two pass boundaries, plus the end
+
+
+def test_curriculum_stage_switch_is_recorded_in_the_logs(corpus, tokenizer_dir, tmp_path):
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(json.dumps({"text": t[:40]}) + "\n" for t in texts))  # short documents
+    second.write_text(corpus.read_text())
+    out = tmp_path / "run"
+    spec = f"{first}@1kdocs~200docs;{second}"  # 1,000 short documents, the second file blended in over the last 200
+    run = train(
+        *TINY,
+        "--dataset",
+        spec,
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--init-model",
+        "--max-steps",
+        "40",
+        "--batch-size",
+        "16",
+        "--step-cadence",
+        "0.1",
+        "--save-strategy",
+        "no",
+        "--output-dir",
+        str(out),
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    log = sorted((out / "runs").iterdir())[-1] / "trainer_logs.jsonl"
+    stages = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("event") == "stage"]
+    assert [r["stage"] for r in stages] == [1], run.stdout[-1500:]
+    assert 3 <= stages[0]["step"] <= 40
