@@ -48,8 +48,9 @@ train_pipeline() {
 
 case $PRESET in
   demo)
-    # Offline CPU demo: tiny Llama (~1.5M params) on the built-in corpus (Python's own documentation), 0.9M tokens.
-    # About 4 minutes on 2 CPU cores; the eval loss falls from ~7.6 to ~4.3 and a sample is printed at the end.
+    # Offline CPU demo: tiny Llama (1.3M params) on the built-in corpus (Python's own documentation), 3M tokens,
+    # AdamW, one cosine from the peak LR over the whole run. About 3 minutes on 2 CPU cores; the eval loss falls
+    # from 7.6 to ~4.3 (56%), then a sample and the Hugging Face export folder are printed.
     "$PYTHON" train.py \
       --init-model \
       --overwrite-output-dir \
@@ -60,12 +61,12 @@ case $PRESET in
       --tokenizer-docs 20000 \
       --max-length 128 \
       --batch-size 16 \
-      --total-tokens 0.0009 \
-      --min-cooldown-tokens 0 \
-      --learning-rate 6e-4 \
-      --warmup-steps 30 \
+      --total-tokens 0.003 \
+      --min-cooldown-tokens 0.003 \
+      --learning-rate 1e-3 \
+      --warmup-steps 50 \
       --optimizer adamw \
-      --step-cadence 3.2 \
+      --step-cadence 8 \
       --eval-batches 4 \
       "$@"
     ;;
