@@ -47,7 +47,7 @@ RUN = [
     "--sample-tokens",
     "0",
     "--max-steps",
-    "40",
+    "120",
     "--save-total-limit",
     "3",
     "--seed",
@@ -127,7 +127,7 @@ def make_data(workdir: Path) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=20, help="kill-and-resume trials")
-    parser.add_argument("--max-delay", type=float, default=20.0, help="latest kill, seconds after start")
+    parser.add_argument("--max-delay", type=float, default=16.0, help="latest kill, seconds after start")
     parser.add_argument("--seed", type=int, default=0, help="seed for the kill times")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()

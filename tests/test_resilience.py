@@ -33,7 +33,7 @@ def jobs_env(tmp_path) -> dict:
 
 @pytest.mark.parametrize("trial", range(3))
 def test_sigkill_at_a_random_moment_never_loses_more_than_one_save(trial, data_args, tmp_path):
-    delay = random.Random(trial).uniform(3.0, 14.0)  # spans start-up, steps and checkpoint writes
+    delay = random.Random(trial).uniform(3.0, 12.0)  # spans start-up, steps and checkpoint writes
     result = run_trial(tmp_path, delay, data_args)
     assert result["lost_steps"] <= 1
 
