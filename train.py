@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-total-limit", type=int, default=4, help="checkpoints kept (the best 2 by eval loss always)")
     g.add_argument("--step-cadence", type=float, default=1.0, help="scale the log/eval/save intervals")
     g.add_argument("--sample-tokens", type=int, default=48, help="tokens generated per text sample at eval (0 = none)")
+    g.add_argument("--sample-temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    g.add_argument("--sample-top-k", type=int, default=40, help="sample among the k likeliest tokens (0 = all)")
+    g.add_argument("--repetition-penalty", type=float, default=1.2, help="divide the logits of seen tokens (1 = off)")
     g = p.add_argument_group("divergence guard")
     g.add_argument(
         "--divergence-action",
@@ -374,9 +377,17 @@ def start_monitoring(run: Run, progress: dict, is_main: bool, vocab_size: int):
     return logger, bar, control, steering.StopSignals()
 
 
-def sample_text(model, tokenizer, device, max_new_tokens: int, seed: int) -> str:
+def sample_text(model, tokenizer, device, args: argparse.Namespace, max_new_tokens: int) -> str:
     return samples.generate(
-        model, tokenizer, samples.PROMPTS[0], max_new_tokens=max_new_tokens, device=device, seed=seed
+        model,
+        tokenizer,
+        samples.PROMPTS[0],
+        max_new_tokens=max_new_tokens,
+        temperature=args.sample_temperature,
+        top_k=args.sample_top_k,
+        repetition_penalty=args.repetition_penalty,
+        device=device,
+        seed=args.seed,
     )
 
 
@@ -472,7 +483,7 @@ def train_ddp(run: Run) -> int:
     if args.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # plain names in checkpoints
 
     # ---- logging, job control, signals
     logger, bar, control, signals = start_monitoring(run, progress, is_main, len(tokenizer))
@@ -504,7 +515,7 @@ def train_ddp(run: Run) -> int:
         step = progress["step"]
         logger.eval(step, tokens=progress["tokens"], loss=loss)
         if is_main and args.sample_tokens > 0:
-            text = sample_text(raw_model, tokenizer, device, args.sample_tokens, args.seed)
+            text = sample_text(raw_model, tokenizer, device, args, args.sample_tokens)
             logger.text("sample", text, step)
             bar.print(f"step {step:,} | eval loss {loss:.4f} | sample: {text!r}")
         return loss
@@ -599,7 +610,7 @@ def train_ddp(run: Run) -> int:
         bar.close()
         if is_main:
             export_dir = models.export_hf(raw_model, run.model_cfg, run.output_dir / "final", tokenizer=tokenizer)
-            text = sample_text(raw_model, tokenizer, device, max(args.sample_tokens, 32), args.seed)
+            text = sample_text(raw_model, tokenizer, device, args, max(args.sample_tokens, 32))
             print(f"final eval loss {final_eval:.4f}\nsample: {text}\nHugging Face model: {export_dir}", flush=True)
     bar.close()
     logger.close()

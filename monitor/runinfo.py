@@ -17,7 +17,10 @@ import torch
 LIBRARIES = ("torch", "transformers", "accelerate", "deepspeed", "datasets", "tokenizers", "safetensors")
 
 
-def git_commit(repo: Path = Path(__file__).resolve().parents[1]) -> str | None:
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_commit(repo: Path = REPO) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):

@@ -20,7 +20,8 @@ def generate(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> str:
-    """Sample a continuation of ``prompt`` (a transformers fast tokenizer); stops at EOS. No KV cache: samples are short.
+    """Sample a continuation of ``prompt`` with a transformers fast tokenizer; stops at EOS. No KV cache: samples are
+    short.
 
     The generator is local and seeded, so sampling never disturbs the training RNG streams.
     """

@@ -48,10 +48,19 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(setup):
         assert ddp[step] == pytest.approx(single[step], abs=1e-5), step
 
 
-def _final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(output_dir / "final" / "model.safetensors"))
+def test_ddp_resume_is_bit_identical(setup):
+    root, common = setup
+    args = [*common, "--batch-size", "2"]
+    full = train(*args, "--max-steps", "6", "--output-dir", str(root / "ddp-full"), launcher=ACCELERATE)
+    assert full.returncode == 0, full.stderr[-3000:]
+    first = train(*args, "--max-steps", "3", "--output-dir", str(root / "ddp-split"), launcher=ACCELERATE)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed_args = [a for a in args if a != "--init-model"]
+    second = train(*resumed_args, "--max-steps", "6", "--output-dir", str(root / "ddp-split"), launcher=ACCELERATE)
+    assert second.returncode == 0, second.stderr[-3000:]
+    uninterrupted, resumed = train_losses(root / "ddp-full"), train_losses(root / "ddp-split")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert all(resumed[s] == uninterrupted[s] for s in (4, 5, 6))
 
 
 @pytest.mark.parametrize("schedule,model", [("1F1B", "tiny"), ("GPipe", "untied")])

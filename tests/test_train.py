@@ -243,3 +243,55 @@ def test_curriculum_stage_switch_is_recorded_in_the_logs(corpus, tokenizer_dir, 
     stages = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("event") == "stage"]
     assert [r["stage"] for r in stages] == [1], run.stdout[-1500:]
     assert 3 <= stages[0]["step"] <= 40
+
+
+def test_logs_tensorboard_and_monitor_commands_on_a_real_run(trained_dir, tmp_path):
+    """trainer_logs.jsonl fields, TensorBoard files, and `python -m monitor summary/plot/compare` on train.py output."""
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = sorted((trained_dir / "runs").iterdir())[-1]
+    records = [json.loads(line) for line in (run_dir / "trainer_logs.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in train_records] == [1, 2, 3]
+    fields = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes", "time"}
+    assert all(fields <= set(r) for r in train_records)
+    assert {r["type"] for r in records} >= {"train", "eval", "summary"}
+    assert (run_dir / "run_info.json").is_file()
+
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0}).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert "eval/loss" in events.Tags()["scalars"]
+    assert any("sample" in tag for tag in events.Tags()["tensors"])  # text samples
+
+    def monitor(*args):
+        return subprocess.run([sys.executable, "-m", "monitor", *args], capture_output=True, text=True, timeout=120)
+
+    summary = monitor("summary", str(trained_dir))
+    assert summary.returncode == 0 and "eval" in summary.stdout, summary.stderr
+    for args, png in (
+        (["plot", str(trained_dir), "--loss-curves", "-o", str(tmp_path / "curves.png")], tmp_path / "curves.png"),
+        (["compare", str(trained_dir), str(trained_dir), "-o", str(tmp_path / "cmp.png")], tmp_path / "cmp.png"),
+    ):
+        out = monitor(*args)
+        assert out.returncode == 0, out.stderr
+        head = png.read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        assert width >= 400 and height >= 300
+
+
+def test_resume_with_a_larger_budget_continues_bit_identically(corpus, tokenizer_dir, tmp_path):
+    """A 3-step budget (768 tokens) extended to 6 steps equals a 6-step budget run from the start."""
+    common = [*TINY, "--dataset", str(corpus), "--tokenizer", str(tokenizer_dir)]
+    full = train(*common, "--init-model", "--total-tokens", "1.536e-6", "--output-dir", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-2000:]
+    first = train(*common, "--init-model", "--total-tokens", "7.68e-7", "--output-dir", str(tmp_path / "split"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    more = train(*common, "--total-tokens", "1.536e-6", "--output-dir", str(tmp_path / "split"))
+    assert more.returncode == 0, more.stderr[-2000:]
+    uninterrupted, extended = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
+    assert sorted(extended) == [1, 2, 3, 4, 5, 6]
+    assert all(extended[s] == uninterrupted[s] for s in (4, 5, 6))
