@@ -338,6 +338,20 @@ def build_model(run: Run, dtype: torch.dtype) -> models.Transformer:
     return model.to(dtype=dtype)
 
 
+def build_optimizer(run: Run, module: torch.nn.Module):
+    """The optimizer (peak LR from the plan) and the InfiniteLR schedule that drives it, step by step."""
+    args = run.args
+    optimizer = schedule.build_optimizer(
+        args.optimizer,
+        module,
+        run.plan.max_lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        stochastic_rounding=not args.no_stochastic_rounding,
+    )
+    return optimizer, schedule.InfiniteLR(optimizer, run.plan)
+
+
 def trainer_state(run: Run, progress: dict, stream, eval_loss: float | None) -> dict:
     """The JSON part of a checkpoint: counters, schedule, data position, and what the run is."""
     return {
@@ -428,15 +442,7 @@ def train_ddp(run: Run) -> int:
     with bad_input():
         tokenizer = build_tokenizer(run, is_main, accelerator.wait_for_everyone)
     model = build_model(run, torch.bfloat16 if pure_bf16 else torch.float32).to(device)
-    optimizer = schedule.build_optimizer(
-        args.optimizer,
-        model,
-        plan.max_lr,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        stochastic_rounding=not args.no_stochastic_rounding,
-    )
-    scheduler = schedule.InfiniteLR(optimizer, plan)
+    optimizer, scheduler = build_optimizer(run, model)
     with bad_input():
         stream = data.PackedStream(
             run.extra["mix"],
@@ -664,15 +670,7 @@ def train_pipeline(run: Run) -> int:
     )  # the last layer already returns the loss
     models.load_pipeline_state(net, build_model(run, torch.float32).state_dict(), run.model_cfg)  # same init as DDP
     net.to(device=device, dtype=torch.bfloat16 if pure_bf16 else torch.float32)
-    optimizer = schedule.build_optimizer(
-        args.optimizer,
-        net,
-        plan.max_lr,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        stochastic_rounding=not args.no_stochastic_rounding,
-    )
-    scheduler = schedule.InfiniteLR(optimizer, plan)
+    optimizer, scheduler = build_optimizer(run, net)
     engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds_config)
     if PIPELINE_SCHEDULES[args.pipeline_schedule] == "GPipe":
         use_gpipe(engine)

@@ -25,34 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from monitor import checkpoint as ckpt  # noqa: E402
+from tests.helpers import TINY  # noqa: E402
 
 # Saves, evaluates and logs every step: kills land in checkpoint writes as often as in training steps.
-RUN = [
-    "--model",
-    "tiny",
-    "--max-length",
-    "64",
-    "--batch-size",
-    "4",
-    "--warmup-steps",
-    "2",
-    "--learning-rate",
-    "1e-3",
-    "--optimizer",
-    "adamw",
-    "--step-cadence",
-    "0.0002",
-    "--eval-batches",
-    "1",
-    "--sample-tokens",
-    "0",
-    "--max-steps",
-    "120",
-    "--save-total-limit",
-    "3",
-    "--seed",
-    "3",
-]
+RUN = [*TINY, *"--step-cadence 0.0002 --eval-batches 1 --sample-tokens 0 --max-steps 120 --seed 3".split()]
 
 
 def logged_steps(output_dir: Path) -> list[int]:

@@ -13,28 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 # A tiny run: logs and evaluates every step, saves every 3 steps (cadence 0.0006 x 20000 / 4 sequences = 3).
-TINY = [
-    "--model",
-    "tiny",
-    "--max-length",
-    "64",
-    "--batch-size",
-    "4",
-    "--warmup-steps",
-    "2",
-    "--learning-rate",
-    "1e-3",
-    "--optimizer",
-    "adamw",
-    "--step-cadence",
-    "0.0006",
-    "--eval-batches",
-    "2",
-    "--sample-tokens",
-    "4",
-    "--seed",
-    "7",
-]
+TINY = (
+    "--model tiny --max-length 64 --batch-size 4 --warmup-steps 2 --learning-rate 1e-3 --optimizer adamw "
+    "--step-cadence 0.0006 --eval-batches 2 --sample-tokens 4 --seed 7"
+).split()
 
 
 def write_corpus(path: Path, max_docs: int = 3000) -> Path:
