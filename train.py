@@ -411,7 +411,7 @@ def sample_text(model, tokenizer, device, args: argparse.Namespace, max_new_toke
 
 def train_ddp(run: Run) -> int:
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     args, plan = run.args, run.plan
     cpu = not torch.cuda.is_available()
@@ -432,6 +432,16 @@ def train_ddp(run: Run) -> int:
         accelerator.num_processes,
     )
     run.world_size = world
+    # NOTE: under FSDP the weights and optimizer state are sharded: a forward needs every rank (so no text samples on
+    # the main rank alone), and our checkpoints do not gather sharded optimizer state yet.
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and args.save_strategy != "no":
+        raise UsageError(
+            "checkpoints are not supported with FSDP yet (sharded optimizer state); pass "
+            "--save-strategy no, or train with DDP or --pipeline"
+        )
+    if fsdp:
+        args.sample_tokens = 0
     if not cpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -499,6 +509,8 @@ def train_ddp(run: Run) -> int:
         return accelerator.reduce(t, reduction="sum") if world > 1 else t
 
     def save(eval_loss: float | None) -> None:
+        if fsdp:
+            return bar.print("checkpoints are not supported with FSDP yet; not saved")
         progress["divergence"] = detector.state_dict()
         if (run.output_dir / "checkpoints" / f"checkpoint-{progress['step']}" / ckpt.MARKER).is_file():
             return  # saved already at this step (an exact resume makes the state identical)
@@ -614,9 +626,14 @@ def train_ddp(run: Run) -> int:
             save(final_eval)  # a no-op when this step was just saved
         logger.summary(progress["step"], tokens=progress["tokens"], loss=final_eval)
         bar.close()
+        final_model, full_state = raw_model, accelerator.get_state_dict(model)  # gathered on the main rank under FSDP
+        if is_main and fsdp:
+            final_model = models.Transformer(run.model_cfg, args.attn_implementation)
+            final_model.load_state_dict(full_state)
+            final_model.to(device)
         if is_main:
-            export_dir = models.export_hf(raw_model, run.model_cfg, run.output_dir / "final", tokenizer=tokenizer)
-            text = sample_text(raw_model, tokenizer, device, args, max(args.sample_tokens, 32))
+            export_dir = models.export_hf(final_model, run.model_cfg, run.output_dir / "final", tokenizer=tokenizer)
+            text = sample_text(final_model, tokenizer, device, args, max(args.sample_tokens, 32))
             print(f"final eval loss {final_eval:.4f}\nsample: {text}\nHugging Face model: {export_dir}", flush=True)
     bar.close()
     logger.close()
