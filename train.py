@@ -59,9 +59,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("token budget and batch")
-    g.add_argument(
-        "--init-model", action="store_true", help="start a new model (default: resume the newest checkpoint)"
-    )
+    g.add_argument("--init-model", action="store_true", help="start a new model (default: resume the newest one)")
     g.add_argument("--total-tokens", type=float, default=3.0, help="training budget in billions of tokens")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps to run (overrides the budget)")
     g.add_argument("--batch-size", type=int, default=4, help="sequences per device per micro-step")
@@ -77,10 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-config", default=None, help="path to a model config JSON (overrides --model)")
     g.add_argument("--init-from", default=None, help="start from a Hugging Face model folder (continued pretraining)")
     g.add_argument(
-        "--attn-implementation",
-        default="sdpa",
-        choices=["eager", "sdpa", "flex_attention", "flash_attention_2"],
-        help="attention kernel",
+        "--attn-implementation", default="sdpa", choices=models.ATTN_IMPLEMENTATIONS, help="attention kernel"
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     g = p.add_argument_group("data")
@@ -109,25 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.2, help="divide the logits of seen tokens (1 = off)")
     g = p.add_argument_group("divergence guard")
     g.add_argument(
-        "--divergence-action",
-        default="abort",
-        choices=["abort", "stop", "rollback", "none"],
-        help="on a loss blow-up: abort (keep checkpoints), stop (save, then stop), rollback, or none",
+        "--divergence-action", default="abort", choices=["abort", "stop", "rollback", "none"], help="on a blow-up"
     )
-    g.add_argument(
-        "--divergence-threshold",
-        type=float,
-        default=1.0,
-        help="nats by which the fast loss EMA may exceed the slow one",
-    )
+    g.add_argument("--divergence-threshold", type=float, default=1.0, help="max nats of fast minus slow loss EMA")
     g.add_argument("--max-rollbacks", type=int, default=3, help="rollbacks before giving up (abort)")
     g.add_argument("--rollback-lr-factor", type=float, default=0.5, help="LR multiplier applied at each rollback")
-    g.add_argument(
-        "--inject-lr-spike",
-        default=None,
-        metavar="STEP,FACTOR",
-        help="testing aid: multiply the LR by FACTOR from STEP on, to provoke a divergence",
-    )
+    g.add_argument("--inject-lr-spike", metavar="STEP,FACTOR", help="testing aid: LR x FACTOR from STEP on")
     g.add_argument("--seed", type=int, default=42, help="seed for init, data order and sampling")
     g = p.add_argument_group("distributed")
     g.add_argument("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo on CPU)")
