@@ -481,6 +481,8 @@ def train_ddp(run: Run) -> int:
     if args.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Batches are prepared on a thread while the model trains (a dispatched stream must stay on this thread).
+    batches = stream if stream.dispatch else data.Prefetcher(stream)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)  # plain names in checkpoints
 
     # ---- logging, job control, signals
@@ -503,7 +505,7 @@ def train_ddp(run: Run) -> int:
             barrier=accelerator.wait_for_everyone,
             model_state=raw_model.state_dict() if is_main else None,
             optimizer_state=optimizer.state_dict() if is_main else None,
-            trainer_state=trainer_state(run, progress, stream, eval_loss),
+            trainer_state=trainer_state(run, progress, batches, eval_loss),
             rank_state={"rng": ckpt.capture_rng()},
         )
         if is_main:
@@ -526,14 +528,14 @@ def train_ddp(run: Run) -> int:
         run_eval()
     meter = Meter(run.model_cfg, plan.tokens_per_step, world, device_peak_flops(device, dtype), device)
     command, exit_code, eval_loss = None, 0, None
-    stage, epoch = stream.current_stage, stream.epoch
+    stage, epoch = batches.current_stage, batches.epoch
     while progress["step"] < plan.total_steps:
         step = progress["step"] + 1
         if "factor" in lr_spike and step == int(lr_spike["step"]):  # testing aid for the divergence guard: applied once
             scheduler.lr_factor *= lr_spike.pop("factor")
             scheduler.load_state_dict(scheduler.state_dict())  # re-apply the LR for this update
         step_loss = torch.zeros((), device=device)
-        micro_batches = [next(stream) for _ in range(args.gradient_accumulation_steps)]
+        micro_batches = [next(batches) for _ in range(args.gradient_accumulation_steps)]
         # NOTE: normalise by the label count of the whole global batch, not per micro-batch and rank, so the loss and
         # gradients equal a single process's over the same rows (accumulate() divides by the micro-steps and DDP
         # averages over ranks, hence the factor).
@@ -555,8 +557,8 @@ def train_ddp(run: Run) -> int:
             step_loss += loss.detach() / args.gradient_accumulation_steps
         progress["step"], progress["tokens"] = step, progress["tokens"] + plan.tokens_per_step
         meter.add_step(step_loss)
-        if stream.current_stage != stage:  # a curriculum moved on to its next mix
-            stage = stream.current_stage
+        if batches.current_stage != stage:  # a curriculum moved on to its next mix
+            stage = batches.current_stage
             logger.event(step, "stage", stage=stage, dataset=args.dataset)
             bar.print(f"step {step:,}: data stage {stage} of {args.dataset}")
         if step % plan.logging_steps == 0 or step == plan.total_steps:
@@ -575,8 +577,8 @@ def train_ddp(run: Run) -> int:
         if eval_loss is not None:
             reason = reason or detector.update_eval(step, eval_loss)
         wish = control.poll() or ("stop" if signals.requested else None)
-        if args.save_strategy == "epoch" and stream.epoch != epoch:  # a pass over the data just ended
-            epoch, wish = stream.epoch, wish or "save"
+        if args.save_strategy == "epoch" and batches.epoch != epoch:  # a pass over the data just ended
+            epoch, wish = batches.epoch, wish or "save"
         command = steering.agree(steering.divergence_wish(reason, args.divergence_action, wish), device, world)
         if command in ("abort", "stop", "rollback") and reason:
             logger.event(step, "divergence", reason=reason, action=command)
@@ -620,6 +622,8 @@ def train_ddp(run: Run) -> int:
     bar.close()
     logger.close()
     control.close()
+    if batches is not stream:
+        batches.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return exit_code

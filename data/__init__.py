@@ -13,6 +13,7 @@ sharding/dispatch and resume, prepare.py for the token cache, builtin.py for the
 
 from .mix import Mix, SourceSpec, Stage, describe_mix, parse_mix
 from .packing import IGNORE_INDEX, pack_rows
+from .prefetch import Prefetcher
 from .stream import PackedStream, eval_batches, rank_rows
 from .tokenizer import bos_eos_ids, load_tokenizer, resolve_tokenizer, save_tokenizer, train_tokenizer
 
@@ -20,6 +21,7 @@ __all__ = [
     "IGNORE_INDEX",
     "Mix",
     "PackedStream",
+    "Prefetcher",
     "SourceSpec",
     "Stage",
     "bos_eos_ids",
