@@ -81,6 +81,7 @@ case $PRESET in
     # Example 2: 10B tokens, gentle LR decay. ~1 day on 4x RTX 3090.
     train \
       --init-model \
+      --output-dir output_models/long \
       --total-tokens 10 \
       --attn-implementation flex_attention \
       "$@"
@@ -89,6 +90,7 @@ case $PRESET in
     # Example 3: Llama 30M, batch 16, checkpoints 4x less often. ~1 h on one RTX 3090.
     train \
       --init-model \
+      --output-dir output_models/small \
       --model llama-30m \
       --batch-size 16 \
       --step-cadence 4.0 \
@@ -99,6 +101,7 @@ case $PRESET in
     # Example 5: quick LR probe, 2000 steps, no checkpoints. ~20 min on 4x RTX 3090.
     train \
       --init-model \
+      --output-dir output_models/explore \
       --max-steps 2000 \
       --save-strategy no \
       --learning-rate 2.0e-5 \
@@ -116,6 +119,7 @@ case $PRESET in
     # Example 7: pipeline parallel, one stage per GPU, DeepSpeed 1F1B. Use with -d 0,1,2,3.
     train_pipeline \
       --init-model \
+      --output-dir output_models/pipeline \
       --attn-implementation flex_attention \
       --pipeline-schedule 1F1B \
       "$@"
@@ -124,6 +128,7 @@ case $PRESET in
     # Example 7, performance probe: GPipe, 2 microbatches per stage, 100 steps, no checkpoints. Use with -d 0,1.
     train_pipeline \
       --init-model \
+      --output-dir output_models/pipeline_test \
       --attn-implementation sdpa \
       --microbatch-scale 2 \
       --batch-size 8 \
@@ -136,6 +141,7 @@ case $PRESET in
     # Example 8: 50B tokens with a 200B-token minimum cooldown (LR stays high until late). Several days on 4 GPUs.
     train \
       --init-model \
+      --output-dir output_models/conservative \
       --total-tokens 50 \
       --min-cooldown-tokens 200 \
       --attn-implementation flex_attention \
