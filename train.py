@@ -163,6 +163,13 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.world_size is not None and not args.dry_run:
         raise UsageError("--world-size only applies to --dry-run; launchers set the real world size")
     parse_lr_spike(args.inject_lr_spike)
+    unsupported = {
+        "--compile": args.compile,
+        "--dispatch-batches": args.dispatch_batches,
+        "--save-strategy epoch": args.save_strategy == "epoch",
+    }
+    for flag in (f for f, given in unsupported.items() if given and args.pipeline):
+        raise UsageError(f"{flag} is not supported with --pipeline yet; drop it or train with DDP")
     if args.pipeline_schedule not in PIPELINE_SCHEDULES:
         raise UsageError(
             f"--pipeline-schedule {args.pipeline_schedule} is not available with DeepSpeed's pipeline "

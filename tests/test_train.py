@@ -132,6 +132,8 @@ BAD_INPUT = {
     "unknown optimizer": ["--optimizer", "sgd"],
     "pipeline batch not divisible": ["--pipeline", "--batch-size", "3", "--microbatch-scale", "2"],
     "unknown pipeline schedule": ["--pipeline", "--pipeline-schedule", "ScheduleZBVZeroBubble"],
+    "compile with the pipeline": ["--pipeline", "--compile"],
+    "epoch saves with the pipeline": ["--pipeline", "--save-strategy", "epoch"],
     "json without dry run": ["--json"],
     "anneal longer than the run": ["--anneal-steps", "50"],
     "init-from not a model": ["--init-from", "/tmp"],
