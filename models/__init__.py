@@ -16,7 +16,7 @@ from .pipeline import (
     from_pipeline_state_dict,
     load_pipeline_state,
     pipeline_layers,
-    read_pipeline_checkpoint,
+    pipeline_loss,
     to_pipeline_state_dict,
 )
 
@@ -40,6 +40,6 @@ __all__ = [
     "load_model_config",
     "load_pipeline_state",
     "pipeline_layers",
-    "read_pipeline_checkpoint",
+    "pipeline_loss",
     "to_pipeline_state_dict",
 ]

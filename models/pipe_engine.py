@@ -1,4 +1,4 @@
-"""DeepSpeed pipeline-engine plumbing: the GPipe schedule, the config filled from the plan, the export assembly.
+"""DeepSpeed pipeline-engine plumbing: the GPipe schedule, the global-norm clip, the config filled from the plan.
 
 GPipe runs every forward of the batch, then every backward.
 DeepSpeed ships 1F1B (``TrainSchedule``), which interleaves forwards and backwards to keep at most ``stages``
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from deepspeed.runtime.pipe import schedule as ds
 
 
@@ -50,7 +51,7 @@ def use_gpipe(engine) -> None:
     engine._train_schedule = lambda: GPipeSchedule(
         micro_batches=engine.micro_batches, stages=engine.num_stages, stage_id=engine.stage_id
     )
-    base, losses = type(engine)._INSTRUCTION_MAP, {}
+    base, losses = engine._INSTRUCTION_MAP, {}
 
     def forward(self, buffer_id):
         base[ds.ForwardPass](self, buffer_id)
@@ -65,34 +66,54 @@ def use_gpipe(engine) -> None:
     engine._INSTRUCTION_MAP = {**base, ds.ForwardPass: forward, ds.BackwardPass: backward}
 
 
-def deepspeed_config(
-    path: Path, *, batch_size: int, grad_accum: int, micro_batch: int, max_grad_norm: float, bf16: bool
-) -> tuple[dict, dict]:
+def clip_over_all_stages(engine, max_norm: float) -> list[float]:
+    """Clip with the global gradient norm over every stage's parameters, as one process would; returns a list that
+    receives each step's pre-clip norm (the same value on every stage).
+
+    NOTE: DeepSpeed's own ``gradient_clipping`` counts only the gradients of model-parallel rank 0, which in a
+    pipeline is the first stage alone: with clipping active a 2-stage run drifts from one process within a few
+    steps. So the config sets it to 0 and this runs in its place, after the gradients (tied ones included) are
+    reduced and before the optimizer step. A tied embedding/head lives on the first and last stage with the same
+    reduced gradient; only the first stage counts it. ``max_norm`` 0 measures the norm without clipping.
+    """
+    base, norms = engine._INSTRUCTION_MAP, []
+
+    def optimizer_step(self, lr_kwargs=None):
+        grads, counted = [], []
+        for name, p in self.module.named_parameters():
+            if p.grad is not None:
+                grads.append(p.grad)
+                if self.is_first_stage() or not name.startswith("tied_modules."):
+                    counted.append(p.grad)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for g in counted:
+            total += g.detach().float().pow(2).sum()
+        torch.distributed.all_reduce(total, group=self.grid.get_pipe_parallel_group())
+        norm = total.sqrt()
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+            for g in grads:
+                g.mul_(coef.to(g.dtype))
+        norms.append(float(norm))
+        base[ds.OptimizerStep](self, lr_kwargs)
+
+    engine._INSTRUCTION_MAP = {**base, ds.OptimizerStep: optimizer_step}
+    return norms
+
+
+def deepspeed_config(path: Path, *, micro_batch: int, micro_batches: int) -> tuple[dict, dict]:
     """``ds_configs/pipeline.json`` with the batch fields filled from our plan (one source of truth for batch size).
 
-    Returns (DeepSpeed config, PipelineModule options from its ``pipeline`` section).
+    Clipping is ours (``clip_over_all_stages``) and mixed precision is autocast, as on the DDP path, so the
+    engine's ``gradient_clipping`` and ``bf16`` stay off. Returns (DeepSpeed config, PipelineModule options).
     """
     config = json.loads(Path(path).read_text())
     module_options = config.pop("pipeline")
     config.update(
-        train_batch_size=batch_size * grad_accum,
+        train_batch_size=micro_batch * micro_batches,
         train_micro_batch_size_per_gpu=micro_batch,
-        gradient_accumulation_steps=batch_size // micro_batch * grad_accum,
-        gradient_clipping=max_grad_norm,
-        bf16={"enabled": bf16},
+        gradient_accumulation_steps=micro_batches,
+        gradient_clipping=0.0,
+        bf16={"enabled": False},
     )
     return config, module_options
-
-
-def assemble_stages(stage_files: list[Path], cfg, attn_implementation: str):
-    """A full ``Transformer`` from the per-stage safetensors files a pipeline run wrote (for the HF export)."""
-    from models.model import Transformer
-    from models.pipeline import from_pipeline_state_dict
-    from monitor.checkpoint import load_state_dict_file
-
-    merged = {}
-    for file in stage_files:
-        merged.update(load_state_dict_file(file))
-    model = Transformer(cfg, attn_implementation)
-    model.load_state_dict(from_pipeline_state_dict(merged, cfg))
-    return model

@@ -5,7 +5,8 @@ Layer indices (DeepSpeed saves one file per index, `layer_XX-model_states.pt`):
     0          EmbeddingPipe   (input_ids, position_ids, doc_ids, labels) -> (hidden, position_ids, doc_ids, labels)
     1 .. N     BlockPipe       (hidden, position_ids, doc_ids, labels) -> same, one decoder block each
     N + 1      NormPipe        final norm (no parameters for deepone, whose post-norm blocks end in a norm)
-    N + 2      head + loss     -> scalar loss (chunked cross-entropy), so the engine's loss_fn just returns it
+    N + 2      head + loss     -> scalar summed loss (chunked cross-entropy); the engine's loss_fn, `pipeline_loss`,
+                               divides it by the micro-batch's share of the global label count
 
 Every stage boundary carries a tuple of tensors; integer tensors get no gradient. With tied embeddings the first
 and last layers are `TiedLayerSpec("embed", EmbeddingPipe)`: DeepSpeed keeps one EmbeddingPipe per stage that uses
@@ -14,15 +15,12 @@ it, reduces the tied gradient across them and saves it once (layer 0); the head 
 Usage in a training script:
 
     layers = pipeline_layers(cfg, "flex_attention")
-    pipe = PipelineModule(layers, num_stages=S, loss_fn=lambda loss, _labels: loss, partition_method="type:BlockPipe")
+    pipe = PipelineModule(layers, num_stages=S, loss_fn=pipeline_loss, partition_method="type:BlockPipe")
     load_pipeline_state(pipe, reference_model.state_dict(), cfg)   # same init as the single-process model
-    # batches: ((input_ids, position_ids, doc_ids, labels), labels)
+    # batches: ((input_ids, position_ids, doc_ids, labels), (labels, num_items))
 """
 
 from __future__ import annotations
-
-import glob
-import os
 
 import torch
 import torch.nn as nn
@@ -71,13 +69,22 @@ class LMHeadPipe(nn.Module):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         hidden, _, _, labels = inputs
-        return chunked_cross_entropy(hidden, self.lm_head.weight, labels)
+        return chunked_cross_entropy(hidden, self.lm_head.weight, labels, num_items=1.0)  # summed
 
 
 def tied_head_loss(embedding: EmbeddingPipe, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """forward_fn of the last TiedLayerSpec: the embedding matrix used as the output head, fused with the loss."""
     hidden, _, _, labels = inputs
-    return chunked_cross_entropy(hidden, embedding.embed_tokens.weight, labels)
+    return chunked_cross_entropy(hidden, embedding.embed_tokens.weight, labels, num_items=1.0)  # summed
+
+
+def pipeline_loss(loss_sum: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """loss_fn of the PipelineModule: the summed loss over `num_items`, with target = (labels, num_items).
+
+    With num_items = (labels of the whole global batch) / (micro-batches), DeepSpeed's mean over micro-batches
+    gives sum / label count of the global batch: the loss one process computes over the same rows, as on DDP.
+    """
+    return loss_sum / target[1]
 
 
 def pipeline_layers(cfg: ModelConfig, attn_implementation: str = "sdpa") -> list:
@@ -153,20 +160,3 @@ def load_pipeline_state(pipe: nn.Module, state_dict: dict[str, torch.Tensor], cf
     if missing:
         raise ValueError(f"the state dict lacks pipeline parameters {missing[:5]}; was it made for another config?")
     pipe.load_state_dict({name: converted[name] for name in own})
-
-
-def read_pipeline_checkpoint(ckpt_dir: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Assemble a full Transformer state dict from DeepSpeed's `layer_XX-*model_states.pt` files in ckpt_dir."""
-    n = cfg.num_hidden_layers
-    merged = {}
-    for idx in range(n + 3):
-        files = sorted(glob.glob(os.path.join(ckpt_dir, f"layer_{idx:02d}-*model_states.pt")))
-        if not files:
-            if idx == n + 2 and cfg.tie_word_embeddings:
-                continue  # the tied head has no file of its own: its weight is layer 0's embedding
-            raise ValueError(f"pipeline checkpoint {ckpt_dir} has no file for layer {idx} (layer_{idx:02d}-*)")
-        if len(files) > 1:
-            raise ValueError(f"layer {idx} of {ckpt_dir} is split over {len(files)} files (tensor parallel?)")
-        layer = torch.load(files[0], map_location="cpu", weights_only=True)
-        merged.update({f"{idx}.{name}": tensor for name, tensor in layer.items()})
-    return from_pipeline_state_dict(merged, cfg)

@@ -1,12 +1,16 @@
-"""Crash-safe checkpoints: atomic writes, checksummed completion markers, retention, per-rank RNG state.
+"""Crash-safe checkpoints that do not depend on the layout: atomic writes, checksums, retention, per-rank RNG state.
 
 Layout of one checkpoint (``<output_dir>/checkpoints/checkpoint-<step>/``):
 
-    model.safetensors     weights (tied tensors stored once)            written by the main rank
-    optimizer.pt          optimizer state_dict, loaded weights_only     written by the main rank
-    trainer_state.json    progress, schedule step, data state, args...  written by the main rank
-    rank-<k>.json         RNG states of rank k                          written by every rank
-    COMPLETE              JSON: file -> sha256, written last            written by the main rank
+    model-<k>.safetensors   weights held by rank k, by Transformer parameter name (tied tensors once)
+    optimizer-<k>.pt        rank k's optimizer state keyed by parameter name, loaded weights_only
+    trainer_state.json      progress, schedule step, data state, args...            written by the main rank
+    rank-<k>.json           RNG states of rank k                                     written by every rank
+    COMPLETE                JSON: file -> sha256, written last                       written by the main rank
+
+Data parallel runs write one part (rank 0 holds everything); a K-stage pipeline writes K parts, one per stage.
+Loading merges every part by name, so any layout reads what any other wrote and takes the names it holds: one
+process, N-process DDP and pipelines with any number of stages resume from each other's checkpoints.
 
 Everything is first written to ``.tmp-checkpoint-<step>/`` and renamed into place only when complete, so a kill at
 any moment leaves either no new checkpoint or a complete one. Loading verifies the checksums and skips a damaged
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -27,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 MARKER = "COMPLETE"
@@ -146,39 +152,35 @@ def save_checkpoint(
     *,
     rank: int,
     barrier: Callable[[], None],
-    model_state: dict[str, torch.Tensor] | None,
-    optimizer_state: dict | None,
+    model_part: dict[str, torch.Tensor] | None,
+    optimizer_part: dict | None,
     trainer_state: dict | None,
     rank_state: dict,
-    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically. Every rank calls this; rank 0 passes the model/optimizer/trainer state.
+    """Write a checkpoint atomically. Every rank calls this with its part (None: it holds nothing to write).
 
-    ``extra_files(tmp_dir)`` lets a caller (the pipeline engine) write more files into the temporary folder on every
-    rank before the marker is written. If ``checkpoint-<step>`` already exists and verifies, nothing is rewritten: the
-    state at a given step is the same after an exact resume.
+    Rank 0 passes ``trainer_state``. If ``checkpoint-<step>`` already exists and verifies, nothing is rewritten: the
+    state at a given step is the same after an exact resume. One that fails verification is replaced.
     """
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}"
-    exists = (final / MARKER).is_file()  # the marker is written last, inside the folder renamed into place
+    exists = final.is_dir() and verify(final) is None
     if rank == 0 and not exists:
         if tmp.exists():
             shutil.rmtree(tmp)  # left over from a crash in the middle of a save
         if final.exists():
-            shutil.rmtree(final)  # incomplete leftover under the final name (should not happen; be safe)
+            shutil.rmtree(final)  # damaged or incomplete under the final name: write it again
         tmp.mkdir(parents=True)
     barrier()
     if exists:
         return final
+    if model_part is not None:
+        save_state_dict(model_part, tmp / f"model-{rank}.safetensors")
+    if optimizer_part is not None:
+        torch.save(optimizer_part, tmp / f"optimizer-{rank}.pt")
     if rank == 0:
-        if model_state is not None:
-            save_state_dict(model_state, tmp / "model.safetensors")
-        if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / "optimizer.pt")
         _write_json(tmp / "trainer_state.json", trainer_state)
     _write_json(tmp / f"rank-{rank}.json", rank_state)
-    if extra_files is not None:
-        extra_files(tmp)
     barrier()
     if rank == 0:
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -201,8 +203,6 @@ def save_state_dict(state: dict[str, torch.Tensor], file: Path) -> None:
 
 def load_state_dict_file(file: Path) -> dict[str, torch.Tensor]:
     """Inverse of save_state_dict: tied aliases restored (so ``load_state_dict(strict=True)`` works)."""
-    from safetensors import safe_open
-
     with safe_open(str(file), framework="pt") as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
     state = load_file(str(file))
@@ -211,15 +211,31 @@ def load_state_dict_file(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _part(path: Path) -> int:
+    return int(path.name.split("-")[1].split(".")[0])
+
+
 def load_checkpoint(path: Path, rank: int) -> dict[str, Any]:
-    """Everything in a verified checkpoint for this rank; ``rank_state`` is None when the rank has no file."""
+    """A verified checkpoint, parts merged by name; ``rank_state`` is None when this rank has no file.
+
+    ``model_state``: every saved tensor by Transformer name. ``optimizer_state``: ``{"state": name -> per-parameter
+    state, "extra": the non-per-parameter entries of this rank's part (or part 0's)}``.
+    """
+    model_state: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("model-*.safetensors"), key=_part):
+        for name, tensor in load_state_dict_file(file).items():
+            model_state.setdefault(name, tensor)  # a tied weight held by two stages is the same tensor
+    optimizer_state: dict[str, Any] = {"state": {}, "extra": {}}
+    for file in sorted(path.glob("optimizer-*.pt"), key=_part):
+        part = torch.load(file, map_location="cpu", weights_only=True)
+        for name, value in part["state"].items():
+            optimizer_state["state"].setdefault(name, value)
+        if _part(file) in (0, rank):
+            optimizer_state["extra"] = part.get("extra", {})
     rank_file = path / f"rank-{rank}.json"
-    optimizer_file = path / "optimizer.pt"
     return {
-        "model_state": load_state_dict_file(path / "model.safetensors")
-        if (path / "model.safetensors").is_file()
-        else None,
-        "optimizer_state": torch.load(optimizer_file, weights_only=True) if optimizer_file.is_file() else None,
+        "model_state": model_state,
+        "optimizer_state": optimizer_state,
         "trainer_state": json.loads((path / "trainer_state.json").read_text()),
         "rank_state": json.loads(rank_file.read_text()) if rank_file.is_file() else None,
     }
@@ -239,7 +255,7 @@ def prune_checkpoints(root: Path, limit: int, keep_best: int = 2) -> list[Path]:
             loss = json.loads((p / "trainer_state.json").read_text()).get("eval_loss")
         except (OSError, ValueError):
             loss = None
-        if loss is not None:
+        if loss is not None and math.isfinite(loss):  # a NaN eval loss ranks worst, never "best"
             losses[step] = loss
     protected = {complete[0][0]} | set(sorted(losses, key=losses.get)[:keep_best])
     deleted = []
@@ -258,3 +274,40 @@ def remove_checkpoints(root: Path) -> None:
         shutil.rmtree(path)
     for leftover in root.glob(".tmp-checkpoint-*") if root.is_dir() else []:
         shutil.rmtree(leftover)
+
+
+class Checkpointer:
+    """save / restore / latest / prune of one run's checkpoints, the same for every layout.
+
+    Every rank calls ``save`` with its own part (see the module docstring); rank 0 adds the trainer state and prunes.
+    """
+
+    def __init__(self, root: Path, *, rank: int, barrier: Callable[[], None], keep: int, warn=print) -> None:
+        self.root, self.rank, self.barrier, self.keep, self.warn = Path(root), rank, barrier, keep, warn
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.root, warn=self.warn if self.rank == 0 else lambda _: None)
+
+    def exists(self, step: int) -> bool:
+        return (self.root / f"checkpoint-{step}" / MARKER).is_file()
+
+    def save(self, step: int, *, model_part, optimizer_part, trainer_state, rank_state) -> tuple[Path, list[Path]]:
+        """Write checkpoint-<step> (all ranks) and prune old ones (rank 0); returns (path, pruned paths)."""
+        path = save_checkpoint(
+            self.root,
+            step,
+            rank=self.rank,
+            barrier=self.barrier,
+            model_part=model_part,
+            optimizer_part=optimizer_part,
+            trainer_state=trainer_state,
+            rank_state=rank_state,
+        )
+        pruned = prune_checkpoints(self.root, self.keep) if self.rank == 0 else []
+        return path, pruned
+
+    def load(self, path: Path) -> dict[str, Any]:
+        return load_checkpoint(path, self.rank)
+
+    def remove_all(self) -> None:
+        remove_checkpoints(self.root)

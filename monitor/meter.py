@@ -12,7 +12,7 @@ from monitor.mfu import PeakMemory, flops_per_token, mean_attended_context, mfu
 class Meter:
     """Accumulate what happens between two log records; ``record()`` returns the fields and starts a new interval.
 
-    The loss is kept on the device (no sync per step); it is summed across ranks only when a record is made.
+    ``add_step`` takes the step's global loss (the same on every rank), so a record needs no communication.
     """
 
     def __init__(self, model_cfg, tokens_per_step: int, world_size: int, peak_flops: float, device: torch.device):
@@ -22,7 +22,7 @@ class Meter:
         self._reset()
 
     def _reset(self) -> None:
-        self.loss = torch.zeros((), device=self.device)
+        self.loss = 0.0
         self.steps, self.micro_batches, self.context = 0, 0, 0.0
         self.start = time.perf_counter()
 
@@ -31,16 +31,16 @@ class Meter:
         self.context += mean_attended_context(doc_ids)
         self.micro_batches += 1
 
-    def add_step(self, loss: torch.Tensor | float) -> None:
-        self.loss += loss.detach() if isinstance(loss, torch.Tensor) else loss
+    def add_step(self, loss: float) -> None:
+        self.loss += loss
         self.steps += 1
 
-    def record(self, reduce_sum=lambda t: t) -> dict:
-        """loss (mean over steps and ranks), tokens_per_s (all ranks), mfu (per device), peak_mem_bytes."""
+    def record(self) -> dict:
+        """loss (mean over steps), tokens_per_s (all ranks), mfu (per device), peak_mem_bytes."""
         tokens_per_s = self.steps * self.tokens_per_step / (time.perf_counter() - self.start)
         context = self.context / max(self.micro_batches, 1)
         fields = {
-            "loss": (reduce_sum(self.loss) / (self.steps * self.world_size)).item(),
+            "loss": self.loss / max(self.steps, 1),
             "tokens_per_s": tokens_per_s,
             "mfu": mfu(tokens_per_s / self.world_size, flops_per_token(self.model_cfg, context), self.peak_flops),
             "peak_mem_bytes": self.peak_memory.read_and_reset(),

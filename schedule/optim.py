@@ -237,3 +237,39 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
     if dtype == "fp32":
         return torch.float32
     raise ValueError(f"--dtype {dtype!r} is not known; choose auto, bf16 or fp32")
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict:
+    """``optimizer.state_dict()`` with parameters named instead of numbered, so any layout can load it.
+
+    Returns ``{"state": name -> per-parameter state, "extra": other top-level entries (e.g. Adafactor's rounding
+    generator)}``. ``names`` maps each parameter to its Transformer name (one process, DDP or a pipeline stage).
+    """
+    saved = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    id_to_name = {i: names[p] for i, p in zip(ids, params, strict=True)}
+    extra = {k: v for k, v in saved.items() if k not in ("state", "param_groups")}
+    return {"state": {id_to_name[i]: s for i, s in saved["state"].items()}, "extra": extra}
+
+
+def load_optimizer_state_by_name(
+    optimizer: torch.optim.Optimizer, saved: dict, names: dict[torch.nn.Parameter, str]
+) -> None:
+    """Inverse of `optimizer_state_by_name` for this optimizer's parameters (a pipeline stage takes its own).
+
+    The param groups (weight decay; the LR, which the schedule sets) stay as built; only per-parameter state and
+    the extra entries are loaded. ValueError when a parameter that has state here has none in ``saved``.
+    """
+    own = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in own["param_groups"] for i in group["params"]]
+    state, missing = {}, []
+    for i, p in zip(ids, params, strict=True):
+        if names[p] in saved["state"]:
+            state[i] = saved["state"][names[p]]
+        elif saved["state"]:
+            missing.append(names[p])
+    if missing:
+        raise ValueError(f"the checkpoint has no optimizer state for {', '.join(missing[:3])}; was it another model?")
+    optimizer.load_state_dict({**saved.get("extra", {}), "state": state, "param_groups": own["param_groups"]})

@@ -109,10 +109,10 @@ def make_plan(
 ) -> Plan:
     """Resolve the plan for a run; raise ValueError naming the bad option and what to change.
 
-    `max_steps` of None or -1 means "train to the token budget". When given, it sets the length of the run but not
-    the shape of the LR curve: the cooldown length still comes from the token budget, so a `--max-steps` run follows
-    exactly the LR of the full-budget run up to where it stops, and a run resumed with `--max-steps S+N
-    --anneal-steps N` anneals from where the first run left off without any jump.
+    `max_steps` of None or -1 means "train to the token budget" (train.py's `--max-steps -1` follows this rule). When
+    given, it sets the length of the run but not the shape of the LR curve: the cooldown length still comes from the
+    token budget, so a `--max-steps` run follows exactly the LR of the full-budget run up to where it stops, and a run
+    resumed with `--max-steps S+N --anneal-steps N` anneals from where the first run left off without any jump.
     """
     _check_int(batch_size, "--batch-size", 1, "pass the number of sequences per device, e.g. --batch-size 4")
     _check_int(grad_accum, "--gradient-accumulation-steps", 1, "pass the micro-batches per optimizer step, e.g. 1")
@@ -222,3 +222,86 @@ def format_plan(plan: Plan) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+# -----------------------------------------------------------------------------
+# Pipeline geometry
+
+# Schedule name -> (canonical name, stages per rank). The short forms are accepted too ("1F1B", "Interleaved1F1B"...).
+PIPELINE_SCHEDULES = {
+    "ScheduleGPipe": 1,
+    "Schedule1F1B": 1,
+    "ScheduleInterleaved1F1B": 2,
+    "ScheduleLoopedBFS": 2,
+    "ScheduleInterleavedZeroBubble": 2,
+    "ScheduleZBVZeroBubble": 2,
+}
+
+
+def pipeline_schedule_name(name: str) -> str:
+    """The spec's class name for `name` (``1F1B`` -> ``Schedule1F1B``); ValueError naming the choices."""
+    full = name if name.startswith("Schedule") else f"Schedule{name}"
+    if full not in PIPELINE_SCHEDULES:
+        choices = ", ".join(PIPELINE_SCHEDULES)
+        raise ValueError(f"--pipeline-schedule {name} is not a schedule; choose one of {choices} (or drop 'Schedule')")
+    return full
+
+
+@dataclass(frozen=True)
+class PipelineGeometry:
+    """How one global batch flows through the pipeline (the spec's formulas, per optimizer step):
+
+    n_microbatches       = ranks * stages_per_rank * microbatch_scale          (per accumulation step)
+    per_stage_batch_size = batch_size // (stages_per_rank * microbatch_scale)   (rows per micro-batch)
+    pipeline batch       = n_microbatches * per_stage_batch_size = ranks * batch_size
+
+    so the global batch (and the sqrt LR scale) equals DDP's on the same number of processes.
+    """
+
+    schedule: str
+    ranks: int  # processes in one pipeline
+    stages: int  # ranks * stages_per_rank
+    stages_per_rank: int
+    microbatch_scale: int
+    micro_batch_size: int  # rows per micro-batch
+    micro_batches: int  # per optimizer step, accumulation included
+    global_batch_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pipeline_geometry(
+    schedule: str, *, batch_size: int, world_size: int, microbatch_scale: int = 1, grad_accum: int = 1
+) -> PipelineGeometry:
+    """Resolve the pipeline's micro-batches; ValueError naming the numbers to change when they do not divide."""
+    _check_int(microbatch_scale, "--microbatch-scale", 1, "pass a positive multiplier of the micro-batches, e.g. 1")
+    name = pipeline_schedule_name(schedule)
+    per_rank = PIPELINE_SCHEDULES[name]
+    split = per_rank * microbatch_scale
+    if batch_size % split:
+        raise ValueError(
+            f"--batch-size {batch_size} is not divisible by stages_per_rank x microbatch_scale = {per_rank} x "
+            f"{microbatch_scale} = {split} ({name}); use a --batch-size that is a multiple of {split} or change "
+            "--microbatch-scale"
+        )
+    n_micro = world_size * split
+    return PipelineGeometry(
+        schedule=name,
+        ranks=world_size,
+        stages=world_size * per_rank,
+        stages_per_rank=per_rank,
+        microbatch_scale=microbatch_scale,
+        micro_batch_size=batch_size // split,
+        micro_batches=n_micro * grad_accum,
+        global_batch_size=world_size * batch_size * grad_accum,
+    )
+
+
+def format_pipeline(g: PipelineGeometry, tokens_per_step: int) -> str:
+    rows = [
+        ("pipeline", f"{g.schedule}: {g.stages} stages on {g.ranks} ranks ({g.stages_per_rank} per rank)"),
+        ("micro-batches", f"{g.micro_batches} of {g.micro_batch_size} sequences per step"),
+        ("pipeline batch", f"{g.global_batch_size} sequences = {tokens_per_step:,} tokens per step"),
+    ]
+    return "\n".join(f"{name:<15}  {value}" for name, value in rows)

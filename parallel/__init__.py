@@ -1,0 +1,16 @@
+"""Layouts: how the processes of a run share the model. train.py's one loop drives any of them.
+
+Each layout sets device, rank, world, is_main, tokenizer, optimizer and stream (None where a rank reads no
+data) and implements: barrier(), start_data(), train_step(meter) -> (global loss, pre-clip global grad norm),
+evaluate() -> global eval loss, model_part() / optimizer_part() (this rank's share of a checkpoint, by Transformer
+parameter name), load(model_state, optimizer_state), gather_model() (the whole model on the main rank), close().
+
+    DataParallel   one process, DDP or FSDP through Accelerate (parallel/ddp.py)
+    Pipeline       DeepSpeed PipelineModule, one stage per process (parallel/pipeline.py)
+"""
+
+from .common import Run, UsageError, bad_input
+from .ddp import DataParallel
+from .pipeline import Pipeline
+
+__all__ = ["DataParallel", "Pipeline", "Run", "UsageError", "bad_input"]
