@@ -63,7 +63,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("token budget and batch")
-    g.add_argument("--init-model", action="store_true", help="start a new model instead of resuming the newest checkpoint")
+    g.add_argument(
+        "--init-model", action="store_true", help="start a new model instead of resuming the newest checkpoint"
+    )
     g.add_argument("--total-tokens", type=float, default=3.0, help="training budget in billions of tokens")
     g.add_argument("--max-steps", type=int, default=-1, help="optimizer steps to run; -1 = train to the budget")
     g.add_argument("--batch-size", type=int, default=4, help="sequences per device per micro-step")
@@ -152,11 +154,6 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag, given in {"--compile": args.compile, "--dispatch-batches": args.dispatch_batches}.items():
         if given and args.pipeline:
             raise UsageError(f"{flag} is not supported with --pipeline (DeepSpeed's engine); drop it or use DDP")
-    if args.pipeline and not args.dry_run and "RANK" not in os.environ:
-        raise UsageError(
-            "--pipeline runs one process per stage: launch it with `deepspeed --num_gpus N train.py --pipeline ...` "
-            "(or torchrun --nproc_per_node N), or add --dry-run to see its plan"
-        )
 
 
 def parse_lr_spike(text: str | None) -> dict:
@@ -259,6 +256,11 @@ def _resolve_run(args: argparse.Namespace) -> Run:
                 "or --init-model --overwrite-output-dir to replace it"
             )
     mix = None if args.dry_run else data.parse_mix(args.dataset)  # ValueError for a missing path
+    if args.pipeline and not args.dry_run and "RANK" not in os.environ:
+        raise UsageError(
+            "--pipeline runs one process per stage: launch it with `deepspeed --num_gpus N train.py --pipeline ...` "
+            "(or torchrun --nproc_per_node N), or add --dry-run to see its plan"
+        )
     return Run(args, plan, geometry, model_cfg, mix, tokenizer, output_dir, resume_from, world_size)
 
 
@@ -415,7 +417,7 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
     stage, epoch = (batches.current_stage, batches.epoch) if batches is not None else (0, 0)
     while state.step < plan.total_steps:
         step = state.step + 1
-        if lr_spike and step == lr_spike["step"]:  # testing aid for the divergence guard: applied once
+        if "factor" in lr_spike and step == lr_spike["step"]:  # testing aid for the divergence guard: applied once
             scheduler.lr_factor *= lr_spike.pop("factor")
             scheduler.load_state_dict(scheduler.state_dict())  # re-apply the LR for this update
         loss, grad_norm = lay.train_step(meter)

@@ -1,46 +1,116 @@
 """Checkpoint files: atomic completion marker, checksums, damaged-checkpoint skipping, retention, tied weights."""
 
 import json
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import torch
 
 from monitor import checkpoint as ckpt
+from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
 
 
-def _save(root: Path, step: int, eval_loss: float | None = None) -> Path:
+def _state() -> dict[str, torch.Tensor]:
     weight = torch.randn(4, 3)
-    state = {"embed.weight": weight, "head.weight": weight, "norm.weight": torch.ones(3)}  # head tied to embed
+    return {"embed.weight": weight, "head.weight": weight, "norm.weight": torch.randn(3)}  # head tied to embed
+
+
+def _save(root: Path, step: int, eval_loss: float | None = None, state: dict | None = None) -> Path:
     return ckpt.save_checkpoint(
         root,
         step,
         rank=0,
         barrier=lambda: None,
-        model_state=state,
-        optimizer_state={"state": {}, "param_groups": []},
+        model_part=state or _state(),
+        optimizer_part={"state": {"norm.weight": {"step": torch.tensor(3.0)}}, "extra": {}},
         trainer_state={"step": step, "eval_loss": eval_loss},
         rank_state={"rng": ckpt.capture_rng()},
     )
 
 
-def test_checkpoint_round_trip_keeps_ties_and_verifies(tmp_path):
-    path = _save(tmp_path, 5)
+def test_checkpoint_round_trip_keeps_ties_values_and_verifies(tmp_path):
+    saved = _state()
+    path = _save(tmp_path, 5, state=saved)
     assert path.name == "checkpoint-5" and not list(tmp_path.glob(".tmp-*"))
     assert ckpt.verify(path) is None
     loaded = ckpt.load_checkpoint(path, rank=0)
     model = loaded["model_state"]
-    assert torch.equal(model["embed.weight"], model["head.weight"])
+    assert set(model) == set(saved)
+    assert all(torch.equal(model[name], saved[name]) for name in saved)  # the values, not just the names
+    assert model["embed.weight"].data_ptr() == model["head.weight"].data_ptr()  # still one tensor
+    assert loaded["optimizer_state"]["state"]["norm.weight"]["step"] == 3.0
     assert loaded["trainer_state"]["step"] == 5
     stored = json.loads((path / ckpt.MARKER).read_text())["files"]
-    assert set(stored) == {"model.safetensors", "optimizer.pt", "trainer_state.json", "rank-0.json"}
+    assert set(stored) == {"model-0.safetensors", "optimizer-0.pt", "trainer_state.json", "rank-0.json"}
+    assert set(ckpt.load_state_dict_file(path / "model-0.safetensors")) == set(saved)
+
+
+def test_parts_written_by_pipeline_stages_merge_by_name(tmp_path):
+    """Two ranks (stages) each write their part; loading merges them, a tied weight held by both counted once."""
+    embed, block, head = torch.randn(4, 3), torch.randn(3, 3), torch.randn(3)
+    parts = {0: {"embed.weight": embed, "layers.0.weight": block}, 1: {"embed.weight": embed, "norm.weight": head}}
+    root = tmp_path / "checkpoints"
+    optimizer = {
+        0: {"state": {"layers.0.weight": {"exp_avg": torch.zeros(3, 3)}}, "extra": {}},
+        1: {"state": {"norm.weight": {"exp_avg": torch.ones(3)}}, "extra": {"gen": torch.tensor([1])}},
+    }
+    barrier = threading.Barrier(2, timeout=30)  # two ranks as two threads, meeting where processes would
+
+    def save(rank: int) -> None:
+        ckpt.save_checkpoint(
+            root,
+            1,
+            rank=rank,
+            barrier=barrier.wait,
+            model_part=parts[rank],
+            optimizer_part=optimizer[rank],
+            trainer_state={"step": 1} if rank == 0 else None,
+            rank_state={},
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(save, (0, 1)))
+    path = root / "checkpoint-1"
+    assert ckpt.verify(path) is None
+    merged = ckpt.load_checkpoint(path, rank=1)
+    assert set(merged["model_state"]) == {"embed.weight", "layers.0.weight", "norm.weight"}
+    assert torch.equal(merged["model_state"]["norm.weight"], head)
+    assert set(merged["optimizer_state"]["state"]) == {"layers.0.weight", "norm.weight"}
+    assert torch.equal(merged["optimizer_state"]["extra"]["gen"], torch.tensor([1]))  # rank 1 gets its own extras
+
+
+def test_optimizer_state_by_name_moves_between_layouts():
+    """AdamW state saved from a whole model loads into a 'stage' holding a subset of its parameters, and back."""
+    torch.manual_seed(0)
+    whole = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(whole.parameters(), lr=0.1)
+    whole(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    names = {p: n for n, p in whole.named_parameters()}
+    saved = optimizer_state_by_name(opt, names)
+    assert set(saved["state"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    stage = torch.nn.Linear(4, 2)  # plays the second stage: holds "1.*" only
+    stage_opt = torch.optim.AdamW(stage.parameters(), lr=0.1)
+    stage_names = {stage.weight: "1.weight", stage.bias: "1.bias"}
+    load_optimizer_state_by_name(stage_opt, saved, stage_names)
+    for p, name in stage_names.items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(
+                stage_opt.state[p][key], opt.state[whole[1].weight if "weight" in name else whole[1].bias][key]
+            )
+    with pytest.raises(ValueError, match="no optimizer state for"):
+        load_optimizer_state_by_name(stage_opt, {"state": {"0.weight": {}}, "extra": {}}, stage_names)
 
 
 def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
     _save(tmp_path, 1)
     newest = _save(tmp_path, 2)
-    data = bytearray((newest / "model.safetensors").read_bytes())
+    data = bytearray((newest / "model-0.safetensors").read_bytes())
     data[-1] ^= 0xFF  # one flipped bit in the weights
-    (newest / "model.safetensors").write_bytes(bytes(data))
+    (newest / "model-0.safetensors").write_bytes(bytes(data))
     (tmp_path / "checkpoint-3").mkdir()  # a folder without a marker (never produced by save, but be safe)
     warnings = []
     assert ckpt.latest_checkpoint(tmp_path, warn=warnings.append) == tmp_path / "checkpoint-1"
@@ -64,6 +134,21 @@ def test_retention_keeps_the_limit_the_newest_and_the_best_two(tmp_path):
         ckpt.prune_checkpoints(tmp_path, limit=4)
     kept = sorted(step for step, _ in ckpt.checkpoint_dirs(tmp_path))
     assert kept == [2, 4, 6, 7]  # best two (2, 4), then the newest ones up to the limit
+
+
+def test_retention_ranks_a_nan_eval_loss_worst(tmp_path):
+    for step, loss in {1: 2.0, 2: 1.5, 3: math.nan, 4: math.nan, 5: math.nan}.items():
+        _save(tmp_path, step, loss)
+        ckpt.prune_checkpoints(tmp_path, limit=3)
+    assert sorted(step for step, _ in ckpt.checkpoint_dirs(tmp_path)) == [1, 2, 5]  # the finite best two survive
+
+
+def test_a_damaged_checkpoint_with_its_marker_is_written_again(tmp_path):
+    path = _save(tmp_path, 4)
+    (path / "trainer_state.json").write_text("{}")  # damaged after its marker was written
+    assert ckpt.verify(path) is not None
+    _save(tmp_path, 4)
+    assert ckpt.verify(path) is None
 
 
 def test_rng_state_round_trips(tmp_path):

@@ -1,6 +1,7 @@
 """The DeepSpeed layer list computes the same loss and gradients as Transformer.forward; names convert both ways."""
 
 import functools
+import glob
 import os
 import socket
 import subprocess
@@ -13,9 +14,25 @@ import torch
 import torch.nn as nn
 from test_models import build, packed_batch, small_config
 
-from models import from_pipeline_state_dict, pipeline_layers, read_pipeline_checkpoint, to_pipeline_state_dict
+from models import from_pipeline_state_dict, pipeline_layers, pipeline_loss, to_pipeline_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_pipeline_checkpoint(ckpt_dir: str, cfg) -> dict[str, torch.Tensor]:
+    """A full Transformer state dict from DeepSpeed's own `layer_XX-*model_states.pt` files (its save format, which
+    train.py does not use: here it checks the name conversion against what DeepSpeed itself writes)."""
+    n = cfg.num_hidden_layers
+    merged = {}
+    for idx in range(n + 3):
+        files = sorted(glob.glob(os.path.join(ckpt_dir, f"layer_{idx:02d}-*model_states.pt")))
+        if not files:
+            if idx == n + 2 and cfg.tie_word_embeddings:
+                continue  # the tied head has no file of its own: its weight is layer 0's embedding
+            raise ValueError(f"pipeline checkpoint {ckpt_dir} has no file for layer {idx} (layer_{idx:02d}-*)")
+        layer = torch.load(files[0], map_location="cpu", weights_only=True)
+        merged.update({f"{idx}.{name}": tensor for name, tensor in layer.items()})
+    return from_pipeline_state_dict(merged, cfg)
 
 
 def sequential_pipeline(specs):
@@ -54,6 +71,8 @@ def test_layer_list_equals_forward_loss_and_gradients(family):
     x = (batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch["labels"])
     for f in funcs:
         x = f(x)
+    labels = int((batch["labels"] != -100).sum())
+    x = pipeline_loss(x, (batch["labels"], torch.tensor(float(labels))))  # the head sums; loss_fn normalises
     assert x.dim() == 0 and abs(x.item() - loss.item()) <= 1e-6
     x.backward()
     grads = from_pipeline_state_dict({n: p.grad for n, p in holder.named_parameters()}, cfg)
@@ -88,7 +107,8 @@ def test_real_pipeline_module_matches_and_saves_loadable_layer_files(tmp_path):
         sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
         from deepspeed.pipe import PipelineModule
         from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-        from models import load_pipeline_state, pipeline_layers, read_pipeline_checkpoint, to_pipeline_state_dict
+        from models import load_pipeline_state, pipeline_layers, to_pipeline_state_dict
+        from test_models_pipeline import read_pipeline_checkpoint
         from test_models import build, packed_batch, small_config
 
         deepspeed.init_distributed(dist_backend="gloo")
@@ -103,7 +123,8 @@ def test_real_pipeline_module_matches_and_saves_loadable_layer_files(tmp_path):
             load_pipeline_state(pipe, model.state_dict(), cfg)
             with torch.no_grad():
                 loss = pipe((batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch["labels"]))
-            assert abs(loss.item() - ref.item()) < 1e-6, (loss, ref)
+            labels = int((batch["labels"] != -100).sum())
+            assert abs(loss.item() / labels - ref.item()) < 1e-6, (loss, ref)  # the last layer returns the sum
             out = {str(tmp_path)!r} + "/" + family
             pipe.checkpoint_parallel_write_pipeline = False  # normally set by deepspeed.initialize's engine
             pipe.save_state_dict(out, checkpoint_engine=TorchCheckpointEngine())

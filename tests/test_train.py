@@ -44,6 +44,34 @@ def test_dry_run_reports_the_plan_for_four_processes():
     assert 150e6 < plan["parameters"]["total"] < 175e6
 
 
+def test_dry_run_reproduces_the_spec_pipeline_batches():
+    # Interleaved (2 stages per rank) on 2 GPUs with --batch-size 4: 4 micro-batches of 2, global batch 8.
+    out = train(
+        "--dry-run", "--json", "--pipeline", "--world-size", "2", "--pipeline-schedule", "ScheduleInterleaved1F1B"
+    )
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    pipe = plan["pipeline"]
+    assert (pipe["stages"], pipe["stages_per_rank"], pipe["micro_batches"], pipe["micro_batch_size"]) == (4, 2, 4, 2)
+    assert pipe["global_batch_size"] == plan["global_batch_size"] == 8
+    assert plan["tokens_per_step"] == 8 * 4096 and plan["lr_scale"] == pytest.approx(8**0.5)  # as DDP on 2 GPUs
+    # GPipe, --microbatch-scale 2 --batch-size 8 on 2 GPUs: 4 micro-batches of 4, global batch 16.
+    args = ["--pipeline-schedule", "ScheduleGPipe", "--microbatch-scale", "2", "--batch-size", "8"]
+    out = train("--dry-run", "--json", "--pipeline", "--world-size", "2", *args)
+    pipe = json.loads(out.stdout)["pipeline"]
+    assert (pipe["stages"], pipe["micro_batches"], pipe["micro_batch_size"], pipe["global_batch_size"]) == (2, 4, 4, 16)
+    text = train("--dry-run", "--pipeline", "--world-size", "2", *args).stdout
+    assert "4 of 4 sequences per step" in text and "ScheduleGPipe: 2 stages on 2 ranks" in text
+
+
+def test_help_shows_every_default():
+    out = train("--help")
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for default in ("(default: 4096)", "(default: 1.4e-05)", "(default: -1)", "(default: 4.0)", "(default: 1F1B)"):
+        assert default in text, default
+
+
 def test_dry_run_prints_a_readable_plan():
     out = train("--dry-run", "--world-size", "5")
     assert out.returncode == 0, out.stderr
@@ -131,13 +159,26 @@ BAD_INPUT = {
     "init over existing checkpoints": ["--init-model"],
     "unknown optimizer": ["--optimizer", "sgd"],
     "pipeline batch not divisible": ["--pipeline", "--batch-size", "3", "--microbatch-scale", "2"],
-    "unknown pipeline schedule": ["--pipeline", "--pipeline-schedule", "ScheduleZBVZeroBubble"],
+    "unknown pipeline schedule": ["--pipeline", "--pipeline-schedule", "ScheduleFastest"],
+    "schedule the engine cannot run": ["--pipeline", "--pipeline-schedule", "ScheduleZBVZeroBubble"],
     "compile with the pipeline": ["--pipeline", "--compile"],
-    "epoch saves with the pipeline": ["--pipeline", "--save-strategy", "epoch"],
+    "pipeline outside a launcher": ["--pipeline"],
+    "microbatch scale without pipeline": ["--microbatch-scale", "2"],
     "json without dry run": ["--json"],
     "anneal longer than the run": ["--anneal-steps", "50"],
     "init-from not a model": ["--init-from", "/tmp"],
     "negative warmup": ["--warmup-steps", "-5"],
+}
+# What the one line must say where several checks could fire (it names the real cause).
+BAD_INPUT_SAYS = {
+    "budget under one step": "less than one step",
+    "zero max steps": "-1",
+    "pipeline batch not divisible": "stages_per_rank x microbatch_scale = 1 x 2",
+    "unknown pipeline schedule": "is not a schedule",
+    "schedule the engine cannot run": "cannot run",
+    "compile with the pipeline": "--compile is not supported with --pipeline",
+    "pipeline outside a launcher": "deepspeed --num_gpus",
+    "microbatch scale without pipeline": "only applies to --pipeline",
 }
 
 
@@ -159,6 +200,7 @@ def test_bad_input_exits_2_with_one_line_and_leaves_checkpoints_alone(case, trai
     assert out.returncode == 2, (case, out.stdout[-500:], out.stderr[-2000:])
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, (case, out.stderr)
+    assert BAD_INPUT_SAYS.get(case, "") in lines[0], (case, lines[0])
     assert "Traceback" not in out.stderr
     assert _digest(trained_dir / "checkpoints") == before
 
