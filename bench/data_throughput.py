@@ -21,7 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 import data  # noqa: E402
+from data.prepare import prepare  # noqa: E402
+from data.sources import open_source  # noqa: E402
 from data.stream import CHUNK_DOCS  # noqa: E402
 
 
@@ -55,11 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         tok = data.load_tokenizer(SHARED / "tokenizers/smollm2/tokenizer.json")
     else:
         tok = data.train_tokenizer(data.tokenizer.sample_texts(mix, 5000), 32768)
-    from data.sources import open_source
-
     source = open_source(mix.sources[0])
-    import numpy as np
-
     texts = source.fetch(np.arange(source.num_docs))[0]
     backend = tok.backend_tokenizer
     batches = [texts[i : i + CHUNK_DOCS] for i in range(0, len(texts), CHUNK_DOCS)]
@@ -81,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = data.save_tokenizer(tok, Path(tmp) / "tok")
-        from data.prepare import prepare
-
         prepare(text, str(tok_dir), Path(tmp) / "cache", log=lambda _: None)
         cache_mix = data.parse_mix(str(Path(tmp) / "cache"), eval_fraction=0.0)
         steps = max(1, int(args.cache_tokens // (args.max_length * args.batch_size)))

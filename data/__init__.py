@@ -8,7 +8,8 @@
     held_out = eval_batches(mix, tokenizer, 4096, 4, num_batches=8, rank=rank, world_size=world)
 
 See mix.py for the `--dataset` syntax (`describe_mix()` prints it), packing.py for the batch format, stream.py for
-sharding/dispatch and resume, prepare.py for the token cache, builtin.py for the offline corpus.
+sharding/dispatch and resume, prepare.py for the token cache (cache.py reads it), builtin.py for the offline
+corpus.
 """
 
 from .mix import Mix, SourceSpec, Stage, describe_mix, parse_mix

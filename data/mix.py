@@ -32,6 +32,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache import CACHE_FORMAT, read_manifest
+
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 SMOLLM_REPO = "HuggingFaceTB/smollm-corpus"
 # NOTE: approximate document counts from the dataset card. They only steer the balanced interleaving of the two
@@ -238,8 +240,6 @@ def _resolve_source(name: str) -> list[SourceSpec]:
 
 def _is_token_cache(folder: Path) -> bool:
     """A folder written by `python -m data.prepare` (a manifest.json of another tool does not count)."""
-    from .prepare import CACHE_FORMAT
-
     try:
         return json.loads((folder / "manifest.json").read_text()).get("format") == CACHE_FORMAT
     except (OSError, ValueError, AttributeError):
@@ -248,8 +248,6 @@ def _is_token_cache(folder: Path) -> bool:
 
 def _cache_mix(cache_dir: str, eval_fraction: float) -> Mix:
     """The mix a token cache was prepared from, with every source replaced by its cached tokens."""
-    from .prepare import read_manifest
-
     manifest = read_manifest(Path(cache_dir))
     stages = []
     for stage in manifest["stages"]:

@@ -11,11 +11,12 @@ Layout of DIR:
 
 `--dataset DIR` then reads the cache in place of the original mix and yields the same batches (same documents,
 order, held-out split): each cached source keeps its original fingerprint, so a run can even switch to its cache
-and resume. Reading is two memory-mapped index lookups per document, restored in O(1).
+and resume. Reading (data/cache.py) is two memory-mapped index lookups per document, restored in O(1).
 """
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -24,63 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .packing import TokenDocs
+from .cache import CACHE_FORMAT, CACHE_VERSION
+from .mix import parse_mix
+from .sources import open_source, text_hashes
+from .tokenizer import bos_eos_ids, load_tokenizer, save_tokenizer, tokenizer_hash
 
-CACHE_FORMAT = "small-llm-token-cache"
-CACHE_VERSION = 1
 _BATCH_DOCS = 1000  # documents per tokenizer call while preparing
-
-
-def read_manifest(cache_dir: Path) -> dict:
-    """The cache's manifest.json; ValueError when the folder is not a complete token cache of this version."""
-    path = Path(cache_dir) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path} ({type(e).__name__}); prepare the cache again") from None
-    if manifest.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{cache_dir} holds a manifest.json that is not a token cache of this project")
-    if manifest.get("version") != CACHE_VERSION:
-        raise ValueError(
-            f"the token cache {cache_dir} has version {manifest.get('version')}, this code reads "
-            f"{CACHE_VERSION}; prepare it again"
-        )
-    return manifest
-
-
-class CacheSource:
-    """One cached source: random access to tokenized documents through memory maps."""
-
-    random_access = True
-
-    def __init__(self, cache_dir: Path, index: int):
-        manifest = read_manifest(cache_dir)
-        entry = manifest["sources"][index]
-        self.label = entry["label"]
-        self.fingerprint = entry["fingerprint"]
-        self.num_docs = entry["num_docs"]
-        folder = Path(cache_dir) / entry["dir"]
-        # NOTE: plain ndarray views of the memory maps: indexing np.memmap objects costs ~10x more per call.
-        self._offsets = np.asarray(np.load(folder / "offsets.npy", mmap_mode="r"))
-        self._hashes = np.asarray(np.load(folder / "hashes.npy", mmap_mode="r"))
-        dtype = np.dtype(manifest["dtype"])
-        self._tokens = (
-            np.asarray(np.memmap(folder / "tokens.bin", dtype=dtype, mode="r"))
-            if entry["num_tokens"]
-            else np.empty(0, dtype)
-        )
-
-    def fetch(self, indices: np.ndarray) -> tuple[TokenDocs, np.ndarray]:
-        """Tokens of the documents at `indices` (concatenated, in that order) and their text hashes."""
-        starts = self._offsets[indices]
-        lengths = self._offsets[indices + 1] - starts
-        total = int(lengths.sum())
-        if len(indices) and np.all(np.diff(indices) == 1):  # consecutive documents: one slice
-            flat = np.asarray(self._tokens[starts[0] : starts[0] + total])
-        else:
-            offsets = np.cumsum(lengths) - lengths
-            flat = self._tokens[np.repeat(starts - offsets, lengths) + np.arange(total)]
-        return TokenDocs(flat, lengths), self._hashes[indices]
 
 
 def prepare(
@@ -94,10 +44,6 @@ def prepare(
     log=print,
 ) -> dict:
     """Tokenize every source of the mix `spec` into a cache at `output`; returns the manifest."""
-    from .mix import parse_mix
-    from .sources import open_source
-    from .tokenizer import bos_eos_ids, load_tokenizer, save_tokenizer, tokenizer_hash
-
     mix = parse_mix(spec)
     if mix.cache_dir:
         raise ValueError(f"{spec} is already a token cache")
@@ -164,8 +110,6 @@ def _prepare_source(
     """Write tokens.bin, offsets.npy and hashes.npy for one source; returns (documents, tokens)."""
     import tokenizers
 
-    from .sources import text_hashes
-
     folder.mkdir(parents=True, exist_ok=True)
     backend = tokenizers.Tokenizer.from_str(tokenizer_json)
     lengths, hashes = [], []
@@ -179,8 +123,6 @@ def _prepare_source(
         if source.random_access:
             n = source.num_docs if max_docs is None else min(max_docs, source.num_docs)
             if num_proc > 1 and n > task_docs:
-                import multiprocessing as mp
-
                 bounds = list(range(0, n, task_docs)) + [n]
                 tasks = [(spec, tokenizer_json, a, b, dtype) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
                 with mp.get_context("spawn").Pool(num_proc, initializer=_quiet_worker) as pool:
@@ -208,8 +150,6 @@ def _prepare_source(
 def _tokenize_range(task: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tokenize documents [a, b) of a random-access source in their natural order (in a worker process)."""
     import tokenizers
-
-    from .sources import open_source
 
     spec, tokenizer_json, a, b, dtype = task
     source = open_source(spec)

@@ -1,11 +1,15 @@
-"""Opening document sources: local files and folders, Hub streams, the built-in corpus and token caches.
+"""Opening and reading document sources: local files and folders, Hub streams, the built-in corpus and token caches.
 
 Every source yields plain documents; three shapes exist because they are read differently:
 - `ArrowSource`: a map-style `datasets.Dataset` (local files, the built-in corpus). Random access by index on the
   memory-mapped Arrow table, so a position is restored in O(1) and each pass can be shuffled by a permutation.
 - `StreamSource`: a `datasets.IterableDataset` (the Hub). Read in order; its position is the iterable's own
   `state_dict()`.
-- `CacheSource` (data/prepare.py): documents already tokenized into memory-mapped shards.
+- `CacheSource` (data/cache.py): documents already tokenized into memory-mapped shards.
+
+`SourceCursor` reads one source pass after pass: map-style sources in a fresh keyed pseudo-random permutation per
+pass (`permute`, a Feistel network), streams in order. The stream (data/stream.py) and tokenizer training
+(data/tokenizer.py) both read sources through it.
 
 A local folder laid out like the Hub corpus (`<root>/<subset>/*.parquet`) can be opened either way; only the
 `load_dataset` call differs from the Hub path, which is how the tests exercise the streaming code offline.
@@ -17,8 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .builtin import builtin_corpus_path
+from .cache import CacheSource
 from .mix import TEXT_SUFFIXES, SourceSpec
+from .packing import TokenDocs
 
+PERMUTATION_CACHE_DOCS = 1 << 22  # up to 4M documents a pass's permutation is computed once (32 MB), not per chunk
 HUB_UNREACHABLE = (
     "cannot stream {name} from the Hugging Face Hub ({error}); without network access pass a local "
     "path to --dataset (a .txt/.jsonl/.parquet file or folder) or use --dataset builtin"
@@ -28,8 +36,6 @@ HUB_UNREACHABLE = (
 def open_source(spec: SourceSpec, *, streaming: bool = False):
     """Open one source. `streaming=True` reads local files through `IterableDataset` like the Hub path does."""
     if spec.kind == "builtin":
-        from .builtin import builtin_corpus_path
-
         path = builtin_corpus_path()
         return _open_files(
             SourceSpec("files", str(path), "builtin"), [path], streaming, fingerprint=f"builtin:{path.stem}"
@@ -39,8 +45,6 @@ def open_source(spec: SourceSpec, *, streaming: bool = False):
     if spec.kind == "hub":
         return _open_hub(spec)
     if spec.kind == "cache":
-        from .prepare import CacheSource
-
         return CacheSource(Path(spec.location), int(spec.subset or 0))
     raise ValueError(f"unknown source kind {spec.kind!r}")
 
@@ -140,6 +144,135 @@ class StreamSource:
             if len(out) == n:
                 break
         return out
+
+
+# -----------------------------------------------------------------------------
+# Counter-based randomness
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on a uint64 array (wrapping arithmetic)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def stream_key(*parts) -> int:
+    """A 64-bit key from any JSON-able parts (seed, names, indices)."""
+    digest = hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def uniforms(key: int, start: int, n: int) -> np.ndarray:
+    """The uniforms in [0, 1) numbered start .. start+n-1 of the random sequence `key`."""
+    counters = np.arange(start, start + n, dtype=np.uint64)
+    bits = _mix64(counters ^ np.uint64(key))
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def permute(indices: np.ndarray, n: int, key: int) -> np.ndarray:
+    """Image of `indices` under a keyed pseudo-random bijection of [0, n).
+
+    An unbalanced Feistel network on the smallest bit width holding n-1 (each round xors one half with a keyed hash
+    of the other, which is invertible for any split), plus cycle walking: values landing in [n, 2^bits) are mapped
+    again until they land inside, which takes fewer than two rounds on average since 2^bits < 2n.
+    """
+    if n <= 1:
+        return indices.astype(np.int64)
+    bits = max(2, (n - 1).bit_length())
+    lo_bits = bits // 2
+    lo_mask, hi_mask = np.uint64((1 << lo_bits) - 1), np.uint64((1 << (bits - lo_bits)) - 1)
+    shift = np.uint64(lo_bits)
+    round_keys = [np.uint64(stream_key(key, r)) for r in range(4)]
+    x = indices.astype(np.uint64)
+    todo = np.arange(len(x))
+    while len(todo):
+        y = x[todo]
+        hi, lo = y >> shift, y & lo_mask
+        for r, k in enumerate(round_keys):
+            if r % 2 == 0:
+                hi ^= _mix64(lo ^ k) & hi_mask
+            else:
+                lo ^= _mix64(hi ^ k) & lo_mask
+        y = (hi << shift) | lo
+        x[todo] = y
+        todo = todo[y >= np.uint64(n)]
+    return x.astype(np.int64)
+
+
+# -----------------------------------------------------------------------------
+# Reading in order: a cursor per source
+
+
+class SourceCursor:
+    """Where one source stands: the pass (epoch) and the position inside it.
+
+    Map-style sources are read in a fresh keyed permutation on every pass (`shuffle=True`); streamed sources are read
+    in order (their shard order changes per pass). `take` returns texts (or token arrays for a cache) and hashes.
+    """
+
+    def __init__(self, source, key: int, shuffle: bool = True):
+        self.source = source
+        self.key = key
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.pos = 0
+        self._permutation: tuple[int, np.ndarray] | None = None  # (epoch, its whole permutation) for small sources
+
+    def take(self, n: int) -> tuple[list[str] | TokenDocs, np.ndarray]:
+        """The next `n` documents (crossing into the next pass when this one ends) and their text hashes."""
+        parts, hashes = [], []
+        while n > 0:
+            if self.source.random_access:
+                size = self.source.num_docs
+                m = min(n, size - self.pos)
+                got, h = self.source.fetch(self._indices(self.pos, m))
+                self.pos += m
+                if self.pos == size:
+                    self.epoch, self.pos = self.epoch + 1, 0
+            else:
+                got = self.source.take(n)
+                m, h = len(got), text_hashes(got)
+                self.pos += m
+                if m < n:
+                    if self.pos == 0:
+                        raise ValueError(f"the source {self.source.label} yielded no documents")
+                    self.epoch, self.pos = self.epoch + 1, 0
+                    self.source.seek(self.epoch, None)
+            parts.append(got)
+            hashes.append(h)
+            n -= m
+        if len(parts) == 1:
+            docs = parts[0]
+        elif parts and isinstance(parts[0], TokenDocs):
+            docs = TokenDocs(np.concatenate([p.flat for p in parts]), np.concatenate([p.lengths for p in parts]))
+        else:
+            docs = [d for p in parts for d in p]
+        return docs, hashes[0] if len(hashes) == 1 else np.concatenate(hashes)
+
+    def _indices(self, start: int, m: int) -> np.ndarray:
+        """Document indices at positions [start, start + m) of the current pass."""
+        size = self.source.num_docs
+        if not self.shuffle:
+            return np.arange(start, start + m, dtype=np.int64)
+        key = stream_key(self.key, self.epoch)
+        if size > PERMUTATION_CACHE_DOCS:
+            return permute(np.arange(start, start + m, dtype=np.int64), size, key)
+        if self._permutation is None or self._permutation[0] != self.epoch:  # whole pass at once: same values
+            self._permutation = (self.epoch, permute(np.arange(size, dtype=np.int64), size, key))
+        return self._permutation[1][start : start + m]
+
+    def state_dict(self) -> dict:
+        state = {"epoch": self.epoch, "pos": self.pos}
+        if not self.source.random_access:
+            state["stream"] = self.source.state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        if not self.source.random_access:
+            self.source.seek(self.epoch, state.get("stream"))
 
 
 # -----------------------------------------------------------------------------

@@ -9,13 +9,13 @@ the global batches do not depend on the world size or on how ranks get their row
 
 Determinism without stored random state: every random choice is a keyed hash of a counter (which source the n-th
 document comes from, which stage during a soft switch) and every pass over a map-style source is a keyed
-pseudo-random permutation (a Feistel network), so a position is a handful of integers and restoring it costs O(1).
-Documents are drawn in chunks of CHUNK_DOCS and tokenized with one `encode_batch_fast` call per chunk. The stream
-state is the position before the oldest chunk still in the packer's buffer plus how many of its tokens were
-consumed: restoring re-reads at most a couple of chunks and yields exactly the rows an uninterrupted run would.
+pseudo-random permutation (a Feistel network, see `SourceCursor` in data/sources.py), so a position is a handful of
+integers and restoring it costs O(1). Documents are drawn in chunks of CHUNK_DOCS and tokenized with one
+`encode_batch_fast` call per chunk. The stream state is the position before the oldest chunk still in the packer's
+buffer plus how many of its tokens were consumed: restoring re-reads at most a couple of chunks and yields exactly
+the rows an uninterrupted run would.
 """
 
-import hashlib
 import json
 from collections import deque
 from itertools import chain
@@ -25,145 +25,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .cache import read_manifest
 from .mix import Mix, Stage
 from .packing import FIELDS, RowBuffer, TokenDocs, assemble
-from .sources import is_eval, open_source, text_hashes
+from .sources import SourceCursor, is_eval, open_source, stream_key, uniforms
+from .tokenizer import bos_eos_ids, tokenizer_hash
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 CHUNK_DOCS = 1024  # documents drawn per chunk; stage switches and blend fractions are decided once per chunk
-PERMUTATION_CACHE_DOCS = 1 << 22  # up to 4M documents a pass's permutation is computed once (32 MB), not per chunk
 STATE_VERSION = 1
 
 
 # -----------------------------------------------------------------------------
-# Counter-based randomness
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on a uint64 array (wrapping arithmetic)."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def stream_key(*parts) -> int:
-    """A 64-bit key from any JSON-able parts (seed, names, indices)."""
-    digest = hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-def uniforms(key: int, start: int, n: int) -> np.ndarray:
-    """The uniforms in [0, 1) numbered start .. start+n-1 of the random sequence `key`."""
-    counters = np.arange(start, start + n, dtype=np.uint64)
-    bits = _mix64(counters ^ np.uint64(key))
-    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def permute(indices: np.ndarray, n: int, key: int) -> np.ndarray:
-    """Image of `indices` under a keyed pseudo-random bijection of [0, n).
-
-    An unbalanced Feistel network on the smallest bit width holding n-1 (each round xors one half with a keyed hash
-    of the other, which is invertible for any split), plus cycle walking: values landing in [n, 2^bits) are mapped
-    again until they land inside, which takes fewer than two rounds on average since 2^bits < 2n.
-    """
-    if n <= 1:
-        return indices.astype(np.int64)
-    bits = max(2, (n - 1).bit_length())
-    lo_bits = bits // 2
-    lo_mask, hi_mask = np.uint64((1 << lo_bits) - 1), np.uint64((1 << (bits - lo_bits)) - 1)
-    shift = np.uint64(lo_bits)
-    round_keys = [np.uint64(stream_key(key, r)) for r in range(4)]
-    x = indices.astype(np.uint64)
-    todo = np.arange(len(x))
-    while len(todo):
-        y = x[todo]
-        hi, lo = y >> shift, y & lo_mask
-        for r, k in enumerate(round_keys):
-            if r % 2 == 0:
-                hi ^= _mix64(lo ^ k) & hi_mask
-            else:
-                lo ^= _mix64(hi ^ k) & lo_mask
-        y = (hi << shift) | lo
-        x[todo] = y
-        todo = todo[y >= np.uint64(n)]
-    return x.astype(np.int64)
-
-
-# -----------------------------------------------------------------------------
-# Reading sources
-
-
-class SourceCursor:
-    """Where one source stands: the pass (epoch) and the position inside it.
-
-    Map-style sources are read in a fresh keyed permutation on every pass (`shuffle=True`); streamed sources are read
-    in order (their shard order changes per pass). `take` returns texts (or token arrays for a cache) and hashes.
-    """
-
-    def __init__(self, source, key: int, shuffle: bool = True):
-        self.source = source
-        self.key = key
-        self.shuffle = shuffle
-        self.epoch = 0
-        self.pos = 0
-        self._permutation: tuple[int, np.ndarray] | None = None  # (epoch, its whole permutation) for small sources
-
-    def take(self, n: int) -> tuple[list[str] | TokenDocs, np.ndarray]:
-        """The next `n` documents (crossing into the next pass when this one ends) and their text hashes."""
-        parts, hashes = [], []
-        while n > 0:
-            if self.source.random_access:
-                size = self.source.num_docs
-                m = min(n, size - self.pos)
-                got, h = self.source.fetch(self._indices(self.pos, m))
-                self.pos += m
-                if self.pos == size:
-                    self.epoch, self.pos = self.epoch + 1, 0
-            else:
-                got = self.source.take(n)
-                m, h = len(got), text_hashes(got)
-                self.pos += m
-                if m < n:
-                    if self.pos == 0:
-                        raise ValueError(f"the source {self.source.label} yielded no documents")
-                    self.epoch, self.pos = self.epoch + 1, 0
-                    self.source.seek(self.epoch, None)
-            parts.append(got)
-            hashes.append(h)
-            n -= m
-        if len(parts) == 1:
-            docs = parts[0]
-        elif parts and isinstance(parts[0], TokenDocs):
-            docs = TokenDocs(np.concatenate([p.flat for p in parts]), np.concatenate([p.lengths for p in parts]))
-        else:
-            docs = [d for p in parts for d in p]
-        return docs, hashes[0] if len(hashes) == 1 else np.concatenate(hashes)
-
-    def _indices(self, start: int, m: int) -> np.ndarray:
-        """Document indices at positions [start, start + m) of the current pass."""
-        size = self.source.num_docs
-        if not self.shuffle:
-            return np.arange(start, start + m, dtype=np.int64)
-        key = stream_key(self.key, self.epoch)
-        if size > PERMUTATION_CACHE_DOCS:
-            return permute(np.arange(start, start + m, dtype=np.int64), size, key)
-        if self._permutation is None or self._permutation[0] != self.epoch:  # whole pass at once: same values
-            self._permutation = (self.epoch, permute(np.arange(size, dtype=np.int64), size, key))
-        return self._permutation[1][start : start + m]
-
-    def state_dict(self) -> dict:
-        state = {"epoch": self.epoch, "pos": self.pos}
-        if not self.source.random_access:
-            state["stream"] = self.source.state()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        if not self.source.random_access:
-            self.source.seek(self.epoch, state.get("stream"))
+# Drawing documents
 
 
 class Interleaver:
@@ -396,8 +272,6 @@ class PackedStream:
         group=None,
         open_fn=open_source,
     ):
-        from .tokenizer import bos_eos_ids, tokenizer_hash
-
         if max_length < 1 or batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(
                 f"bad stream shape: max_length {max_length}, batch_size {batch_size}, rank {rank} of {world_size}"
@@ -559,8 +433,6 @@ class PackedStream:
     def _check_cache(self) -> None:
         if not self.mix.cache_dir:
             return
-        from .prepare import read_manifest
-
         manifest = read_manifest(Path(self.mix.cache_dir))
         if manifest["tokenizer"]["hash"] != self._fingerprint["tokenizer"]:
             raise ValueError(

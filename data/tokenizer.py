@@ -19,15 +19,17 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .mix import Mix, parse_mix
+from .sources import SourceCursor, is_eval, open_source, stream_key
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
-
-    from .mix import Mix
 
 BOS, EOS = "<|bos|>", "<|eos|>"
 _BOS_CANDIDATES = (BOS, "<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>")
@@ -137,8 +139,6 @@ def save_tokenizer(tokenizer: "PreTrainedTokenizerFast", folder: str | Path) -> 
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     tmp.rename(folder)
     return folder
@@ -146,7 +146,7 @@ def save_tokenizer(tokenizer: "PreTrainedTokenizerFast", folder: str | Path) -> 
 
 def resolve_tokenizer(
     tokenizer_spec: str | None,
-    mix: "Mix",
+    mix: Mix,
     run_dir: str | Path,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     max_docs: int = DEFAULT_TOKENIZER_DOCS,
@@ -177,14 +177,11 @@ def resolve_tokenizer(
     return tok
 
 
-def sample_texts(mix: "Mix", max_docs: int) -> Iterator[str]:
+def sample_texts(mix: Mix, max_docs: int) -> Iterator[str]:
     """Up to `max_docs` training documents, taken in turn from every source of every stage (held-out ones skipped).
 
     Local sources are read in a shuffled order, streams from their start; a source stops contributing after one pass.
     """
-    from .sources import is_eval, open_source
-    from .stream import SourceCursor, stream_key
-
     if mix.cache_dir:
         raise ValueError(f"{mix.cache_dir} is a token cache and holds no text; train a tokenizer on the original data")
     cursors = [SourceCursor(open_source(spec), stream_key("tokenizer", i)) for i, spec in enumerate(mix.sources)]
@@ -227,8 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--max-docs", type=int, default=DEFAULT_TOKENIZER_DOCS, help="training documents to read")
     t.add_argument("--output", required=True, help="folder to write tokenizer.json and tokenizer_config.json into")
     args = p.parse_args(argv)
-    from .mix import parse_mix
-
     try:
         mix = parse_mix(args.dataset)
         tok = train_tokenizer(sample_texts(mix, args.max_docs), args.vocab_size, show_progress=True)

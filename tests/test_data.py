@@ -12,7 +12,7 @@ import torch
 import data
 from data import packing, stream
 from data.mix import parse_mix
-from data.sources import is_eval, open_source, text_hashes
+from data.sources import is_eval, open_source, permute, text_hashes
 
 WORDS = (
     "the cat sat on a mat and then it ran to the old tree where a bird sang songs about rain sun wind "
@@ -588,6 +588,6 @@ def test_weighted_interleaving_follows_the_weights():
 
 def test_permutation_is_a_bijection():
     for n in (1, 2, 7, 64, 1000, 4097):
-        perm = stream.permute(np.arange(n), n, key=12345)
+        perm = permute(np.arange(n), n, key=12345)
         assert sorted(perm.tolist()) == list(range(n))
-    assert stream.permute(np.arange(100), 100, 1).tolist() != stream.permute(np.arange(100), 100, 2).tolist()
+    assert permute(np.arange(100), 100, 1).tolist() != permute(np.arange(100), 100, 2).tolist()
