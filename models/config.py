@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass, named sizes in models/configs/*.json, and arithmetic parameter counts.
+"""Model configuration: one dataclass, named sizes in models/configs/*.json, and arithmetic parameter/FLOP counts.
 
 Field names follow Hugging Face (`vocab_size`, `hidden_size`, ...) so a config maps 1:1 onto `LlamaConfig` /
 `Qwen3Config` at export time. Three families share one decoder implementation (models/model.py):
@@ -139,6 +139,48 @@ def load_model_config(name_or_path: str, vocab_size: int | None = None) -> Model
     return ModelConfig.from_dict(data)
 
 
+# NOTE: the counts below read only Hugging Face field names, so they also take a transformers config, where
+# `head_dim` and `num_key_value_heads` may be missing or None (= hidden_size // heads and = heads).
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _layer_matmul_params(cfg) -> tuple[int, int]:
+    """(attention, gated MLP) weights of one decoder block: q, k, v, o and gate, up, down."""
+    c, hd = cfg.hidden_size, _head_dim(cfg)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    q_width, kv_width = cfg.num_attention_heads * hd, kv_heads * hd
+    attn = c * q_width + 2 * c * kv_width + q_width * c
+    mlp = 3 * c * cfg.intermediate_size
+    return attn, mlp
+
+
+def matmul_params(cfg) -> int:
+    """Weights multiplied per token in a forward pass: every linear layer of every block plus the LM head.
+
+    The head counts even when it is tied to the embedding, because the head matmul is computed either way; norms
+    and the embedding lookup are not matmuls and are left out. Accepts a ModelConfig or a transformers config.
+    """
+    attn, mlp = _layer_matmul_params(cfg)
+    return cfg.num_hidden_layers * (attn + mlp) + cfg.vocab_size * cfg.hidden_size
+
+
+def flops_per_token(cfg, context_len: float) -> float:
+    """Training (forward + backward) model FLOPs per token, PaLM appendix B convention.
+
+    - 6 FLOPs per matmul weight (`matmul_params`) per token: 2 forward, 4 backward.
+    - Attention scores: per layer QK^T and AV cost 2 x 2 x heads x head_dim FLOPs per attended key forward, x3 for
+      forward + backward, i.e. 12 x layers x heads x head_dim x context_len per token.
+
+    `context_len` is the mean number of keys a query actually attends to under the causal document mask
+    (monitor.mfu.mean_attended_context), not the sequence length: packed short documents make attention much
+    cheaper than T^2 / 2. Recomputation (activation checkpointing) is overhead, not model work, and is not counted.
+    Accepts a ModelConfig or a transformers config.
+    """
+    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * _head_dim(cfg) * context_len
+    return 6 * matmul_params(cfg) + attention
+
+
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts computed from the config alone (no module is built).
 
@@ -147,14 +189,10 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
         embedding: the token embedding matrix (vocab_size x hidden_size).
         lm_head: the separate output matrix, 0 when tied.
         non_embedding: total - embedding - lm_head (the usual "model size" in scaling-law papers).
-        matmul: weights multiplied per token in a forward pass: every linear layer plus the head (counted even when
-            tied, because the head matmul is computed either way); norms and the embedding lookup are excluded.
-            6 * matmul * tokens is the standard training FLOP estimate (monitor/mfu.py adds attention).
+        matmul: `matmul_params(cfg)`, the weights multiplied per token (the head counts even when tied).
     """
     c, hd = cfg.hidden_size, cfg.head_dim
-    q_width, kv_width = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    attn = c * q_width + 2 * c * kv_width + q_width * c
-    mlp = 3 * c * cfg.intermediate_size
+    attn, mlp = _layer_matmul_params(cfg)
     norms = 2 * c + (2 * hd if cfg.qk_norm else 0)
     final_norm = 0 if cfg.post_norm else c  # post-norm blocks already end in a norm (see models/model.py)
     embedding = cfg.vocab_size * c
@@ -166,7 +204,7 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
         "embedding": embedding,
         "lm_head": lm_head,
         "non_embedding": total - embedding - lm_head,
-        "matmul": cfg.num_hidden_layers * (attn + mlp) + cfg.vocab_size * c,
+        "matmul": matmul_params(cfg),
     }
 
 

@@ -1,17 +1,9 @@
 """Model FLOPs utilisation (MFU), counted honestly, and peak memory per logging interval.
 
 MFU = achieved model FLOPs per second / the device's dense peak. "Model FLOPs" are the FLOPs the model *needs*
-per token (PaLM appendix B convention), not what the kernels happen to execute:
-
-- 6 FLOPs per matmul weight per token for forward + backward (2 forward, 4 backward): the attention projections
-  q/k/v/o, the gated MLP (gate/up/down) in every layer, and the LM head (vocab × hidden, counted even when it is
-  tied to the embedding, because it is still a matmul). Embedding lookups and norms are not matmuls and are left out.
-- Attention scores: per layer QK^T and AV cost 2 × 2 × heads × head_dim FLOPs per attended key in the forward
-  pass, ×3 for forward + backward, i.e. 12 × layers × heads × head_dim × context_len per token.
-  ``context_len`` is the *mean number of keys a query actually attends to* under the causal document mask,
-  not the sequence length: packed short documents make attention much cheaper than T² / 2.
-
-Recomputation (activation checkpointing) is not counted: it is overhead, not model work.
+per token (PaLM appendix B convention), not what the kernels happen to execute. That count lives beside the
+parameter counts in models/config.py (`matmul_params`, `flops_per_token`; the latter is re-exported here); this
+module supplies the attention context it needs (`mean_attended_context`), the device peak and the ratio.
 """
 
 import functools
@@ -23,28 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-
-def _head_dim(cfg) -> int:
-    head_dim = getattr(cfg, "head_dim", None)
-    return head_dim if head_dim else cfg.hidden_size // cfg.num_attention_heads
-
-
-def matmul_params(cfg) -> int:
-    """Number of weights that take part in a matmul for every token: layers' attention + gated MLP, plus LM head."""
-    hidden, head_dim = cfg.hidden_size, _head_dim(cfg)
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    attention = hidden * head_dim * (2 * cfg.num_attention_heads + 2 * kv_heads)  # q, o + k, v
-    mlp = 3 * hidden * cfg.intermediate_size  # gate, up, down
-    return cfg.num_hidden_layers * (attention + mlp) + cfg.vocab_size * hidden
-
-
-def flops_per_token(cfg, context_len: float) -> float:
-    """Training (forward + backward) FLOPs per token for a config with Hugging Face-style field names.
-
-    ``context_len`` is the mean number of keys each query attends to (see ``mean_attended_context``).
-    """
-    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * _head_dim(cfg) * context_len
-    return 6 * matmul_params(cfg) + attention
+from models.config import flops_per_token as flops_per_token  # re-exported: monitor, meter and bench use it here
 
 
 def mean_attended_context(doc_ids_or_lengths: torch.Tensor | Sequence[int]) -> float:

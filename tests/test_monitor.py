@@ -10,13 +10,13 @@ import pytest
 import torch
 from rich.console import Console
 
+from models.config import ModelConfig, count_parameters, matmul_params
 from monitor import DivergenceDetector, PeakMemory, Progress, RunLogger, find_run_dirs, new_run_dir, read_logs
 from monitor.logs import LOG_NAME, resolve_log_file
 from monitor.mfu import (
     device_peak_flops,
     flops_per_token,
     gpu_peak_flops,
-    matmul_params,
     mean_attended_context,
     measured_peak_flops,
     mfu,
@@ -194,6 +194,8 @@ def test_flops_per_token_by_hand():
     # head_dim = 64 / 4 = 16; q and o: 64*64 = 4096 each; k and v: 64*(2*16) = 2048 each -> 12288
     # gated MLP: 3 * 64 * 176 = 33792; per layer 46080; 2 layers 92160; LM head 100 * 64 = 6400 -> 98560
     assert matmul_params(cfg) == 98560
+    same_shape = ModelConfig(**cfg.__dict__)
+    assert count_parameters(same_shape)["matmul"] == 98560  # the parameter count and the FLOP count agree
     # One row of 8 tokens holding documents of 3 and 5 tokens: keys attended 1+2+3 + 1+2+3+4+5 = 21 -> 21/8
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
     assert mean_attended_context(doc_ids) == pytest.approx(2.625)

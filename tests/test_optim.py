@@ -47,7 +47,13 @@ def test_stochastic_rounding_is_unbiased_and_returns_neighbours() -> None:
     sigma = (above.double() - below.double()) * torch.sqrt(p_up * (1 - p_up) / samples)
     error = (r.double().mean(dim=0) - values.double()).abs()
     assert torch.all(error <= 5 * sigma + 1e-30), (error / sigma).tolist()
-    ups = (r == above).sum(dim=0)
+    # Control: the same 5-sigma check rejects round-to-nearest, whose bias is a fixed fraction of an ulp (all but
+    # the 1/65536 column, where nearest is within 5 sigma of the value), so the check above can fail.
+    nearest_error = (values.to(torch.bfloat16).double() - values.double()).abs()
+    assert torch.all((nearest_error > 5 * sigma)[[0, 1, 2, 4, 5]]), (nearest_error / sigma).tolist()
+    # Each neighbour is chosen about as often as its probability says (5 sigma of the binomial count).
+    ups = (r == above).sum(dim=0).double()
+    assert torch.all((ups - samples * p_up).abs() <= 5 * torch.sqrt(samples * p_up * (1 - p_up)) + 1), ups.tolist()
     assert torch.all(ups[[0, 1, 2, 4, 5]] > 0) and torch.all(ups < samples)  # both neighbours occur
 
 
@@ -69,7 +75,14 @@ def test_stochastic_rounding_is_deterministic_given_the_seed() -> None:
     b = stochastic_round_to_bf16(x, generator(7))
     c = stochastic_round_to_bf16(x, generator(8))
     assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    # Control: another seed rounds a large share of the elements the other way, each still to a neighbour of x.
+    below, above = bf16_neighbours(x)
+    assert torch.all((c.float() == below) | (c.float() == above))
+    assert (a != c).sum().item() > len(x) // 10
+    # The generator advances: a second draw from the same generator is not a replay of the first.
+    g = generator(7)
+    first, second = stochastic_round_to_bf16(x, g), stochastic_round_to_bf16(x, g)
+    assert torch.equal(first, a) and not torch.equal(first, second)
 
 
 # ---- Adafactor against an independent reference ----
@@ -165,16 +178,24 @@ def test_adafactor_bf16_rounds_the_fp32_result() -> None:
     below, above = bf16_neighbours(exact)
     sr = results["sr"].float()
     assert torch.all((sr == below) | (sr == above))
-    assert not torch.equal(results["sr"], results["rtn"])  # some elements rounded the other way
+    # Stochastic, with the right probabilities: element i leaves its nearest neighbour with probability q_i (its
+    # distance to the nearest over the spacing), so the count of such elements is within 5 sigma of sum(q_i).
+    # Round-to-nearest (the control) has a count of 0, which that bound excludes.
+    nearest = results["rtn"].float()
+    q = ((exact.double() - nearest.double()).abs() / (above.double() - below.double())).clamp(0, 1)
+    expected, sigma = q.sum().item(), (q * (1 - q)).sum().sqrt().item()
+    flipped = (sr != nearest).sum().item()
+    assert expected > 5 * sigma and abs(flipped - expected) <= 5 * sigma, (flipped, expected, sigma)
 
 
 def test_stochastic_rounding_makes_progress_where_round_to_nearest_stalls() -> None:
     """Updates of 1e-4 on weights of 1.0 (bf16 spacing 2^-8 below 1): SR tracks fp32 in expectation, RTN freezes."""
     steps, lr = 200, 1e-4
     finals = {}
-    for name, dtype, sr in VARIANTS:
+    runs = [(name, dtype, sr, 5) for name, dtype, sr in VARIANTS] + [("sr-seed-6", torch.bfloat16, True, 6)]
+    for name, dtype, sr, seed in runs:
         p = nn.Parameter(torch.ones(4096, dtype=dtype))
-        optimizer = Adafactor([p], lr, weight_decay=0.0, stochastic_rounding=sr, seed=5)
+        optimizer = Adafactor([p], lr, weight_decay=0.0, stochastic_rounding=sr, seed=seed)
         for _ in range(steps):
             p.grad = torch.ones_like(p)  # constant gradient: every update is exactly -lr
             optimizer.step()
@@ -183,7 +204,13 @@ def test_stochastic_rounding_makes_progress_where_round_to_nearest_stalls() -> N
     assert torch.all(finals["rtn"] == 1.0)
     # Per-step rounding noise has std <= ulp/2 = 2^-9, so the mean over 4,096 weights after 200 steps has
     # std <= 2^-9 * sqrt(200 / 4096) ~ 4.3e-4; 5 sigma is ~2.2e-3, well below the 2e-2 of progress.
-    assert abs(finals["sr"].mean().item() - (1 - steps * lr)) < 2.2e-3
+    for name in ("sr", "sr-seed-6"):
+        assert abs(finals[name].mean().item() - (1 - steps * lr)) < 2.2e-3
+    # Every weight saw the same updates, so only independent per-element rounding spreads them over several bf16
+    # values; one shared random draw per step would keep them all equal and could pass the mean check by luck.
+    assert finals["sr"].unique().numel() > 1
+    # Control: another seed takes other rounding decisions on the way to the same mean.
+    assert not torch.equal(finals["sr"], finals["sr-seed-6"])
 
 
 # ---- state round trip ----
@@ -238,10 +265,16 @@ def test_adafactor_state_survives_save_and_load_bit_exactly() -> None:
 
 
 def test_replicas_with_the_same_seed_stay_identical() -> None:
-    a, b = make_params(), make_params()
+    a, b, other = make_params(), make_params(), make_params()
     train(a, Adafactor(a, 1e-3, seed=9), range(4))
     train(b, Adafactor(b, 1e-3, seed=9), range(4))
+    train(other, Adafactor(other, 1e-3, seed=10), range(4))
+    assert [x.dtype for x in a] == [torch.bfloat16, torch.bfloat16, torch.float32]
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    # Control: a different seed gives different bf16 weights, so the equality above is not because the seed is
+    # ignored or the rounding is deterministic; fp32 weights are never rounded and do not depend on the seed.
+    assert not torch.equal(a[0], other[0]) and not torch.equal(a[1], other[1])
+    assert torch.equal(a[2], other[2])
 
 
 # ---- builders ----
