@@ -479,7 +479,9 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
         model = lay.gather_model()
         if model is not None:
             export_dir = models.export_hf(model, run.model_cfg, run.output_dir / "final", tokenizer=lay.tokenizer)
-            text = sample_text(model, lay.tokenizer, args, max(args.sample_tokens, 32))
+            text = (
+                sample_text(model, lay.tokenizer, args, max(args.sample_tokens, 32)) if math.isfinite(eval_loss) else ""
+            )
             say(f"final eval loss {eval_loss:.4f}\nsample: {text}\nHugging Face model: {export_dir}")
     bar.close()
     logger.close()
