@@ -288,9 +288,6 @@ class Checkpointer:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.root, warn=self.warn if self.rank == 0 else lambda _: None)
 
-    def exists(self, step: int) -> bool:
-        return (self.root / f"checkpoint-{step}" / MARKER).is_file()
-
     def save(self, step: int, *, model_part, optimizer_part, trainer_state, rank_state) -> tuple[Path, list[Path]]:
         """Write checkpoint-<step> (all ranks) and prune old ones (rank 0); returns (path, pruned paths)."""
         path = save_checkpoint(

@@ -54,7 +54,7 @@ class Pipeline:
         net.to(device=self.device, dtype=self.param_dtype)
         if self.dtype == torch.bfloat16 and not pure_bf16:  # mixed precision as on DDP: bf16 autocast, fp32 weights
             net.forward = torch.autocast(self.device.type, dtype=torch.bfloat16)(net.forward)
-        # Transformer names of this stage's parameters; a tied embedding is saved by the first stage only.
+        # This stage's parameter names -> the Transformer's, by which checkpoints store weights and optimizer state.
         pipe_names = {n: n for n, _ in net.named_parameters()}
         self.to_model_name = {v: k for k, v in models.from_pipeline_state_dict(pipe_names, run.model_cfg).items()}
         self.names = {p: self.to_model_name[n] for n, p in net.named_parameters()}
@@ -112,6 +112,7 @@ class Pipeline:
         return loss
 
     def model_part(self) -> dict:
+        # A tied embedding/head lives on the first and last stage: the first one saves it.
         first = self.engine.is_first_stage()
         state = {n: t for n, t in self.net.state_dict().items() if first or not n.startswith("tied_modules.")}
         return {self.to_model_name[n]: t.detach().cpu() for n, t in state.items()}
