@@ -478,7 +478,22 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
         bar.close()
         model = lay.gather_model()
         if model is not None:
-            export_dir = models.export_hf(model, run.model_cfg, run.output_dir / "final", tokenizer=lay.tokenizer)
+            summary = models.RunSummary(
+                model_name=args.model_config or args.model,
+                dataset=args.dataset,
+                step=state.step,
+                tokens=state.tokens,
+                eval_loss=eval_loss,
+                max_length=args.max_length,
+            )
+            export_dir = models.export_hf(
+                model,
+                run.model_cfg,
+                run.output_dir / "final",
+                tokenizer=lay.tokenizer,
+                max_length=args.max_length,
+                summary=summary,
+            )
             text = (
                 sample_text(model, lay.tokenizer, args, max(args.sample_tokens, 32)) if math.isfinite(eval_loss) else ""
             )

@@ -8,6 +8,7 @@ repository the export's own copy of the same code loads with `trust_remote_code=
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .attention import ATTN_IMPLEMENTATIONS, check_attn_implementation
+from .card import RunSummary
 from .config import ModelConfig, available_configs, count_parameters, describe, load_model_config
 from .configuration_deepone import DeepOneConfig
 from .hf import export_hf, load_hf
@@ -30,6 +31,7 @@ __all__ = [
     "DeepOneConfig",
     "DeepOneForCausalLM",
     "ModelConfig",
+    "RunSummary",
     "Transformer",
     "available_configs",
     "check_attn_implementation",

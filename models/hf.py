@@ -183,39 +183,45 @@ def export_hf(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    pad_token_id = None
-    if tokenizer is not None:
-        bos_token_id = bos_token_id if bos_token_id is not None else _token_id(tokenizer, "bos_token_id")
-        eos_token_id = eos_token_id if eos_token_id is not None else _token_id(tokenizer, "eos_token_id")
-        if bos_token_id is None or eos_token_id is None:
-            raise ValueError("the tokenizer declares no BOS/EOS token; pass bos_token_id and eos_token_id")
-        exported = export_tokenizer(tokenizer, bos_token_id, eos_token_id, max_length)
-        if len(exported) > cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {len(exported)} tokens but the model only {cfg.vocab_size}")
-        exported.save_pretrained(tmp)
-        pad_token_id = eos_token_id
-        # NOTE: transformers 5 records its internal class name, which transformers 4 cannot load; both load this one.
-        _edit_json(tmp / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
+    try:
+        pad_token_id = None
+        if tokenizer is not None:
+            bos_token_id = bos_token_id if bos_token_id is not None else _token_id(tokenizer, "bos_token_id")
+            eos_token_id = eos_token_id if eos_token_id is not None else _token_id(tokenizer, "eos_token_id")
+            if bos_token_id is None or eos_token_id is None:
+                raise ValueError("the tokenizer declares no BOS/EOS token; pass bos_token_id and eos_token_id")
+            exported = export_tokenizer(tokenizer, bos_token_id, eos_token_id, max_length)
+            if len(exported) > cfg.vocab_size:
+                raise ValueError(f"the tokenizer has {len(exported)} tokens but the model only {cfg.vocab_size}")
+            exported.save_pretrained(tmp)
+            pad_token_id = eos_token_id
+            # NOTE: transformers 5 records its internal class name, which 4.x cannot load; both load this one.
+            _edit_json(tmp / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
 
-    config = hf_config(cfg, bos_token_id, eos_token_id, pad_token_id)
-    config.save_pretrained(tmp)
-    if cfg.family == "deepone":
-        for module in (configuration_deepone, modeling_deepone):
-            shutil.copyfile(module.__file__, tmp / Path(module.__file__).name)
-        _edit_json(tmp / "config.json", auto_map=_AUTO_MAP)
-    else:
-        _edit_json(tmp / "config.json", rope_theta=cfg.rope_theta)  # transformers 4.x reads only this one
-    if bos_token_id is not None or eos_token_id is not None:
-        generation = GenerationConfig(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-        generation.save_pretrained(tmp)
+        config = hf_config(cfg, bos_token_id, eos_token_id, pad_token_id)
+        config.save_pretrained(tmp)
+        if cfg.family == "deepone":
+            for module in (configuration_deepone, modeling_deepone):
+                shutil.copyfile(module.__file__, tmp / Path(module.__file__).name)
+            _edit_json(tmp / "config.json", auto_map=_AUTO_MAP)
+        else:
+            _edit_json(tmp / "config.json", rope_theta=cfg.rope_theta)  # transformers 4.x reads only this one
+        if bos_token_id is not None or eos_token_id is not None:
+            generation = GenerationConfig(
+                bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+            )
+            generation.save_pretrained(tmp)
 
-    tensors = to_hf_state_dict(model, cfg)
-    if dtype is not None:
-        tensors = {name: t.to(dtype) for name, t in tensors.items()}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "README.md").write_text(
-        model_card(cfg, summary, tokenizer_max_length=max_length, weights_dtype=next(iter(tensors.values())).dtype)
-    )
+        tensors = to_hf_state_dict(model, cfg)
+        if dtype is not None:
+            tensors = {name: t.to(dtype) for name, t in tensors.items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "README.md").write_text(
+            model_card(cfg, summary, tokenizer_max_length=max_length, weights_dtype=next(iter(tensors.values())).dtype)
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _replace_dir(tmp, out)
     return out
 

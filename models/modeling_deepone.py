@@ -150,17 +150,14 @@ def _positions_and_mask(attention_mask: torch.Tensor | None, past: int, T: int, 
     future and not padding. A padding query still sees itself, so no softmax row is empty.
     """
     if attention_mask is None:
-        positions = torch.arange(past, past + T, device=device)[None]
-        if past == 0:
-            return positions, None
-        return positions, torch.ones(1, 1, T, past + T, dtype=torch.bool, device=device)
+        attention_mask = torch.ones(1, past + T, dtype=torch.long, device=device)
     if attention_mask.dim() != 2 or attention_mask.shape[1] != past + T:
         raise ValueError(
             f"attention_mask must be (batch, {past + T}) with 1 for tokens and 0 for padding, "
             f"got {tuple(attention_mask.shape)}"
         )
     valid = attention_mask.bool()
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B or 1, T)
     if past == 0 and bool(valid.all()):
         return positions, None
     query = torch.arange(past, past + T, device=device)[:, None]  # absolute index of each new token
