@@ -49,7 +49,7 @@ def _loading_code(cfg: ModelConfig) -> str:
         "```python\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("PATH"{remote})\n'
-        'tokenizer = AutoTokenizer.from_pretrained("PATH")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("PATH"{remote})\n'
         'inputs = tokenizer(["Once upon a time"], return_tensors="pt")  # starts with BOS, as in training\n'
         "out = model.generate(**inputs, max_new_tokens=40, do_sample=False)\n"
         "print(tokenizer.decode(out[0], skip_special_tokens=True))\n"
