@@ -172,6 +172,7 @@ class DeepOnePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["DeepOneBlock"]
+    _supports_sdpa = True  # attention always runs through torch's scaled_dot_product_attention
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
