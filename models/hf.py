@@ -123,9 +123,13 @@ def export_tokenizer(tokenizer, bos_token_id: int, eos_token_id: int, max_length
     backend = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer.backend_tokenizer
     backend = Tokenizer.from_str(backend.to_str())
     bos, eos = backend.id_to_token(bos_token_id), backend.id_to_token(eos_token_id)
-    backend.post_processor = processors.TemplateProcessing(
+    add_bos = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, bos_token_id)]
     )
+    # A byte-level tokenizer's own post-processor only fixes character offsets: keep it, then add BOS.
+    existing = backend.post_processor
+    keep = isinstance(existing, processors.ByteLevel)
+    backend.post_processor = processors.Sequence([existing, add_bos]) if keep else add_bos
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=bos,
