@@ -77,7 +77,7 @@ def model_card(
         f"# {title}",
         "",
         f"A {n['total'] / 1e6:.1f}M-parameter ({n['non_embedding'] / 1e6:.1f}M without embeddings) {cfg.family} "
-        f"decoder pretrained from scratch: {cfg.num_hidden_layers} layers, hidden size {cfg.hidden_size}, "
+        f"decoder language model: {cfg.num_hidden_layers} layers, hidden size {cfg.hidden_size}, "
         f"{cfg.num_attention_heads} query / {cfg.num_key_value_heads} key-value heads, vocabulary {cfg.vocab_size:,}, "
         f"weights in {str(weights_dtype).removeprefix('torch.')}.",
         "",

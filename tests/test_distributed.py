@@ -100,6 +100,7 @@ def test_pipeline_two_stages_match_one_process(setup, reference, schedule, model
 
     # The HF export gathered from both stages equals the weights of the final checkpoint's stage files.
     import models
+    from models.export import convert
     from monitor.checkpoint import load_checkpoint
 
     saved = load_checkpoint(pipe / "checkpoints" / "checkpoint-6", rank=0)["model_state"]
@@ -110,6 +111,11 @@ def test_pipeline_two_stages_match_one_process(setup, reference, schedule, model
     assert set(exported.state_dict()) == set(saved)
     for name, tensor in exported.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
+    # The converter merges the two stage files into the very folder the run exported.
+    converted = convert(pipe / "checkpoints" / "checkpoint-6", pipe.parent / f"{pipe.name}-converted")
+    files = sorted(p.relative_to(converted) for p in converted.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(pipe / "final") for p in (pipe / "final").rglob("*") if p.is_file())
+    assert all((converted / f).read_bytes() == (pipe / "final" / f).read_bytes() for f in files)
 
 
 def test_pipeline_checkpoint_resumes_under_one_process(setup, reference):
