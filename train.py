@@ -483,7 +483,7 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
     try:
         if state.step == 0:
             evaluate()
-        exit_code, eval_loss, loss = 0, None, 0.0
+        exit_code, eval_loss, loss, rollback_floor = 0, None, 0.0, None
         stage, epoch = (batches.current_stage, batches.epoch) if batches is not None else (0, 0)
         while state.step < plan.total_steps:
             step = state.step + 1
@@ -520,27 +520,34 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
                 logger.event(step, "divergence", reason=reason, action=command)
                 say(f"divergence at step {step:,}: {reason}; action: {command}")
             if command == "rollback":
-                target = ckpts.latest()
+                # Diverging again before anything new was saved means the checkpoint itself is bad (e.g. finite
+                # weights so large that every gradient overflows): go one checkpoint further back each time.
+                target = ckpts.latest(before=rollback_floor)
                 if target is None or state.rollbacks >= args.max_rollbacks:
                     command = "abort"
                 else:
                     rollbacks, lr_factor = state.rollbacks + 1, state.lr_factor * args.rollback_lr_factor
                     restore(target, data_too=False)  # keep the data position: the offending batches are skipped
+                    rollback_floor = state.step
+                    ckpts.discard_after(state.step)  # a resume must never pick up the abandoned history
                     state.rollbacks, state.lr_factor = rollbacks, lr_factor
                     scheduler.lr_factor = lr_factor
                     scheduler.load_state_dict({"step": state.step})
                     logger.event(state.step, "rollback", to=str(target), lr_factor=lr_factor)
                     say(f"rolled back to {target}; LR factor now {lr_factor:g}")
                     continue
-            finite = math.isfinite(loss) and (eval_loss is None or math.isfinite(eval_loss))
+            finite = (
+                math.isfinite(loss) and math.isfinite(grad_norm) and (eval_loss is None or math.isfinite(eval_loss))
+            )
             due = args.save_strategy != "no" and (
                 last or (args.save_strategy == "steps" and step % plan.save_steps == 0)
             )
             wants_save = command in ("save", "stop") or (due and command != "abort")
             if wants_save and finite:
                 save(eval_loss if eval_loss is not None else evaluate())
+                rollback_floor = None
             elif wants_save:  # the divergence actions act on the last finite state
-                say(f"step {step:,}: not saving non-finite weights (loss {loss}, eval loss {eval_loss})")
+                say(f"step {step:,}: not saving non-finite weights (loss {loss}, gnorm {grad_norm}, eval {eval_loss})")
             if command in ("stop", "abort"):
                 say(f"{command} at step {step:,}; newest checkpoint: {ckpts.latest()}")
                 exit_code = 1 if reason else 0

@@ -293,3 +293,19 @@ def test_signals_stop_cleanly_once_at_once_twice_and_before_the_loop(data_args, 
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "before training started" in err
     assert _files(out / "checkpoints") == before and not list(jobs.iterdir())
+
+
+def test_rollback_past_a_bad_checkpoint_and_never_resume_the_abandoned_history(data_args, tmp_path):
+    # An LR x 1e30 update leaves finite weights so large that every later gradient overflows; saved every step, the
+    # checkpoint right after the spike is itself bad. The guard goes one checkpoint further back, and the abandoned
+    # checkpoints are removed at once, so the step is saved again from the new history.
+    out = tmp_path / "run"
+    spike = ["--inject-lr-spike", "6,1e30", "--divergence-action", "rollback", "--step-cadence", "0.0002"]
+    run = train(*data_args, *spike, "--max-steps", "9", "--init-model", "--output-dir", str(out))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    targets = [r["to"] for r in _log(out) if r.get("type") == "event" and r.get("event") == "rollback"]
+    assert [Path(t).name for t in targets] == ["checkpoint-6", "checkpoint-5"], targets
+    state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["rollbacks"] == 2  # written after the second rollback, not the bad one kept
+    tensors = load_file(out / "checkpoints" / "checkpoint-6" / "model-0.safetensors")
+    assert max(float(t.abs().max()) for t in tensors.values()) < 1e3
