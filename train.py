@@ -560,8 +560,19 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
             model = lay.gather_model()
             if model is not None:
                 export_dir = run.output_dir / "final"
+                summary = models.RunSummary(
+                    model_name=args.model_config or args.model,
+                    dataset=args.dataset,
+                    step=state.step,
+                    tokens=state.tokens,
+                    eval_loss=eval_loss,
+                    max_length=args.max_length,
+                )
                 with publish_dir(export_dir) as folder:  # the previous export stays whole until this one is
-                    models.export_hf(model, run.model_cfg, folder, tokenizer=lay.tokenizer)
+                    models.export_hf(
+                        model, run.model_cfg, folder, tokenizer=lay.tokenizer, max_length=args.max_length,
+                        summary=summary,
+                    )  # fmt: skip
                 text = (
                     sample_text(model, lay.tokenizer, args, max(args.sample_tokens, 32))
                     if math.isfinite(eval_loss)

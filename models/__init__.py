@@ -1,17 +1,20 @@
 """The model zoo: one decoder implementation (llama, qwen3, deepone), named configs, HF export/import, pipeline.
 
 Importing this package registers the deepone classes with transformers' AutoConfig / AutoModelForCausalLM, so
-`AutoModelForCausalLM.from_pretrained(folder)` loads an exported deepone model without trust_remote_code.
+`AutoModelForCausalLM.from_pretrained(folder)` loads an exported deepone model without trust_remote_code; outside the
+repository the export's own copy of the same code loads with `trust_remote_code=True`.
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .attention import ATTN_IMPLEMENTATIONS, check_attn_implementation
+from .card import RunSummary
 from .config import ModelConfig, available_configs, count_parameters, describe, load_model_config
+from .configuration_deepone import DeepOneConfig
 from .hf import export_hf, load_hf
-from .hf_deepone import DeepOneConfig, DeepOneForCausalLM
 from .loss import chunked_cross_entropy
 from .model import Transformer
+from .modeling_deepone import DeepOneForCausalLM
 from .pipeline import (
     from_pipeline_state_dict,
     load_pipeline_state,
@@ -28,6 +31,7 @@ __all__ = [
     "DeepOneConfig",
     "DeepOneForCausalLM",
     "ModelConfig",
+    "RunSummary",
     "Transformer",
     "available_configs",
     "check_attn_implementation",

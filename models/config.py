@@ -6,7 +6,7 @@ Field names follow Hugging Face (`vocab_size`, `hidden_size`, ...) so a config m
 - "llama":   pre-norm, SwiGLU, RoPE, GQA; exports to `LlamaForCausalLM`.
 - "qwen3":   llama plus per-head RMSNorm on queries and keys before RoPE; exports to `Qwen3ForCausalLM`.
 - "deepone": DeepNet post-norm (`x = norm(alpha * x + f(x))`) with DeepNet init, RoPE and QK-norm; exports to our
-             own `DeepOneForCausalLM` (models/hf_deepone.py), loadable after `import models`.
+             own `DeepOneForCausalLM` (models/modeling_deepone.py, copied into the export).
 
 NOTE: Llama-3 "rope scaling" (rope_type "llama3") is deliberately absent: it only matters when extending a model
 pretrained at a short context, and these models are pretrained from scratch at their training length.

@@ -1,8 +1,10 @@
-"""Export to and import from Hugging Face folders (config.json + model.safetensors + tokenizer files).
+"""Export to and import from Hugging Face folders (config.json + model.safetensors + tokenizer files + model card).
 
 llama -> LlamaForCausalLM, qwen3 -> Qwen3ForCausalLM: stock transformers classes, loadable anywhere with
-`AutoModelForCausalLM.from_pretrained(folder)`. deepone -> DeepOneForCausalLM (models/hf_deepone.py), loadable the
-same way after `import models`. Weights are written and read with safetensors only (no pickle).
+`AutoModelForCausalLM.from_pretrained(folder)`. deepone -> DeepOneForCausalLM (models/modeling_deepone.py), whose code
+is copied into the folder: `from_pretrained(folder, trust_remote_code=True)` anywhere, or plain after `import models`.
+Weights are written and read with safetensors only (no pickle). `export_hf` is the one writer: train.py's `final/`
+and `python -m models.export CHECKPOINT OUT` both call it.
 
 Key mapping (llama/qwen3): our `<key>` -> `model.<key>` with `attn_norm` -> `input_layernorm` and `mlp_norm` ->
 `post_attention_layernorm`; `lm_head.weight` keeps its name and is omitted when tied. deepone: `model.<key>`.
@@ -11,16 +13,24 @@ Key mapping (llama/qwen3): our `<key>` -> `model.<key>` with `attn_norm` -> `inp
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import configuration_deepone, modeling_deepone
+from .card import RunSummary, model_card
 from .config import ModelConfig
+from .configuration_deepone import DeepOneConfig
 from .model import Transformer
 
 _HF_NORM_NAMES = {".attn_norm.": ".input_layernorm.", ".mlp_norm.": ".post_attention_layernorm."}
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "deepone": "DeepOneForCausalLM"}
+_AUTO_MAP = {
+    "AutoConfig": "configuration_deepone.DeepOneConfig",
+    "AutoModelForCausalLM": "modeling_deepone.DeepOneForCausalLM",
+}
 
 
 def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -54,7 +64,9 @@ def from_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) ->
     return out
 
 
-def hf_config(cfg: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None):
+def hf_config(
+    cfg: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None
+):
     """The transformers config object matching `cfg` (LlamaConfig, Qwen3Config or DeepOneConfig)."""
     common = dict(
         vocab_size=cfg.vocab_size,
@@ -71,6 +83,7 @@ def hf_config(cfg: ModelConfig, bos_token_id: int | None = None, eos_token_id: i
         initializer_range=cfg.initializer_range,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
         architectures=[_ARCHITECTURES[cfg.family]],
     )
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -84,8 +97,6 @@ def hf_config(cfg: ModelConfig, bos_token_id: int | None = None, eos_token_id: i
         from transformers import Qwen3Config
 
         return Qwen3Config(**common, rope_parameters=rope, attention_bias=False, use_sliding_window=False)
-    from .hf_deepone import DeepOneConfig
-
     return DeepOneConfig(**common, rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm)
 
 
@@ -94,48 +105,114 @@ def _token_id(tokenizer, attr: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def export_tokenizer(tokenizer, bos_token_id: int, eos_token_id: int, max_length: int | None):
+    """A copy of the run's tokenizer that behaves as training did, for `AutoTokenizer.from_pretrained(export)`.
+
+    - a post-processor puts BOS before every text (training packs `[BOS] doc [EOS]`), so `tokenizer(text)` gives
+      the ids the model was trained on; a pair of texts is one document (`[BOS] a b`);
+    - EOS doubles as the pad token (there is no separate one in the vocabulary); padding is on the left, which
+      `generate` needs for batches of prompts;
+    - `model_max_length` is the trained sequence length;
+    - only input_ids and attention_mask are returned (no token_type_ids, which causal LMs do not take).
+    The caller's tokenizer is not modified.
+    """
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer.backend_tokenizer
+    backend = Tokenizer.from_str(backend.to_str())
+    bos, eos = backend.id_to_token(bos_token_id), backend.id_to_token(eos_token_id)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, bos_token_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=eos,
+        padding_side="left",
+        model_max_length=max_length if max_length is not None else int(1e30),
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def export_hf(
-    model: Transformer,
+    model: Transformer | dict[str, torch.Tensor],
     cfg: ModelConfig,
     out_dir: str | Path,
     tokenizer=None,
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    max_length: int | None = None,
+    summary: RunSummary | None = None,
 ) -> Path:
-    """Write `out_dir` as a Hugging Face model folder: config.json, model.safetensors, tokenizer, generation config.
+    """Write `out_dir` as a self-contained Hugging Face model folder; the one export of `train.py` and models.export.
+
+    Contents: config.json, model.safetensors, generation_config.json (EOS stops generation), the tokenizer as
+    `export_tokenizer` makes it, README.md (the model card, models/card.py) and, for deepone, configuration_deepone.py
+    and modeling_deepone.py with `auto_map` in config.json. config.json of llama/qwen3 carries `rope_theta` beside
+    `rope_parameters`, so transformers 4.x (which reads only the former) and 5.x read the same model.
+
+    The files are written straight into `out_dir`; callers that replace an earlier export write through
+    `monitor.outdir.publish_dir`, which swaps the complete folder into place (train.py, models.export).
 
     Args:
-        tokenizer: a `tokenizers.Tokenizer` or a `transformers.PreTrainedTokenizerFast`; saved so that
-            `AutoTokenizer.from_pretrained(out_dir)` loads it. Its bos/eos ids are used when not given explicitly.
+        model: our Transformer, or its state dict (tensors by Transformer name, e.g. from a checkpoint).
+        tokenizer: a `tokenizers.Tokenizer` or a `transformers.PreTrainedTokenizerFast` (whose declared BOS/EOS are
+            used when the ids are not given, as data.load_tokenizer declares them).
         bos_token_id, eos_token_id: written into config.json and generation_config.json.
         dtype: cast the weights (e.g. torch.bfloat16) before saving; default keeps the model's dtype.
+        max_length: the trained sequence length (the tokenizer's `model_max_length`).
+        summary: what the run trained on, for the model card.
     """
-    from transformers import GenerationConfig, PreTrainedTokenizerFast
+    from transformers import GenerationConfig
 
-    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model prefixes its keys with "_orig_mod."
+    if isinstance(model, torch.nn.Module):
+        model = getattr(model, "_orig_mod", model)  # a torch.compile'd model prefixes its keys with "_orig_mod."
+        model = model.state_dict()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None and not isinstance(tokenizer, PreTrainedTokenizerFast):
-        bos = tokenizer.id_to_token(bos_token_id) if bos_token_id is not None else None
-        eos = tokenizer.id_to_token(eos_token_id) if eos_token_id is not None else None
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos)
+    pad_token_id = None
     if tokenizer is not None:
         bos_token_id = bos_token_id if bos_token_id is not None else _token_id(tokenizer, "bos_token_id")
         eos_token_id = eos_token_id if eos_token_id is not None else _token_id(tokenizer, "eos_token_id")
-        tokenizer.save_pretrained(out)
-        if len(tokenizer) > cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only {cfg.vocab_size}")
+        if bos_token_id is None or eos_token_id is None:
+            raise ValueError("the tokenizer declares no BOS/EOS token; pass bos_token_id and eos_token_id")
+        exported = export_tokenizer(tokenizer, bos_token_id, eos_token_id, max_length)
+        if len(exported) > cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {len(exported)} tokens but the model only {cfg.vocab_size}")
+        exported.save_pretrained(out)
+        pad_token_id = eos_token_id
+        # NOTE: transformers 5 records its internal class name, which 4.x cannot load; both load this one.
+        _edit_json(out / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
 
-    config = hf_config(cfg, bos_token_id, eos_token_id)
+    config = hf_config(cfg, bos_token_id, eos_token_id, pad_token_id)
     config.save_pretrained(out)
+    if cfg.family == "deepone":
+        for module in (configuration_deepone, modeling_deepone):
+            shutil.copyfile(module.__file__, out / Path(module.__file__).name)
+        _edit_json(out / "config.json", auto_map=_AUTO_MAP)
+    else:
+        _edit_json(out / "config.json", rope_theta=cfg.rope_theta)  # transformers 4.x reads only this one
     if bos_token_id is not None or eos_token_id is not None:
-        GenerationConfig(bos_token_id=bos_token_id, eos_token_id=eos_token_id).save_pretrained(out)
+        generation = GenerationConfig(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        generation.save_pretrained(out)
 
-    tensors = to_hf_state_dict(model.state_dict(), cfg)
+    tensors = to_hf_state_dict(model, cfg)
     if dtype is not None:
         tensors = {name: t.to(dtype) for name, t in tensors.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "README.md").write_text(
+        model_card(cfg, summary, tokenizer_max_length=max_length, weights_dtype=next(iter(tensors.values())).dtype)
+    )
     return out
 
 

@@ -62,21 +62,68 @@ def test_export_loads_with_auto_classes_and_round_trips(family, tmp_path):
         assert torch.equal(model(*args), again(*args))
 
 
-def test_deepone_generates_and_handles_left_padding(tmp_path):
+def _greedy_full_prefix(model, prompt: list[int], n: int) -> list[int]:
+    """The oracle: n greedy tokens, each the argmax after re-running our Transformer on the whole prefix."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "deepone"])
+def test_generate_with_left_padding_equals_a_full_prefix_greedy_loop(family, tmp_path):
+    """24 greedy tokens from `generate` on a left-padded batch of 2 equal, token for token, our model re-run on the
+    whole prefix at every step (the deepone export uses its KV cache: every step after the first feeds one token)."""
+    cfg = small_config(family, vocab_size=300)
+    model = build(cfg).eval()
+    out = export_hf(model, cfg, tmp_path / "hf", tokenizer=word_tokenizer(), bos_token_id=1, eos_token_id=2)
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(
+        family, "DeepOneForCausalLM"
+    )
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (9, 4)]
+    width = max(map(len, prompts))
+    pad = 2  # EOS doubles as the pad token
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    fed = []
+    hook = hf.get_input_embeddings().register_forward_pre_hook(lambda _, args: fed.append(args[0].shape[1]))
+    with torch.no_grad():
+        generated = hf.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=24,
+            min_new_tokens=24,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    hook.remove()
+    assert fed[0] == width and fed[1:] == [1] * 23  # a KV cache: one new token per step after the prompt
+    for row, prompt in enumerate(prompts):
+        assert generated[row, width:].tolist() == _greedy_full_prefix(model, prompt, 24), row
+
+
+def test_deepone_logits_match_with_padding_and_cache(tmp_path):
+    """Left padding and the cache change nothing: logits equal our Transformer's on the unpadded rows."""
     cfg = small_config("deepone")
-    export_hf(build(cfg), cfg, tmp_path / "hf", eos_token_id=2)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    model = build(cfg).eval()
+    hf = AutoModelForCausalLM.from_pretrained(export_hf(model, cfg, tmp_path / "hf", eos_token_id=2)).eval()
     ids = torch.randint(3, cfg.vocab_size, (1, 6))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
     attention_mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], dim=1)
     with torch.no_grad():
+        ours = model(ids)
         plain = hf(ids).logits
         left = hf(padded, attention_mask=attention_mask).logits[:, 3:]
+        first = hf(ids[:, :4], use_cache=True)
+        cache = getattr(first, "cache", None) or first.past_key_values
+        rest = hf(ids[:, 4:], cache=cache, use_cache=True).logits
+    assert (ours - plain).abs().max().item() <= 1e-5
     assert (plain - left).abs().max().item() <= 1e-5
-    out = hf.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4)
-    assert out.shape == (1, 10)
-    with torch.no_grad():  # greedy: the first generated token is the argmax of the last logits
-        assert out[0, 6].item() == plain[0, -1].argmax().item()
+    assert (plain[:, 4:] - rest).abs().max().item() <= 1e-5
 
 
 def test_export_accepts_a_transformers_tokenizer_and_casts(tmp_path):

@@ -1,0 +1,104 @@
+"""Convert a training checkpoint into the Hugging Face folder a finished run writes as `final/`.
+
+    python -m models.export output_models/run/checkpoints/checkpoint-6000 output_models/run/hf-6000
+    python -m models.export CHECKPOINT OUT --tokenizer path/to/tokenizer   # when the run's tokenizer moved
+
+A checkpoint of any layout converts (one process, DDP, a K-stage pipeline): its model-<k>.safetensors parts are
+merged by parameter name (monitor.checkpoint.load_checkpoint, the loader a resume uses) and written by
+models.hf.export_hf, the function train.py writes `final/` with, so converting the last checkpoint of a run gives
+the same folder as its `final/`. The tokenizer is found as the run found it: `--tokenizer` of the run, else the
+`--init-from` model's, else the run's own `<output-dir>/tokenizer/`.
+
+Bad input (not a checkpoint, a damaged one, an existing non-empty OUT, no tokenizer) prints one line and exits 2,
+with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from data.tokenizer import load_tokenizer
+from monitor.checkpoint import load_checkpoint, verify
+from monitor.outdir import publish_dir
+
+from .card import RunSummary
+from .config import ModelConfig
+from .hf import export_hf
+from .model import Transformer
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see python -m models.export --help\n")
+
+
+def _tokenizer_spec(checkpoint: Path, trainer: dict, override: str | None) -> str:
+    """The tokenizer the run trained with, in the order train.py resolves it (parallel.common / data.tokenizer)."""
+    if override:
+        return override
+    args = trainer.get("args", {})
+    if args.get("tokenizer"):
+        return args["tokenizer"]
+    if args.get("init_from") and (Path(args["init_from"]) / "tokenizer.json").is_file():
+        return args["init_from"]
+    own = checkpoint.parent.parent / "tokenizer"
+    if (own / "tokenizer.json").is_file():
+        return str(own)
+    raise ValueError(f"no tokenizer found for {checkpoint} (looked for {own}); pass --tokenizer")
+
+
+def convert(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | None = None) -> Path:
+    """Write the Hugging Face folder of `checkpoint` to `out_dir`; ValueError for bad input (nothing written)."""
+    path, out = Path(checkpoint), Path(out_dir)
+    if not (path / "trainer_state.json").is_file() or not any(path.glob("model-*.safetensors")):
+        raise ValueError(
+            f"{path} is not a checkpoint of train.py (expected trainer_state.json and model-<k>.safetensors, "
+            "as in output_models/<run>/checkpoints/checkpoint-<step>)"
+        )
+    problem = verify(path)
+    if problem is not None:
+        raise ValueError(f"{path} is damaged ({problem}); convert another checkpoint")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not an empty folder; choose a new output folder")
+    trainer = json.loads((path / "trainer_state.json").read_text())
+    cfg = ModelConfig.from_dict(trainer["model_config"])
+    state = load_checkpoint(path, rank=0)["model_state"]
+    with torch.device("meta"):
+        expected = set(Transformer(cfg).state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not match its model config (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
+    tok = load_tokenizer(_tokenizer_spec(path, trainer, tokenizer))
+    summary = RunSummary.from_trainer_state(trainer)
+    with publish_dir(out) as folder:  # OUT appears complete or not at all
+        export_hf(state, cfg, folder, tokenizer=tok, max_length=summary.max_length, summary=summary)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(
+        prog="python -m models.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("checkpoint", help="a checkpoint folder: <output-dir>/checkpoints/checkpoint-<step>")
+    p.add_argument("out_dir", help="the Hugging Face folder to write (must not exist, or be empty)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json, folder or Hub name (default: the run's own)")
+    args = p.parse_args(argv)
+    try:
+        out = convert(args.checkpoint, args.out_dir, args.tokenizer)
+    except (ValueError, KeyError, OSError) as e:
+        message = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    print(f"Hugging Face model: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
