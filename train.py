@@ -17,11 +17,18 @@ A layout supplies only its step, its evaluation and how its weights and optimize
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":  # a stop signal during the slow imports below ends the start quietly
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, lambda signum, frame: sys.exit(128 + signum))
+
 import argparse
 import json
 import math
 import os
-import sys
+import threading
 import traceback
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,6 +36,7 @@ from pathlib import Path
 import data
 import models
 import schedule
+from data.tokenizer import tokenizer_hash
 from models.hf import model_config_from_hf
 from monitor import (
     DivergenceDetector,
@@ -43,8 +51,10 @@ from monitor import (
 )
 from monitor.checkpoint import Checkpointer, capture_rng, checkpoint_dirs, latest_checkpoint, restore_rng
 from monitor.meter import Meter
+from monitor.outdir import OutputDirBusy, OutputDirLock, publish_dir, recover_published
 from monitor.progress import say
 from parallel import DataParallel, Pipeline, Run, UsageError, bad_input
+from parallel.common import publish_tokenizer
 
 DEFAULT_MODEL = "deepone-162m"
 
@@ -91,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-docs", type=int, default=50_000, help="documents used to train a tokenizer")
     g.add_argument("--eval-batches", type=int, default=8, help="held-out global batches per evaluation")
     g.add_argument("--no-restore-dataset-state", action="store_true", help="on resume, restart the data from the start")
+    g.add_argument(
+        "--allow-tokenizer-change", action="store_true", help="resume a run with a tokenizer other than its own"
+    )
     g.add_argument("--dispatch-batches", action="store_true", help="rank 0 reads the data and sends each rank its rows")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adamw"], help="update rule")
@@ -250,6 +263,7 @@ def _resolve_run(args: argparse.Namespace) -> Run:
         )
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer_state.json").read_text())
+        check_resume(args, saved, tokenizer or output_dir / "tokenizer", plan, output_dir)
         if saved["model_config"] != model_cfg.to_dict():
             raise UsageError(
                 f"{output_dir} holds a different model ({saved['model_name']}); use another --output-dir, "
@@ -261,7 +275,58 @@ def _resolve_run(args: argparse.Namespace) -> Run:
             "--pipeline runs one process per stage: launch it with `deepspeed --num_gpus N train.py --pipeline ...` "
             "(or torchrun --nproc_per_node N), or add --dry-run to see its plan"
         )
-    return Run(args, plan, geometry, model_cfg, mix, tokenizer, output_dir, resume_from, world_size)
+    lock = None
+    if not args.dry_run and int(os.environ.get("RANK", "0")) == 0:  # one run per output dir, for its whole life
+        try:
+            lock = OutputDirLock(output_dir).acquire()
+        except OutputDirBusy as e:
+            raise UsageError(
+                f"{output_dir} is in use by another run ({e}); wait for it, stop it (python -m monitor.control "
+                "stop JOB), or choose another --output-dir"
+            ) from None
+        recover_published(output_dir / "final")  # an export cut between its two renames
+    return Run(args, plan, geometry, model_cfg, mix, tokenizer, output_dir, resume_from, world_size, lock)
+
+
+# Options whose change on resume alters the training from there on: said in one line, not refused.
+RESUME_WATCHED = (
+    "batch_size", "gradient_accumulation_steps", "max_length", "learning_rate", "warmup_steps", "total_tokens",
+    "min_cooldown_tokens", "anneal_steps", "weight_decay", "max_grad_norm", "dtype", "dataset",
+)  # fmt: skip
+
+
+def check_resume(args: argparse.Namespace, saved: dict, tokenizer, plan: schedule.Plan, output_dir: Path) -> None:
+    """Refuse what cannot continue the saved run (another optimizer, another tokenizer) and say what changed."""
+    before = saved.get("args") or {}
+    if before.get("optimizer", args.optimizer) != args.optimizer:
+        raise UsageError(
+            f"{output_dir} was trained with --optimizer {before['optimizer']}, whose state cannot continue as "
+            f"{args.optimizer}; resume with --optimizer {before['optimizer']}, or start over with --init-model"
+        )
+    trained_with = saved.get("tokenizer_hash") or ((saved.get("data_state") or {}).get("fingerprint") or {}).get(
+        "tokenizer"
+    )
+    own_missing = Path(tokenizer) == output_dir / "tokenizer" and not (output_dir / "tokenizer").is_dir()
+    if trained_with and not own_missing:  # runs saved before tokenizer/ was kept have nothing to compare
+        now = tokenizer_hash(data.load_tokenizer(tokenizer))
+        if now != trained_with and not args.allow_tokenizer_change:
+            raise UsageError(
+                f"the tokenizer {tokenizer} differs from the one {output_dir} was trained with; resume without "
+                "--tokenizer (the run keeps its own in tokenizer/), or add --allow-tokenizer-change to continue "
+                "with new token ids"
+            )
+    changed = [
+        f"--{k.replace('_', '-')} {before[k]} -> {getattr(args, k)}"
+        for k in RESUME_WATCHED
+        if k in before and before[k] != getattr(args, k)
+    ]
+    if saved.get("world_size") not in (None, plan.world_size):
+        changed.append(f"world size {saved['world_size']} -> {plan.world_size}")
+    old_lr = (saved.get("plan") or {}).get("max_lr")
+    if old_lr is not None and not math.isclose(old_lr, plan.max_lr, rel_tol=1e-9):
+        changed.append(f"peak LR {old_lr:.3g} -> {plan.max_lr:.3g}")
+    if changed:
+        say(f"resume: changed since the checkpoint: {'; '.join(changed)}", err=True)
 
 
 def print_plan(run: Run) -> None:
@@ -346,8 +411,6 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
         keep=args.save_total_limit,
         warn=lambda m: say(m, err=True),
     )
-    if args.init_model and args.overwrite_output_dir and lay.is_main:
-        ckpts.remove_all()
     state, detector = TrainState(), DivergenceDetector(args.divergence_threshold, warmup_steps=plan.warmup_steps)
     scheduler = schedule.InfiniteLR(lay.optimizer, plan)
 
@@ -372,6 +435,11 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
             say("data: --no-restore-dataset-state given, restarting the data from the beginning")
         say(f"resumed from {run.resume_from} at step {state.step:,}")
     batches = lay.start_data()
+    if lay.is_main:  # everything is validated and the data reads: only now replace what the output dir held
+        publish_tokenizer(run.output_dir)
+        if args.init_model and args.overwrite_output_dir:
+            ckpts.remove_all()
+    lay.barrier()
     logger, bar, control, signals, info = start_monitoring(run, state, lay.is_main, len(lay.tokenizer))
     meter = Meter(run.model_cfg, plan.tokens_per_step, lay.world, device_peak_flops(lay.device, lay.dtype), lay.device)
     lr_spike = parse_lr_spike(args.inject_lr_spike)
@@ -394,6 +462,7 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
             **asdict(state),
             "eval_loss": eval_loss,
             "divergence": detector.state_dict(),
+            "tokenizer_hash": tokenizer_hash(lay.tokenizer),
             "world_size": lay.world,
             "model_name": args.model_config or args.model,
             "model_config": run.model_cfg.to_dict(),
@@ -411,96 +480,110 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
         )
         say(f"saved {path}" + (f" (removed {len(pruned)} older)" if pruned else ""))
 
-    if state.step == 0:
-        evaluate()
-    exit_code, eval_loss, loss = 0, None, 0.0
-    stage, epoch = (batches.current_stage, batches.epoch) if batches is not None else (0, 0)
-    while state.step < plan.total_steps:
-        step = state.step + 1
-        if "factor" in lr_spike and step == lr_spike["step"]:  # testing aid for the divergence guard: applied once
-            scheduler.lr_factor *= lr_spike.pop("factor")
-            scheduler.load_state_dict(scheduler.state_dict())  # re-apply the LR for this update
-        loss, grad_norm = lay.train_step(meter)
-        scheduler.step()
-        state.step, state.tokens = step, state.tokens + plan.tokens_per_step
-        meter.add_step(loss)
-        last = step == plan.total_steps
-        if batches is not None and batches.current_stage != stage:  # a curriculum moved on to its next mix
-            stage = batches.current_stage
-            logger.event(step, "stage", stage=stage, dataset=args.dataset)
-            say(f"step {step:,}: data stage {stage} of {args.dataset}")
-        if step % plan.logging_steps == 0 or last:
-            record = logger.train(
-                step, tokens=state.tokens, lr=scheduler.current_lr, grad_norm=grad_norm, **meter.record()
-            )
-            bar.update(step, state.tokens, record or {})
+    try:
+        if state.step == 0:
+            evaluate()
+        exit_code, eval_loss, loss, rollback_floor = 0, None, 0.0, None
+        stage, epoch = (batches.current_stage, batches.epoch) if batches is not None else (0, 0)
+        while state.step < plan.total_steps:
+            step = state.step + 1
+            if "factor" in lr_spike and step == lr_spike["step"]:  # testing aid for the divergence guard: applied once
+                scheduler.lr_factor *= lr_spike.pop("factor")
+                scheduler.load_state_dict(scheduler.state_dict())  # re-apply the LR for this update
+            loss, grad_norm = lay.train_step(meter)
+            scheduler.step()
+            state.step, state.tokens = step, state.tokens + plan.tokens_per_step
+            meter.add_step(loss)
+            last = step == plan.total_steps
+            if batches is not None and batches.current_stage != stage:  # a curriculum moved on to its next mix
+                stage = batches.current_stage
+                logger.event(step, "stage", stage=stage, dataset=args.dataset)
+                say(f"step {step:,}: data stage {stage} of {args.dataset}")
+            if step % plan.logging_steps == 0 or last:
+                record = logger.train(
+                    step, tokens=state.tokens, lr=scheduler.current_lr, grad_norm=grad_norm, **meter.record()
+                )
+                bar.update(step, state.tokens, record or {})
 
-        # Every rank learns, at the same step, what job control, signals and the divergence guard ask for.
-        reason = detector.update(step, loss, grad_norm)
-        eval_loss = evaluate() if step % plan.eval_steps == 0 or last else None
-        if eval_loss is not None:
-            reason = reason or detector.update_eval(step, eval_loss)
-        wish = control.poll() or ("stop" if signals.requested else None)
-        if args.save_strategy == "epoch" and batches is not None and batches.epoch != epoch:  # a pass just ended
-            epoch, wish = batches.epoch, wish or "save"
-        command = steering.agree(steering.divergence_wish(reason, args.divergence_action, wish), lay.device, lay.world)
-        if command in ("abort", "stop", "rollback") and reason:
-            logger.event(step, "divergence", reason=reason, action=command)
-            say(f"divergence at step {step:,}: {reason}; action: {command}")
-        if command == "rollback":
-            target = ckpts.latest()
-            if target is None or state.rollbacks >= args.max_rollbacks:
-                command = "abort"
-            else:
-                rollbacks, lr_factor = state.rollbacks + 1, state.lr_factor * args.rollback_lr_factor
-                restore(target, data_too=False)  # keep the data position: the offending batches are skipped
-                state.rollbacks, state.lr_factor = rollbacks, lr_factor
-                scheduler.lr_factor = lr_factor
-                scheduler.load_state_dict({"step": state.step})
-                logger.event(state.step, "rollback", to=str(target), lr_factor=lr_factor)
-                say(f"rolled back to {target}; LR factor now {lr_factor:g}")
-                continue
-        finite = math.isfinite(loss) and (eval_loss is None or math.isfinite(eval_loss))
-        due = args.save_strategy != "no" and (last or (args.save_strategy == "steps" and step % plan.save_steps == 0))
-        wants_save = command in ("save", "stop") or (due and command != "abort")
-        if wants_save and finite:
-            save(eval_loss if eval_loss is not None else evaluate())
-        elif wants_save:  # the divergence actions act on the last finite state
-            say(f"step {step:,}: not saving non-finite weights (loss {loss}, eval loss {eval_loss})")
-        if command in ("stop", "abort"):
-            say(f"{command} at step {step:,}; newest checkpoint: {ckpts.latest()}")
-            exit_code = 1 if reason else 0
-            break
-    else:  # the budget is spent: the last step was evaluated and saved above
-        if eval_loss is None:  # resumed from a finished run
-            eval_loss = evaluate()
-        logger.summary(state.step, tokens=state.tokens, loss=eval_loss)
+            # Every rank learns, at the same step, what job control, signals and the divergence guard ask for.
+            reason = detector.update(step, loss, grad_norm)
+            eval_loss = evaluate() if step % plan.eval_steps == 0 or last else None
+            if eval_loss is not None:
+                reason = reason or detector.update_eval(step, eval_loss)
+            wish = control.poll() or ("stop" if signals.requested else None)
+            if args.save_strategy == "epoch" and batches is not None and batches.epoch != epoch:  # a pass just ended
+                epoch, wish = batches.epoch, wish or "save"
+            command = steering.agree(
+                steering.divergence_wish(reason, args.divergence_action, wish), lay.device, lay.world
+            )
+            if command in ("abort", "stop", "rollback") and reason:
+                logger.event(step, "divergence", reason=reason, action=command)
+                say(f"divergence at step {step:,}: {reason}; action: {command}")
+            if command == "rollback":
+                # Diverging again before anything new was saved means the checkpoint itself is bad (e.g. finite
+                # weights so large that every gradient overflows): go one checkpoint further back each time.
+                target = ckpts.latest(before=rollback_floor)
+                if target is None or state.rollbacks >= args.max_rollbacks:
+                    command = "abort"
+                else:
+                    rollbacks, lr_factor = state.rollbacks + 1, state.lr_factor * args.rollback_lr_factor
+                    restore(target, data_too=False)  # keep the data position: the offending batches are skipped
+                    rollback_floor = state.step
+                    ckpts.discard_after(state.step)  # a resume must never pick up the abandoned history
+                    state.rollbacks, state.lr_factor = rollbacks, lr_factor
+                    scheduler.lr_factor = lr_factor
+                    scheduler.load_state_dict({"step": state.step})
+                    logger.event(state.step, "rollback", to=str(target), lr_factor=lr_factor)
+                    say(f"rolled back to {target}; LR factor now {lr_factor:g}")
+                    continue
+            finite = (
+                math.isfinite(loss) and math.isfinite(grad_norm) and (eval_loss is None or math.isfinite(eval_loss))
+            )
+            due = args.save_strategy != "no" and (
+                last or (args.save_strategy == "steps" and step % plan.save_steps == 0)
+            )
+            wants_save = command in ("save", "stop") or (due and command != "abort")
+            if wants_save and finite:
+                save(eval_loss if eval_loss is not None else evaluate())
+                rollback_floor = None
+            elif wants_save:  # the divergence actions act on the last finite state
+                say(f"step {step:,}: not saving non-finite weights (loss {loss}, gnorm {grad_norm}, eval {eval_loss})")
+            if command in ("stop", "abort"):
+                say(f"{command} at step {step:,}; newest checkpoint: {ckpts.latest()}")
+                exit_code = 1 if reason else 0
+                break
+        else:  # the budget is spent: the last step was evaluated and saved above
+            if eval_loss is None:  # resumed from a finished run
+                eval_loss = evaluate()
+            logger.summary(state.step, tokens=state.tokens, loss=eval_loss)
+            bar.close()
+            model = lay.gather_model()
+            if model is not None:
+                export_dir = run.output_dir / "final"
+                summary = models.RunSummary(
+                    model_name=args.model_config or args.model,
+                    dataset=args.dataset,
+                    step=state.step,
+                    tokens=state.tokens,
+                    eval_loss=eval_loss,
+                    max_length=args.max_length,
+                )
+                with publish_dir(export_dir) as folder:  # the previous export stays whole until this one is
+                    models.export_hf(
+                        model, run.model_cfg, folder, tokenizer=lay.tokenizer, max_length=args.max_length,
+                        summary=summary,
+                    )  # fmt: skip
+                text = (
+                    sample_text(model, lay.tokenizer, args, max(args.sample_tokens, 32))
+                    if math.isfinite(eval_loss)
+                    else ""
+                )
+                say(f"final eval loss {eval_loss:.4f}\nsample: {text}\nHugging Face model: {export_dir}")
+    finally:  # also on a second stop signal or an error: the job is unregistered and the logs are flushed
         bar.close()
-        model = lay.gather_model()
-        if model is not None:
-            summary = models.RunSummary(
-                model_name=args.model_config or args.model,
-                dataset=args.dataset,
-                step=state.step,
-                tokens=state.tokens,
-                eval_loss=eval_loss,
-                max_length=args.max_length,
-            )
-            export_dir = models.export_hf(
-                model,
-                run.model_cfg,
-                run.output_dir / "final",
-                tokenizer=lay.tokenizer,
-                max_length=args.max_length,
-                summary=summary,
-            )
-            text = (
-                sample_text(model, lay.tokenizer, args, max(args.sample_tokens, 32)) if math.isfinite(eval_loss) else ""
-            )
-            say(f"final eval loss {eval_loss:.4f}\nsample: {text}\nHugging Face model: {export_dir}")
-    bar.close()
-    logger.close()
-    control.close()
+        logger.close()
+        control.close()
+        signals.restore()
     lay.close()
     return exit_code
 
@@ -511,6 +594,9 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run = None
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # until the loop takes over: stop cleanly at once
+        previous = {sig: signal.signal(sig, steering.interrupt_at_once) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         run = resolve_run(args)
         if args.dry_run:
@@ -520,11 +606,21 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         say(f"error: {e}", err=True)
         return 2
+    except KeyboardInterrupt as e:  # steering.Interrupted, or a SIGINT delivered while a handler was not installed
+        signum = getattr(e, "signum", signal.SIGINT)
+        safe = latest_checkpoint(run.output_dir / "checkpoints", warn=lambda m: None) if run else None
+        say(f"stopped at once by {e or 'an interrupt'}; newest complete checkpoint: {safe or 'none'}", err=True)
+        return 128 + signum
     except Exception:
         traceback.print_exc()
         safe = latest_checkpoint(run.output_dir / "checkpoints", warn=lambda m: None) if run else None
         say(f"error: training failed (traceback above); newest complete checkpoint: {safe or 'none'}", err=True)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if run is not None and run.lock is not None:
+            run.lock.release()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 
 from data.tokenizer import load_tokenizer
 from monitor.checkpoint import load_checkpoint, verify
+from monitor.outdir import publish_dir
 
 from .card import RunSummary
 from .config import ModelConfig
@@ -76,7 +77,9 @@ def convert(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | None =
         )
     tok = load_tokenizer(_tokenizer_spec(path, trainer, tokenizer))
     summary = RunSummary.from_trainer_state(trainer)
-    return export_hf(state, cfg, out, tokenizer=tok, max_length=summary.max_length, summary=summary)
+    with publish_dir(out) as folder:  # OUT appears complete or not at all
+        export_hf(state, cfg, folder, tokenizer=tok, max_length=summary.max_length, summary=summary)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ Key mapping (llama/qwen3): our `<key>` -> `model.<key>` with `attn_norm` -> `inp
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -166,7 +165,8 @@ def export_hf(
     and modeling_deepone.py with `auto_map` in config.json. config.json of llama/qwen3 carries `rope_theta` beside
     `rope_parameters`, so transformers 4.x (which reads only the former) and 5.x read the same model.
 
-    The folder is written beside `out_dir` and renamed into place, replacing an earlier export only when complete.
+    The files are written straight into `out_dir`; callers that replace an earlier export write through
+    `monitor.outdir.publish_dir`, which swaps the complete folder into place (train.py, models.export).
 
     Args:
         model: our Transformer, or its state dict (tensors by Transformer name, e.g. from a checkpoint).
@@ -183,61 +183,41 @@ def export_hf(
         model = getattr(model, "_orig_mod", model)  # a torch.compile'd model prefixes its keys with "_orig_mod."
         model = model.state_dict()
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        pad_token_id = None
-        if tokenizer is not None:
-            bos_token_id = bos_token_id if bos_token_id is not None else _token_id(tokenizer, "bos_token_id")
-            eos_token_id = eos_token_id if eos_token_id is not None else _token_id(tokenizer, "eos_token_id")
-            if bos_token_id is None or eos_token_id is None:
-                raise ValueError("the tokenizer declares no BOS/EOS token; pass bos_token_id and eos_token_id")
-            exported = export_tokenizer(tokenizer, bos_token_id, eos_token_id, max_length)
-            if len(exported) > cfg.vocab_size:
-                raise ValueError(f"the tokenizer has {len(exported)} tokens but the model only {cfg.vocab_size}")
-            exported.save_pretrained(tmp)
-            pad_token_id = eos_token_id
-            # NOTE: transformers 5 records its internal class name, which 4.x cannot load; both load this one.
-            _edit_json(tmp / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
+    out.mkdir(parents=True, exist_ok=True)
+    pad_token_id = None
+    if tokenizer is not None:
+        bos_token_id = bos_token_id if bos_token_id is not None else _token_id(tokenizer, "bos_token_id")
+        eos_token_id = eos_token_id if eos_token_id is not None else _token_id(tokenizer, "eos_token_id")
+        if bos_token_id is None or eos_token_id is None:
+            raise ValueError("the tokenizer declares no BOS/EOS token; pass bos_token_id and eos_token_id")
+        exported = export_tokenizer(tokenizer, bos_token_id, eos_token_id, max_length)
+        if len(exported) > cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {len(exported)} tokens but the model only {cfg.vocab_size}")
+        exported.save_pretrained(out)
+        pad_token_id = eos_token_id
+        # NOTE: transformers 5 records its internal class name, which 4.x cannot load; both load this one.
+        _edit_json(out / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
 
-        config = hf_config(cfg, bos_token_id, eos_token_id, pad_token_id)
-        config.save_pretrained(tmp)
-        if cfg.family == "deepone":
-            for module in (configuration_deepone, modeling_deepone):
-                shutil.copyfile(module.__file__, tmp / Path(module.__file__).name)
-            _edit_json(tmp / "config.json", auto_map=_AUTO_MAP)
-        else:
-            _edit_json(tmp / "config.json", rope_theta=cfg.rope_theta)  # transformers 4.x reads only this one
-        if bos_token_id is not None or eos_token_id is not None:
-            generation = GenerationConfig(
-                bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
-            )
-            generation.save_pretrained(tmp)
+    config = hf_config(cfg, bos_token_id, eos_token_id, pad_token_id)
+    config.save_pretrained(out)
+    if cfg.family == "deepone":
+        for module in (configuration_deepone, modeling_deepone):
+            shutil.copyfile(module.__file__, out / Path(module.__file__).name)
+        _edit_json(out / "config.json", auto_map=_AUTO_MAP)
+    else:
+        _edit_json(out / "config.json", rope_theta=cfg.rope_theta)  # transformers 4.x reads only this one
+    if bos_token_id is not None or eos_token_id is not None:
+        generation = GenerationConfig(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        generation.save_pretrained(out)
 
-        tensors = to_hf_state_dict(model, cfg)
-        if dtype is not None:
-            tensors = {name: t.to(dtype) for name, t in tensors.items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "README.md").write_text(
-            model_card(cfg, summary, tokenizer_max_length=max_length, weights_dtype=next(iter(tensors.values())).dtype)
-        )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace_dir(tmp, out)
+    tensors = to_hf_state_dict(model, cfg)
+    if dtype is not None:
+        tensors = {name: t.to(dtype) for name, t in tensors.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "README.md").write_text(
+        model_card(cfg, summary, tokenizer_max_length=max_length, weights_dtype=next(iter(tensors.values())).dtype)
+    )
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` is moved aside first and deleted only after the rename."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -136,9 +136,11 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def latest_checkpoint(root: Path, warn: Callable[[str], None] = print) -> Path | None:
-    """The newest complete, verified checkpoint; damaged ones are skipped with a warning."""
-    for _, path in checkpoint_dirs(root):
+def latest_checkpoint(root: Path, warn: Callable[[str], None] = print, before: int | None = None) -> Path | None:
+    """The newest complete, verified checkpoint (older than step `before` if given); damaged ones are skipped."""
+    for step, path in checkpoint_dirs(root):
+        if before is not None and step >= before:
+            continue
         problem = verify(path)
         if problem is None:
             return path
@@ -160,7 +162,8 @@ def save_checkpoint(
     """Write a checkpoint atomically. Every rank calls this with its part (None: it holds nothing to write).
 
     Rank 0 passes ``trainer_state``. If ``checkpoint-<step>`` already exists and verifies, nothing is rewritten: the
-    state at a given step is the same after an exact resume. One that fails verification is replaced.
+    state at a given step is the same after an exact resume (a rollback first discards the newer checkpoints of the
+    history it abandons, see `Checkpointer.discard_after`). One that fails verification is replaced.
     """
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}"
@@ -285,8 +288,8 @@ class Checkpointer:
     def __init__(self, root: Path, *, rank: int, barrier: Callable[[], None], keep: int, warn=print) -> None:
         self.root, self.rank, self.barrier, self.keep, self.warn = Path(root), rank, barrier, keep, warn
 
-    def latest(self) -> Path | None:
-        return latest_checkpoint(self.root, warn=self.warn if self.rank == 0 else lambda _: None)
+    def latest(self, before: int | None = None) -> Path | None:
+        return latest_checkpoint(self.root, warn=self.warn if self.rank == 0 else lambda _: None, before=before)
 
     def save(self, step: int, *, model_part, optimizer_part, trainer_state, rank_state) -> tuple[Path, list[Path]]:
         """Write checkpoint-<step> (all ranks) and prune old ones (rank 0); returns (path, pruned paths)."""
@@ -305,6 +308,20 @@ class Checkpointer:
 
     def load(self, path: Path) -> dict[str, Any]:
         return load_checkpoint(path, self.rank)
+
+    def discard_after(self, step: int) -> list[Path]:
+        """Remove the checkpoints newer than `step` (a rollback abandoned their history); each vanishes at once."""
+        gone = []
+        if self.rank == 0:
+            for newer, path in checkpoint_dirs(self.root):
+                if newer > step:
+                    aside = path.with_name(f".abandoned-{path.name}")
+                    os.rename(path, aside)  # no longer a checkpoint from this instant on
+                    shutil.rmtree(aside)
+                    gone.append(path)
+            _fsync_dir(self.root)
+        self.barrier()
+        return gone
 
     def remove_all(self) -> None:
         remove_checkpoints(self.root)

@@ -15,17 +15,37 @@ ACTIONS = (None, "save", "rollback", "stop", "abort")
 
 
 class StopSignals:
-    """SIGTERM/SIGINT ask for a clean stop (save at the next step boundary, then exit); a second one stops at once."""
+    """SIGTERM/SIGINT ask for a clean stop (save at the next step boundary, then exit); a second one stops at once.
+
+    The second signal raises `Interrupted`, which unwinds through the loop's clean-up (job registration, logs) to
+    train.py's main(): one line, exit code 128 + the signal number, no traceback.
+    """
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise Interrupted(signum, "a second stop signal")
         self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal that ends the process at once; `signum` picks the exit code."""
+
+    def __init__(self, signum: int, what: str) -> None:
+        super().__init__(what)
+        self.signum = signum
+
+
+def interrupt_at_once(signum, frame) -> None:
+    """The handler before the loop starts: nothing to save yet, so SIGTERM/SIGINT end the start-up cleanly."""
+    raise Interrupted(signum, "a stop signal before training started")
 
 
 def agree(wish: str | None, device: torch.device, world_size: int) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import torch
 import data
 import models
 import schedule
+from data.tokenizer import tokenizer_hash
+from monitor.outdir import OutputDirLock, publish_dir
+from monitor.progress import say
 
 
 class UsageError(ValueError):
@@ -31,6 +35,7 @@ class Run:
     output_dir: Path
     resume_from: Path | None
     world_size: int
+    lock: OutputDirLock | None = None  # held by the main process for the run's life
 
 
 @contextlib.contextmanager
@@ -43,17 +48,53 @@ def bad_input():
 
 
 def build_tokenizer(run: Run, is_main: bool, barrier):
-    """Load --tokenizer, reuse the run's own, or train one from the data (the main rank trains, the others wait)."""
+    """--tokenizer, else the run's own `tokenizer/` (never for --init-model), else one trained from the data.
 
-    def resolve():
+    The main process decides; a tokenizer that differs from the run's saved one is staged beside it, the other
+    processes load it from there, and `publish_tokenizer` moves it into `tokenizer/` only once the whole start has
+    been validated, so a refused start never replaces the tokenizer a run's checkpoints were trained with.
+    """
+    saved, staging = run.output_dir / "tokenizer", run.output_dir / STAGING
+    staged = staging / "tokenizer"
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
         with bad_input():
-            return data.resolve_tokenizer(
-                run.tokenizer, run.mix, run.output_dir, vocab_size=run.args.vocab_size, max_docs=run.args.tokenizer_docs
-            )
-
-    tok = resolve() if is_main else None
+            if run.tokenizer:
+                tok = data.load_tokenizer(run.tokenizer)
+            elif (saved / "tokenizer.json").is_file() and not run.args.init_model:
+                tok = data.load_tokenizer(saved)
+            else:  # trained (or taken from a token cache) and saved into the staging folder
+                tok = data.resolve_tokenizer(
+                    None, run.mix, staging, vocab_size=run.args.vocab_size, max_docs=run.args.tokenizer_docs, log=say
+                )
+            if not staged.is_dir() and not _same_tokenizer(tok, saved):
+                data.save_tokenizer(tok, staged)
     barrier()
-    return tok if is_main else resolve()
+    if is_main:
+        return tok
+    with bad_input():
+        return data.load_tokenizer(run.tokenizer or (staged if staged.is_dir() else saved))
+
+
+STAGING = ".tmp-start"  # what a start writes before it is known to be valid
+
+
+def _same_tokenizer(tok, folder: Path) -> bool:
+    if not (folder / "tokenizer.json").is_file():
+        return False
+    try:
+        return tokenizer_hash(data.load_tokenizer(folder)) == tokenizer_hash(tok)
+    except (ValueError, OSError):
+        return False
+
+
+def publish_tokenizer(output_dir: Path) -> None:
+    """Move a staged tokenizer into `tokenizer/` (atomically); call on the main process once the start is valid."""
+    staged = output_dir / STAGING / "tokenizer"
+    if staged.is_dir():
+        with publish_dir(output_dir / "tokenizer") as folder:
+            shutil.copytree(staged, folder, dirs_exist_ok=True)
+    shutil.rmtree(output_dir / STAGING, ignore_errors=True)
 
 
 def build_model(run: Run, dtype: torch.dtype) -> models.Transformer:

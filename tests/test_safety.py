@@ -79,3 +79,233 @@ def test_text_samples_never_crash_a_diverged_run(data_args, tmp_path, action):
     run = train(*data_args, *spike, "--init-model", "--output-dir", str(out))
     assert "Traceback" not in run.stderr and "probability tensor" not in run.stderr, run.stderr[-2000:]
     assert run.returncode == 0
+
+
+# -----------------------------------------------------------------------------
+# Starting over, sharing and editing an output dir or its inputs
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def six_step_dir(data_args, tmp_path_factory) -> Path:
+    """A finished 6-step run (checkpoints at 3 and 6, final/); tests work on copies of it."""
+    out = tmp_path_factory.mktemp("six") / "run"
+    run = train(*data_args, "--init-model", "--max-steps", "6", "--output-dir", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    return out
+
+
+def _copy(six_step_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(six_step_dir, out)
+    return out
+
+
+def test_init_model_overwrite_validates_everything_before_deleting(data_args, six_step_dir, tmp_path):
+    out = _copy(six_step_dir, tmp_path)
+    before = _files(out / "checkpoints") | _files(out / "tokenizer")
+    no_text = tmp_path / "no_text.jsonl"
+    no_text.write_text("".join(json.dumps({"body": f"document {i} " * 20}) + "\n" for i in range(50)))
+    args = [a if a != data_args[data_args.index("--dataset") + 1] else str(no_text) for a in data_args]
+    run = train(*args, "--init-model", "--overwrite-output-dir", "--max-steps", "6", "--output-dir", str(out))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert "text" in run.stderr
+    assert _files(out / "checkpoints") | _files(out / "tokenizer") == before  # nothing deleted or replaced
+
+
+def test_init_model_overwrite_trains_a_fresh_tokenizer(data_args, tmp_path):
+    out = tmp_path / "run"
+    args = [a for i, a in enumerate(data_args) if "--tokenizer" not in data_args[max(i - 1, 0) : i + 1]]
+    first = train(*args, "--vocab-size", "512", "--init-model", "--max-steps", "3", "--output-dir", str(out))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert len(json.loads((out / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]) == 512
+    again = train(
+        *args, "--vocab-size", "300", "--init-model", "--overwrite-output-dir", "--max-steps", "3",
+        "--output-dir", str(out),
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(json.loads((out / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]) == 300
+    state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["model_config"]["vocab_size"] == 300
+    assert not (out / ".tmp-start").exists()
+
+
+def test_one_run_per_output_dir_and_a_dead_holder_is_taken_over(data_args, six_step_dir, tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    from tests.helpers import PYTHON, ROOT
+
+    out = _copy(six_step_dir, tmp_path)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "SMALL_LLM_JOBS_DIR": str(tmp_path / "jobs")}
+    holder = subprocess.Popen(
+        [PYTHON, str(ROOT / "train.py"), *data_args, "--max-steps", "100000", "--output-dir", str(out)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while str(holder.pid) not in ((out / "run.lock").read_text() if (out / "run.lock").exists() else ""):
+            assert holder.poll() is None and time.time() < deadline, "the first run never took the lock"
+            time.sleep(0.2)
+        second = train(*data_args, "--max-steps", "100000", "--output-dir", str(out), env={"SMALL_LLM_JOBS_DIR": ""})
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert second.stderr.count("\n") == 1, second.stderr
+        assert f"pid {holder.pid} on {socket.gethostname()}" in second.stderr
+        fresh = train(*data_args, "--init-model", "--overwrite-output-dir", "--output-dir", str(out))
+        assert fresh.returncode == 2 and "in use by another run" in fresh.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert str(holder.pid) in (out / "run.lock").read_text()  # the dead holder's name is still in the file
+    taken_over = train(*data_args, "--max-steps", "8", "--output-dir", str(out))
+    assert taken_over.returncode == 0, taken_over.stderr[-2000:]
+
+
+def test_a_kill_inside_the_export_leaves_the_previous_export_loadable(six_step_dir, tmp_path):
+    import subprocess
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import PYTHON, ROOT
+
+    out = _copy(six_step_dir, tmp_path)
+    before = _files(out / "final")
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from monitor.outdir import publish_dir
+with publish_dir(Path({str(out / "final")!r})) as folder:
+    (folder / "config.json").write_text("")  # a half-written export
+    assert Path({str(out / ".tmp-final")!r}).is_dir()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    killed = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr  # the kill landed inside the write
+    assert _files(out / "final") == before
+    AutoModelForCausalLM.from_pretrained(out / "final")
+    # the fallback's in-between state (previous export moved aside, new one not yet in place) is repaired at start
+    (out / "final").rename(out / ".old-final")
+    from monitor.outdir import recover_published
+
+    recover_published(out / "final")
+    assert _files(out / "final") == before and not (out / ".old-final").exists()
+
+
+def test_a_same_size_edit_of_the_data_is_noticed_on_resume(data_args, tmp_path):
+    corpus = Path(data_args[data_args.index("--dataset") + 1])
+    edited = tmp_path / "docs.jsonl"
+    shutil.copy(corpus, edited)
+    args = [str(edited) if a == str(corpus) else a for a in data_args]
+    out = tmp_path / "run"
+    assert train(*args, "--init-model", "--max-steps", "3", "--output-dir", str(out)).returncode == 0
+    text = edited.read_text()
+    i = text.index(" the ")
+    edited.write_text(text[:i] + " THE " + text[i + 5 :])  # same size, different documents
+    assert edited.stat().st_size == corpus.stat().st_size
+    resumed = train(*args, "--max-steps", "6", "--output-dir", str(out))
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr
+    assert "different data" in resumed.stderr and "--no-restore-dataset-state" in resumed.stderr
+
+
+def test_a_changed_tokenizer_is_refused_on_resume_unless_asked(data_args, six_step_dir, tmp_path):
+    import data
+
+    out = _copy(six_step_dir, tmp_path)
+    corpus = Path(data_args[data_args.index("--dataset") + 1])
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()][::-1][:800]
+    data.save_tokenizer(data.train_tokenizer(texts, vocab_size=512), tmp_path / "other")
+    args = [str(tmp_path / "other") if a == data_args[data_args.index("--tokenizer") + 1] else a for a in data_args]
+    steps = ["--max-steps", "8"]
+    refused = train(*args, *steps, "--no-restore-dataset-state", "--output-dir", str(out))
+    assert refused.returncode == 2 and "--allow-tokenizer-change" in refused.stderr, refused.stderr[-2000:]
+    own = train(
+        *[a for a in args if a not in ("--tokenizer", str(tmp_path / "other"))], *steps, "--output-dir", str(out)
+    )
+    assert own.returncode == 0, own.stderr[-2000:]  # without --tokenizer a run resumes with its own
+    allowed = train(
+        *args, "--max-steps", "10", "--no-restore-dataset-state", "--allow-tokenizer-change", "--output-dir", str(out)
+    )
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    from data.tokenizer import tokenizer_hash
+
+    assert tokenizer_hash(data.load_tokenizer(out / "tokenizer")) == tokenizer_hash(
+        data.load_tokenizer(tmp_path / "other")
+    )
+
+
+def test_changed_batch_is_said_and_changed_optimizer_refused(data_args, six_step_dir, tmp_path):
+    out = _copy(six_step_dir, tmp_path)
+    before = _files(out / "checkpoints")
+    other = train(*data_args, "--optimizer", "adafactor", "--max-steps", "8", "--output-dir", str(out))
+    assert other.returncode == 2 and "Traceback" not in other.stderr and other.stderr.count("\n") == 1
+    assert "--optimizer adamw" in other.stderr
+    assert _files(out / "checkpoints") == before
+    bigger = train(*data_args, "--batch-size", "8", "--max-steps", "8", "--output-dir", str(out))
+    assert bigger.returncode == 0, bigger.stderr[-2000:]
+    (line,) = [x for x in bigger.stderr.splitlines() if x.startswith("resume: changed")]
+    assert "--batch-size 4 -> 8" in line and "peak LR" in line
+
+
+def test_signals_stop_cleanly_once_at_once_twice_and_before_the_loop(data_args, six_step_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers import PYTHON, ROOT
+
+    out = _copy(six_step_dir, tmp_path)
+    jobs = tmp_path / "jobs"
+    jobs.mkdir(mode=0o700)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "SMALL_LLM_JOBS_DIR": str(jobs)}
+
+    def start(*extra: str) -> subprocess.Popen:
+        cmd = [PYTHON, str(ROOT / "train.py"), *data_args, *extra, "--output-dir", str(out)]
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    # Twice inside the loop: the second signal ends the run at once, with one line and no registration left.
+    proc = start("--max-steps", "100000")
+    deadline = time.time() + 120
+    while not list(jobs.glob("*.json")):  # registered: the loop is about to start
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (130, 143) and "Traceback" not in err, err[-2000:]  # 128 + the second signal handled
+    assert "stopped at once by a second stop signal" in err
+    assert not list(jobs.iterdir())  # socket and registration removed
+
+    # Before the loop (while resolving and building): one line, 130, no traceback, nothing written.
+    before = _files(out / "checkpoints")
+    proc = start("--max-steps", "100000")
+    proc.stdout.readline()  # the start has printed its first line: the imports are done, the loop not begun
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "before training started" in err
+    assert _files(out / "checkpoints") == before and not list(jobs.iterdir())
+
+
+def test_rollback_past_a_bad_checkpoint_and_never_resume_the_abandoned_history(data_args, tmp_path):
+    # An LR x 1e30 update leaves finite weights so large that every later gradient overflows; saved every step, the
+    # checkpoint right after the spike is itself bad. The guard goes one checkpoint further back, and the abandoned
+    # checkpoints are removed at once, so the step is saved again from the new history.
+    out = tmp_path / "run"
+    spike = ["--inject-lr-spike", "6,1e30", "--divergence-action", "rollback", "--step-cadence", "0.0002"]
+    run = train(*data_args, *spike, "--max-steps", "9", "--init-model", "--output-dir", str(out))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    targets = [r["to"] for r in _log(out) if r.get("type") == "event" and r.get("event") == "rollback"]
+    assert [Path(t).name for t in targets] == ["checkpoint-6", "checkpoint-5"], targets
+    state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["rollbacks"] == 2  # written after the second rollback, not the bad one kept
+    tensors = load_file(out / "checkpoints" / "checkpoint-6" / "model-0.safetensors")
+    assert max(float(t.abs().max()) for t in tensors.values()) < 1e3

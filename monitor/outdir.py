@@ -1,0 +1,147 @@
+"""The output directory belongs to one run at a time, and what it publishes appears whole or not at all.
+
+`OutputDirLock` holds an exclusive `flock` on ``<output dir>/run.lock`` for the run's life. The kernel drops the lock
+when the holder dies (even by SIGKILL), so a lock left by a dead process is simply taken over; the file only says
+who holds it (pid, host, start time) for the one-line refusal a second run gets.
+
+`publish_dir` writes a folder beside its destination and swaps it into place: with ``renameat2(RENAME_EXCHANGE)``
+where the kernel has it (one atomic step), else with two renames whose in-between state `recover_published` repairs
+at the next start. A kill at any moment leaves either the previous folder or the new one, complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+LOCK_NAME = "run.lock"
+
+
+class OutputDirBusy(RuntimeError):
+    """Another live process holds the output directory."""
+
+
+class OutputDirLock:
+    """An exclusive lock on an output directory, held until `release()` or the end of the process."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = Path(output_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> OutputDirLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise OutputDirBusy(self._holder_text()) from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def _holder_text(self) -> str:
+        try:
+            holder = json.loads(self.path.read_text() or "{}")
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["started"])))
+            return f"pid {int(holder['pid'])} on {holder['host']}, since {started}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that has not written its name yet"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)  # a stale file names nobody; the lock itself goes with the descriptor
+        os.close(self._fd)
+        self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+# -----------------------------------------------------------------------------
+# Publishing a folder atomically
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False  # old kernel or a filesystem without exchange: fall back to two renames
+    raise OSError(ctypes.get_errno(), f"cannot swap {a} and {b}")
+
+
+def _sync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _staging(dest: Path) -> Path:
+    return dest.with_name(f".tmp-{dest.name}")
+
+
+def _previous(dest: Path) -> Path:
+    return dest.with_name(f".old-{dest.name}")
+
+
+def recover_published(dest: Path) -> None:
+    """Repair what a kill between the two fallback renames left: the previous folder goes back into place."""
+    old, staging = _previous(dest), _staging(dest)
+    if old.is_dir() and not dest.exists():
+        os.rename(old, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)  # an unfinished write
+
+
+@contextlib.contextmanager
+def publish_dir(dest: Path) -> Iterator[Path]:
+    """Yield a staging folder to write into; on success it replaces `dest` atomically (`dest` untouched on error)."""
+    dest = Path(dest)
+    recover_published(dest)
+    staging = _staging(dest)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        _sync_tree(staging)
+        if not dest.exists():
+            os.rename(staging, dest)
+        elif _exchange(staging, dest):
+            shutil.rmtree(staging)  # now the previous folder
+        else:
+            os.rename(dest, _previous(dest))
+            os.rename(staging, dest)
+            shutil.rmtree(_previous(dest))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
