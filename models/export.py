@@ -1,16 +1,17 @@
 """Convert a training checkpoint into the Hugging Face folder a finished run writes as `final/`.
 
     python -m models.export output_models/run/checkpoints/checkpoint-6000 output_models/run/hf-6000
-    python -m models.export CHECKPOINT OUT --tokenizer path/to/tokenizer   # when the run's tokenizer moved
+    python -m models.export CHECKPOINT OUT --tokenizer path/to/tokenizer   # when the run's tokenizer/ is gone
 
 A checkpoint of any layout converts (one process, DDP, a K-stage pipeline): its model-<k>.safetensors parts are
 merged by parameter name (monitor.checkpoint.load_checkpoint, the loader a resume uses) and written by
 models.hf.export_hf, the function train.py writes `final/` with, so converting the last checkpoint of a run gives
-the same folder as its `final/`. The tokenizer is found as the run found it: `--tokenizer` of the run, else the
-`--init-from` model's, else the run's own `<output-dir>/tokenizer/`.
+the same folder as its `final/`. The tokenizer is the run's own copy in `<output-dir>/tokenizer/` (for older runs
+that kept none: the run's `--tokenizer`, else the `--init-from` model's), checked against the one the checkpoint
+records.
 
-Bad input (not a checkpoint, a damaged one, an existing non-empty OUT, no tokenizer) prints one line and exits 2,
-with nothing written.
+Bad input (not a checkpoint, a damaged one, an existing non-empty OUT, no tokenizer, or another tokenizer than the
+run trained with) prints one line and exits 2, with nothing written.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from data.tokenizer import load_tokenizer
+from data.tokenizer import load_tokenizer, tokenizer_hash
 from monitor.checkpoint import load_checkpoint, verify
 from monitor.outdir import publish_dir
 
@@ -38,17 +39,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _tokenizer_spec(checkpoint: Path, trainer: dict, override: str | None) -> str:
-    """The tokenizer the run trained with, in the order train.py resolves it (parallel.common / data.tokenizer)."""
+    """The tokenizer the run trained with: its own `tokenizer/`, else what it was given (runs that kept no copy)."""
     if override:
         return override
+    own = checkpoint.parent.parent / "tokenizer"
+    if (own / "tokenizer.json").is_file():
+        return str(own)
     args = trainer.get("args", {})
     if args.get("tokenizer"):
         return args["tokenizer"]
     if args.get("init_from") and (Path(args["init_from"]) / "tokenizer.json").is_file():
         return args["init_from"]
-    own = checkpoint.parent.parent / "tokenizer"
-    if (own / "tokenizer.json").is_file():
-        return str(own)
     raise ValueError(f"no tokenizer found for {checkpoint} (looked for {own}); pass --tokenizer")
 
 
@@ -75,7 +76,11 @@ def convert(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | None =
         raise ValueError(
             f"{path}: weights do not match its model config (missing {missing[:4]}, unexpected {unexpected[:4]})"
         )
-    tok = load_tokenizer(_tokenizer_spec(path, trainer, tokenizer))
+    spec = _tokenizer_spec(path, trainer, tokenizer)
+    tok = load_tokenizer(spec)
+    trained_with = trainer.get("tokenizer_hash")  # recorded by checkpoints since the tokenizer check on resume
+    if trained_with and tokenizer_hash(tok) != trained_with:
+        raise ValueError(f"the tokenizer {spec} is not the one {path} was trained with; pass that one with --tokenizer")
     summary = RunSummary.from_trainer_state(trainer)
     with publish_dir(out) as folder:  # OUT appears complete or not at all
         export_hf(state, cfg, folder, tokenizer=tok, max_length=summary.max_length, summary=summary)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import models
 from models.export import main as export_main
 from tests.helpers import PYTHON, ROOT, TINY, train, write_corpus
@@ -210,7 +211,7 @@ def test_export_reads_the_same_in_transformers_4(run_dir, tmp_path):
     _check_read_back(copy, got)
 
 
-def test_converter_rejects_bad_input_in_one_line(run_dir, tmp_path, capsys):
+def test_converter_rejects_bad_input_in_one_line(run_dir, corpus, tmp_path, capsys):
     if "llama" not in run_dir.name:
         pytest.skip("checked once, on the llama run")
     damaged = shutil.copytree(run_dir / "checkpoints" / "checkpoint-6", tmp_path / "checkpoint-6")
@@ -219,11 +220,15 @@ def test_converter_rejects_bad_input_in_one_line(run_dir, tmp_path, capsys):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    other = data.save_tokenizer(data.train_tokenizer(texts[:50], vocab_size=300), tmp_path / "other-tokenizer")
+    last = str(run_dir / "checkpoints" / "checkpoint-6")
     cases = {
         "not a checkpoint": ([str(run_dir / "final"), str(tmp_path / "a")], "not a checkpoint"),
+        "another tokenizer": ([last, str(tmp_path / "d"), "--tokenizer", str(other)], "not the one"),
         "missing": ([str(tmp_path / "nowhere"), str(tmp_path / "b")], "not a checkpoint"),
         "damaged": ([str(damaged), str(tmp_path / "c")], "damaged"),
-        "occupied output": ([str(run_dir / "checkpoints" / "checkpoint-6"), str(occupied)], "not an empty folder"),
+        "occupied output": ([last, str(occupied)], "not an empty folder"),
     }
     for case, (args, says) in cases.items():
         assert export_main(args) == 2, case
@@ -231,6 +236,6 @@ def test_converter_rejects_bad_input_in_one_line(run_dir, tmp_path, capsys):
         assert len(lines) == 1 and says in lines[0], (case, lines)
     done = subprocess.run([PYTHON, "-m", "models.export", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
-    assert not any((tmp_path / n).exists() for n in "abc")
+    assert not any((tmp_path / n).exists() for n in "abcd")
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
