@@ -15,7 +15,7 @@ import torch
 from .config import ModelConfig, count_parameters
 
 # The oldest transformers release an export was checked against (config, tokenizer, weights, generation).
-OLDEST_TRANSFORMERS = "4.57"
+OLDEST_TRANSFORMERS = "4.51"
 
 
 @dataclass

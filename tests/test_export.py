@@ -26,7 +26,8 @@ from tests.helpers import PYTHON, ROOT, TINY, train, write_corpus
 FAMILIES = ("llama", "qwen3", "deepone")
 ROPE_THETA = {"llama": 500000.0, "qwen3": 1000000.0, "deepone": 20000.0}
 TEXT = "Return a new dictionary initialized from an optional positional argument."
-# A separate interpreter with transformers 4.x, for the compatibility check (skipped when absent):
+# A separate interpreter with transformers 4.x, for the compatibility check (skipped when absent); checked with 4.57
+# and with 4.51 (models.card.OLDEST_TRANSFORMERS) by pointing TRANSFORMERS4_PYTHON at each:
 #   python3 -m venv /tmp/tf457 && /tmp/tf457/bin/pip install torch==2.13.0 "transformers==4.57.*"
 TRANSFORMERS4_PYTHON = Path(os.environ.get("TRANSFORMERS4_PYTHON", "/tmp/tf457/bin/python"))
 
