@@ -213,7 +213,7 @@ def main() -> int:
             trial_dir = Path(tmp) / f"trial-{i}"
             trial_dir.mkdir()
             if args.phase == "export":
-                result = export_trial(trial_dir, rng.uniform(0.0, 0.3), data_args)
+                result = export_trial(trial_dir, rng.uniform(0.0, 0.03), data_args)
             elif args.phase == "rollback":
                 result = rollback_trial(trial_dir, rng.uniform(0.0, 0.3), data_args)
             else:
