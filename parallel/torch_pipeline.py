@@ -113,7 +113,8 @@ class TorchPipeline:
         self.pp_rank, self.replica = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
         self.pp_group = mesh["pp"].get_group()
         v_shape = geo.schedule in V_SHAPED
-        self.stage_ids = rank_stages(self.pp_rank, ranks, geo.stages_per_rank, v_shape)
+        self._stages_of = lambda r: rank_stages(r, ranks, geo.stages_per_rank, v_shape)
+        self.stage_ids = self._stages_of(self.pp_rank)
         self.first, self.last = 0 in self.stage_ids, geo.stages - 1 in self.stage_ids
 
         # This rank's stages, with the single-process model's initial weights.
@@ -161,8 +162,7 @@ class TorchPipeline:
         # The rank holding stage 0 feeds its replica's rows of each global batch (as DDP ranks replica * K ..
         # replica * K + K - 1 would train on them); the labels travel with the activations to the last stage.
         rows = ranks * args.batch_size
-        accum = args.gradient_accumulation_steps
-        self.eval_calls = -(-args.eval_batches // accum)  # schedule calls per evaluation (same on every rank)
+        self.eval_micro_batches = args.eval_batches * rows // geo.micro_batch_size  # per replica
         self.stream, self.eval_set = None, None
         if self.first:
             with bad_input():
@@ -170,10 +170,11 @@ class TorchPipeline:
                     run.mix, self.tokenizer, args.max_length, rows, rank=self.replica, world_size=replicas,
                     seed=args.seed,
                 )  # fmt: skip
-                self.eval_set = data.eval_batches(
+                evals = data.eval_batches(
                     run.mix, self.tokenizer, args.max_length, rows, args.eval_batches, rank=self.replica,
                     world_size=replicas,
                 )  # fmt: skip
+                self.eval_set = micro_batches(evals, geo.micro_batch_size)
         self.batches = None
 
     def _shapes(self, stage: int, length: int) -> dict:
@@ -219,20 +220,40 @@ class TorchPipeline:
         rows = {k: torch.cat([b[k] for b in batches]).to(self.device) for k in batches[0]}
         return rows["input_ids"], rows["position_ids"], rows["doc_ids"], rows["labels"]
 
-    def _run(self, batches: list[dict] | None, train: bool) -> torch.Tensor:
+    def _run(self, batches: list[dict] | None) -> torch.Tensor:
         """One schedule call over this replica's micro-batches; returns the sum of this rank's micro-batch losses."""
         inputs = self._inputs(batches) if self.first else ()
         target = {"target": self.targets} if self.last else {}
         losses: list[torch.Tensor] = []
-        if train:
-            self.schedule.step(*inputs, losses=losses, return_outputs=False, **target)
-        else:
-            with torch.no_grad():
-                self.schedule.eval(*inputs, losses=losses, return_outputs=False, **target)
+        self.schedule.step(*inputs, losses=losses, return_outputs=False, **target)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for loss in losses:
             total += loss.detach().double()
         return total
+
+    @torch.no_grad()
+    def _forward(self, batch: dict | None) -> torch.Tensor:
+        """The summed loss of one held-out micro-batch, its activations handed from stage to stage in order (0 on
+        ranks without the last stage).
+
+        NOTE: not the schedule's eval(): in torch 2.13 ZBVZeroBubble's runtime still tries to hand a backward
+        between its two local stages when run forward-only, and fails. Evaluation needs no overlap.
+        """
+        geo, replicas = self.run.pipeline, self.run.pipeline.replicas
+        owner = {s: r for r in range(geo.ranks) for s in self._stages_of(r)}
+        x = self._inputs([batch]) if self.first else None
+        for s in range(geo.stages):
+            if s not in self.modules:
+                continue
+            if s > 0 and owner[s - 1] != self.pp_rank:
+                x = tuple(torch.empty_like(t) for t in self._shapes(s, self.run.args.max_length)["input_args"])
+                for t in x:
+                    dist.recv(t, src=owner[s - 1] * replicas + self.replica)
+            x = self.modules[s](*x)
+            if s < geo.stages - 1 and owner[s + 1] != self.pp_rank:
+                for t in x:
+                    dist.send(t.contiguous(), dst=owner[s + 1] * replicas + self.replica)
+        return x.double() if self.last else torch.zeros((), dtype=torch.float64, device=self.device)
 
     def train_step(self, meter: Meter) -> tuple[float, float]:
         geo, accum = self.run.pipeline, self.run.args.gradient_accumulation_steps
@@ -246,7 +267,7 @@ class TorchPipeline:
         # gradients summed over micro-batches and replicas equal one process's over the same rows.
         dist.all_reduce(labels)  # only the ranks feeding stage 0 hold rows
         self.normalizer = labels.float()
-        loss = self._run(batches, train=True)
+        loss = self._run(batches)
         dist.all_reduce(loss)  # only the ranks holding the last stage hold losses: every rank logs the sum
         norm = self._sync_and_clip()
         self.optimizer.step()
@@ -283,28 +304,13 @@ class TorchPipeline:
 
     def evaluate(self) -> float:
         """Token-weighted mean loss over the held-out rows of every replica, forward passes only."""
-        self.normalizer = torch.ones((), device=self.device)  # per-micro-batch sums; divided once at the end
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        calls = self._eval_calls()
-        for batches in calls:
-            totals[0] += self._run(batches, train=False)
+        for batch in self.eval_set if self.eval_set is not None else [None] * self.eval_micro_batches:
+            totals[0] += self._forward(batch)
         if self.eval_set is not None:
             totals[1] += label_count(self.eval_set)
-        dist.all_reduce(totals)
+        dist.all_reduce(totals)  # loss sums from the last stages, label counts from the first
         return float(totals[0] / totals[1].clamp(min=1))
-
-    def _eval_calls(self) -> list[list[dict] | None]:
-        """The held-out batches grouped per schedule call (accumulation steps' worth). NOTE: a short last group is
-        padded with copies of a row whose labels are all ignored, which add nothing to the loss or the count."""
-        accum = self.run.args.gradient_accumulation_steps
-        if self.eval_set is None:
-            return [None] * self.eval_calls
-        groups = [self.eval_set[i : i + accum] for i in range(0, len(self.eval_set), accum)]
-        if len(groups[-1]) < accum:
-            blank = {k: v.clone() for k, v in groups[-1][0].items()}
-            blank["labels"].fill_(data.IGNORE_INDEX)
-            groups[-1] = groups[-1] + [blank] * (accum - len(groups[-1]))
-        return groups
 
     def model_part(self) -> dict | None:
         # A tied embedding/head lives with the first and the last stage: the first one saves it. Replicas hold copies.
