@@ -154,7 +154,8 @@ class TorchPipeline:
         # so the target is only the micro-batch's index.
         self.targets = torch.arange(geo.micro_batches, device=self.device)
         say(
-            f"pipeline: {geo.stages} stages x {replicas} replicas on torch.distributed.pipelining, {geo.schedule}, "
+            f"pipeline: {geo.stages} stages x {replicas} replicas{' (FSDP2 replicate)' if replicas > 1 else ''} on "
+            f"torch.distributed.pipelining, {geo.schedule}, "
             f"{geo.micro_batches} micro-batches of {geo.micro_batch_size} sequences per step and replica; rank "
             f"{self.rank} holds stages {self.stage_ids} of replica {self.replica}"
         )
