@@ -112,10 +112,10 @@ class Pipeline:
         global batch) / (micro-batches x replicas) turns that into sum / label count of the global batch. Every rank
         of a data-parallel group calls this at the same point (all of them read data or none).
         """
-        labels = torch.tensor(label_count(batches), dtype=torch.float64)
+        labels = torch.tensor(label_count(batches), dtype=torch.float64, device=self.device)
         if self.run.pipeline.replicas > 1:
             torch.distributed.all_reduce(labels, group=self.dp_group)
-        num_items = (labels / (len(batches) * self.run.pipeline.replicas)).float()
+        num_items = (labels / (len(batches) * self.run.pipeline.replicas)).float().cpu()
         return self._feed(batches, num_items)
 
     @staticmethod

@@ -341,11 +341,17 @@ class TorchPipeline:
                 for name, t in module.state_dict().items():
                     local(t).copy_(converted[name])
         load_optimizer_state_by_name(self.optimizer, optimizer_state, self.names)
-        for p, state in self.optimizer.state.items():  # state of a replicated parameter is replicated too
-            if isinstance(p, DTensor):
-                for k, v in state.items():
-                    if torch.is_tensor(v) and not isinstance(v, DTensor) and v.dim() > 0:
-                        state[k] = DTensor.from_local(v.to(self.device), p.device_mesh, p.placements)
+        # NOTE: the two copies of a tied weight on one rank (V shape) were handed the same saved tensors: each
+        # needs its own, or the optimizer updates the shared moments twice per step. A replicated parameter's
+        # state is replicated too.
+        for p, state in self.optimizer.state.items():
+            for k, v in state.items():
+                if not torch.is_tensor(v):
+                    continue
+                v = v.clone()
+                if isinstance(p, DTensor) and v.dim() > 0:
+                    v = DTensor.from_local(v.to(self.device), p.device_mesh, p.placements)
+                state[k] = v
 
     def gather_model(self) -> models.Transformer | None:
         """Every rank sends its stages' weights to the main rank, which assembles the whole model on the CPU."""

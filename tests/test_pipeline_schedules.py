@@ -16,7 +16,7 @@ from tests.test_distributed import ACCELERATE, DEEPSPEED, ONE, TWO, assert_same_
 
 pytestmark = pytest.mark.slow
 TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node"]
-STEPS = ["--max-steps", "4"]
+STEPS = ["--max-steps", "4", "--sample-tokens", "0"]  # no text samples: they gather the model at every eval
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def references(setup):  # noqa: F811
     root, _ = setup
     untied = ["--model-config", str(root / "tiny-untied.json")]
     return {
-        "tiny": run(setup, "ref-tiny", *ONE, "--max-steps", "6"),
+        "tiny": run(setup, "ref-tiny", *ONE, "--max-steps", "6", "--sample-tokens", "0"),
         "untied": run(setup, "ref-untied", *ONE, *STEPS, *untied),
         "batch8": run(setup, "ref-batch8", "--batch-size", "8", *STEPS),
     }
@@ -52,13 +52,26 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("schedule,model,engine", CASES)
-def test_each_schedule_on_two_processes_matches_one_process(setup, references, schedule, model, engine):  # noqa: F811
+@pytest.fixture(scope="module")
+def two_processes(setup):  # noqa: F811
+    """Launch a case of CASES once (the resume test continues the Interleaved1F1B run); (output dir, output)."""
     root, _ = setup
-    model_args = [] if model == "tiny" else ["--model-config", str(root / "tiny-untied.json")]
-    engine_args = ["--pipeline-engine", engine] if engine else []
-    out, printed = launch(setup, f"sched-{schedule}", *TWO, *model_args, *engine_args, "--pipeline",
-                          "--pipeline-schedule", schedule, *STEPS, launcher=[*TORCHRUN, "2"])  # fmt: skip
+    done = {}
+
+    def launched(schedule: str, model: str, engine: str | None) -> tuple:
+        if schedule not in done:
+            model_args = [] if model == "tiny" else ["--model-config", str(root / "tiny-untied.json")]
+            engine_args = ["--pipeline-engine", engine] if engine else []
+            done[schedule] = launch(setup, f"sched-{schedule}", *TWO, *model_args, *engine_args, "--pipeline",
+                                    "--pipeline-schedule", schedule, *STEPS, launcher=[*TORCHRUN, "2"])  # fmt: skip
+        return done[schedule]
+
+    return launched
+
+
+@pytest.mark.parametrize("schedule,model,engine", CASES)
+def test_each_schedule_on_two_processes_matches_one_process(two_processes, references, schedule, model, engine):
+    out, printed = two_processes(schedule, model, engine)
     assert f"Schedule{schedule}" in printed and "torch.distributed.pipelining" in printed  # the torch engine ran it
     assert_same_run(out, references[model], steps=range(1, 5))
     evals, ref_evals = records(out, "eval"), records(references[model], "eval")[:5]
@@ -79,16 +92,15 @@ def test_two_stages_times_two_replicas_match_one_process(setup, references, sche
     assert_same_run(out, references["batch8"], steps=range(1, 5))
 
 
-def test_checkpoint_resumes_under_another_schedule_and_under_ddp(setup, references):  # noqa: F811
+def test_checkpoint_resumes_under_another_schedule_and_under_ddp(setup, two_processes, references):  # noqa: F811
     root, _ = setup
-    first = run(setup, "resume-from-interleaved", *TWO, "--pipeline", "--pipeline-schedule", "Interleaved1F1B",
-                *STEPS, launcher=[*TORCHRUN, "2"])  # fmt: skip
-    shutil.rmtree(first / "final")
-    ddp = root / "resume-ddp"
-    shutil.copytree(first, ddp)
-    run(setup, first.name, *TWO, "--pipeline", "--pipeline-schedule", "ZBVZeroBubble", "--max-steps", "6",
-        fresh=False, launcher=[*TORCHRUN, "2"])  # fmt: skip
-    run(setup, ddp.name, *TWO, "--max-steps", "6", fresh=False, launcher=ACCELERATE)
-    for out in (first, ddp):
+    interleaved, _ = two_processes(*CASES[2])  # 4 steps of Interleaved1F1B, checkpoint-4 saved at its end
+    for name, args, launcher in [
+        ("resume-zbv", ["--pipeline", "--pipeline-schedule", "ZBVZeroBubble"], [*TORCHRUN, "2"]),
+        ("resume-ddp", [], ACCELERATE),
+    ]:
+        shutil.copytree(interleaved, root / name)
+        shutil.rmtree(root / name / "final")
+        out = run(setup, name, *TWO, *args, "--max-steps", "6", "--sample-tokens", "0", fresh=False, launcher=launcher)
         assert_same_run(out, references["tiny"])  # steps 1-4 on Interleaved1F1B, 5-6 resumed
         assert sorted(train_losses(out)) == [1, 2, 3, 4, 5, 6]
