@@ -136,8 +136,16 @@ class TorchPipeline:
             self.modules[s] = module
         pipe_names = {n: n for m in self.modules.values() for n, _ in m.named_parameters()}
         self.to_model_name = {v: k for k, v in models.from_pipeline_state_dict(pipe_names, cfg).items()}
-        self.names = {p: self.to_model_name[n] for m in self.modules.values() for n, p in m.named_parameters()}
-        self.optimizer = build_optimizer(run, nn.ModuleList(self.modules.values()))
+        # NOTE: the optimizer steps plain tensors that share storage with each replica's copy of the weights
+        # (replicate keeps them equal by averaging gradients), so every update rule runs as in one process:
+        # Adafactor's factored statistics and bf16 rounding do not support DTensors.
+        self.params = [(p, self._plain(p)) for m in self.modules.values() for p in m.parameters()]
+        holder = nn.Module()
+        for i, (_, plain) in enumerate(self.params):
+            holder.register_parameter(f"p{i}", plain)
+        model_names = {p: self.to_model_name[n] for m in self.modules.values() for n, p in m.named_parameters()}
+        self.names = {plain: model_names[p] for p, plain in self.params}
+        self.optimizer = build_optimizer(run, holder)
         self.tied_group = self._tied_group(ranks, replicas, v_shape) if cfg.tie_word_embeddings else None
 
         stages = [
@@ -207,6 +215,16 @@ class TorchPipeline:
                 mine = group
         return mine
 
+    @staticmethod
+    def _plain(p: nn.Parameter) -> nn.Parameter:
+        """`p` itself, or for a replicated DTensor a parameter sharing its local tensor's storage."""
+        if not isinstance(p, DTensor):
+            return p
+        plain = nn.Parameter(p.to_local().detach(), requires_grad=p.requires_grad)
+        if plain.data_ptr() != p.to_local().data_ptr():
+            raise RuntimeError("a replicated parameter's local tensor is not shared with the optimizer")
+        return plain
+
     def _loss(self, loss_sum: torch.Tensor, _index: torch.Tensor) -> torch.Tensor:
         return loss_sum / self.normalizer
 
@@ -271,8 +289,11 @@ class TorchPipeline:
         loss = self._run(batches)
         dist.all_reduce(loss)  # only the ranks holding the last stage hold losses: every rank logs the sum
         norm = self._sync_and_clip()
+        for p, plain in self.params:
+            plain.grad = None if p.grad is None else local(p.grad)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for p, plain in self.params:
+            p.grad = plain.grad = None
         return float(loss), norm
 
     def _sync_and_clip(self) -> float:
@@ -327,12 +348,7 @@ class TorchPipeline:
     def optimizer_part(self) -> dict | None:
         if self.replica != 0:
             return None
-        saved = optimizer_state_by_name(self.optimizer, self.names)
-        saved["state"] = {
-            name: {k: local(v).detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
-            for name, state in saved["state"].items()
-        }
-        return saved
+        return optimizer_state_by_name(self.optimizer, self.names)
 
     def load(self, model_state: dict, optimizer_state: dict) -> None:
         converted = models.to_pipeline_state_dict(model_state, self.run.model_cfg)
@@ -342,16 +358,11 @@ class TorchPipeline:
                     local(t).copy_(converted[name])
         load_optimizer_state_by_name(self.optimizer, optimizer_state, self.names)
         # NOTE: the two copies of a tied weight on one rank (V shape) were handed the same saved tensors: each
-        # needs its own, or the optimizer updates the shared moments twice per step. A replicated parameter's
-        # state is replicated too.
-        for p, state in self.optimizer.state.items():
+        # needs its own, or the optimizer updates the shared moments twice per step.
+        for state in self.optimizer.state.values():
             for k, v in state.items():
-                if not torch.is_tensor(v):
-                    continue
-                v = v.clone()
-                if isinstance(p, DTensor) and v.dim() > 0:
-                    v = DTensor.from_local(v.to(self.device), p.device_mesh, p.placements)
-                state[k] = v
+                if torch.is_tensor(v):
+                    state[k] = v.clone()
 
     def gather_model(self) -> models.Transformer | None:
         """Every rank sends its stages' weights to the main rank, which assembles the whole model on the CPU."""
