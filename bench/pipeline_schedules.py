@@ -7,8 +7,7 @@ Every schedule runs on the torch engine (torch.distributed.pipelining, 1F1B and 
 `--pipeline-engine torch`) so that only the schedule differs. Each one is a `torchrun` launch of this file in worker
 mode, which builds the real layout from train.py's own argument parsing (`parallel.TorchPipeline`) and times
 `train_step` on the built-in corpus: a few warm-up steps, then the median of the timed ones. Memory is each rank's
-peak resident set (`ru_maxrss`) and its growth over the resident set just before the first step, which is what the
-schedule's in-flight activations add to the weights, optimizer state and data.
+peak resident set (`ru_maxrss`): weights, optimizer state, data and the schedule's in-flight activations.
 
 The micro-batches follow the spec's formula, so the 2-stage-per-rank schedules run twice as many micro-batches of
 half the rows as 1F1B and GPipe on the same --batch-size. On 2 shared CPU cores the ranks compete for the cores, so
@@ -46,14 +45,6 @@ MODEL = {
 }
 
 
-def rss_bytes() -> int:
-    """This process's current resident set (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def worker(argv: list[str], warmup: int, steps: int) -> None:
     """One rank of one schedule: build the layout as train.py does, time train_step, report to rank 0."""
     sys.path.insert(0, str(ROOT))
@@ -69,7 +60,6 @@ def worker(argv: list[str], warmup: int, steps: int) -> None:
     meter = Meter(run.model_cfg, run.plan.tokens_per_step, lay.world, None, lay.device)
     for _ in range(warmup):
         lay.train_step(meter)
-    before = rss_bytes()
     times = []
     for _ in range(steps):
         dist.barrier()
@@ -77,8 +67,7 @@ def worker(argv: list[str], warmup: int, steps: int) -> None:
         lay.train_step(meter)
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    mine = {"rank": lay.rank, "stages": lay.stage_ids, "step_s": statistics.median(times), "peak": peak,
-            "growth": max(0, peak - before)}  # fmt: skip
+    mine = {"rank": lay.rank, "stages": lay.stage_ids, "step_s": statistics.median(times), "peak": peak}
     everyone = [None] * lay.world
     dist.all_gather_object(everyone, mine)
     if lay.is_main:
@@ -133,7 +122,6 @@ def main() -> None:
             "step_s": max(r["step_s"] for r in ranks),  # a step ends when the slowest rank does
             "relative": max(r["step_s"] for r in ranks) / base,
             "peak_mib": [round(r["peak"] / 2**20) for r in ranks],
-            "growth_mib": [round(r["growth"] / 2**20) for r in ranks],
             "stages": [r["stages"] for r in ranks],
         }
         for s, ranks in results.items()
@@ -143,11 +131,11 @@ def main() -> None:
         return
     print(f"{args.procs} processes, --batch-size {args.batch_size}, --max-length {args.max_length}, "
           f"{MODEL['num_hidden_layers']} blocks of {MODEL['hidden_size']}")  # fmt: skip
-    print(f"{'schedule':<24}{'stages per rank':<18}{'step s':>8}{'vs 1F1B':>9}  {'peak MiB per rank':<20}growth MiB")
+    print(f"{'schedule':<24}{'stages per rank':<18}{'step s':>8}{'vs 1F1B':>9}  peak MiB per rank")
     for s, row in table.items():
         stages = " ".join(",".join(map(str, st)) for st in row["stages"])
-        peaks, growth = " / ".join(map(str, row["peak_mib"])), " / ".join(map(str, row["growth_mib"]))
-        print(f"{s:<24}{stages:<18}{row['step_s']:>8.3f}{row['relative']:>9.2f}  {peaks:<20}{growth}")
+        peaks = " / ".join(map(str, row["peak_mib"]))
+        print(f"{s:<24}{stages:<18}{row['step_s']:>8.3f}{row['relative']:>9.2f}  {peaks}")
 
 
 if __name__ == "__main__":
