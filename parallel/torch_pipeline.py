@@ -23,7 +23,6 @@ import os
 import torch
 import torch.distributed as dist
 import torch.distributed.pipelining as pipelining
-from deepspeed.pipe import TiedLayerSpec
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import init_device_mesh
@@ -70,6 +69,8 @@ class StageModule(nn.Module):
     """
 
     def __init__(self, specs: list, layer_ids: range):
+        from deepspeed.pipe import TiedLayerSpec  # imported here, as in models.pipeline_layers: only for --pipeline
+
         super().__init__()
         self.calls: list[tuple[str, object]] = []  # (submodule name, forward_fn or None) in layer order
         for idx in layer_ids:
