@@ -8,6 +8,7 @@ processes as 2 pipeline ranks x 2 replicas train 8, as one process with --batch-
 from __future__ import annotations
 
 import shutil
+import socket
 
 import pytest
 
@@ -15,7 +16,7 @@ from tests.helpers import PYTHON, train, train_losses
 from tests.test_distributed import ACCELERATE, DEEPSPEED, ONE, TWO, assert_same_run, records, run, setup  # noqa: F401
 
 pytestmark = pytest.mark.slow
-TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node"]
+TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]  # standalone: a free port
 STEPS = ["--max-steps", "4", "--sample-tokens", "0"]  # no text samples: they gather the model at every eval
 
 
@@ -29,6 +30,12 @@ def references(setup):  # noqa: F811
         "untied": run(setup, "ref-untied", *ONE, *STEPS, *untied),
         "batch8": run(setup, "ref-batch8", "--batch-size", "8", *STEPS),
     }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch(setup, name: str, *args: str, launcher: list[str]) -> tuple:  # noqa: F811
@@ -83,7 +90,8 @@ def test_each_schedule_on_two_processes_matches_one_process(two_processes, refer
     [("1F1B", "deepspeed"), ("Interleaved1F1B", "torchrun"), ("InterleavedZeroBubble", "torchrun")],
 )
 def test_two_stages_times_two_replicas_match_one_process(setup, references, schedule, launcher):  # noqa: F811
-    launcher_args = [DEEPSPEED[0], "--num_gpus", "4"] if launcher == "deepspeed" else [*TORCHRUN, "4"]
+    deepspeed = [DEEPSPEED[0], "--num_gpus", "4", "--master_port", str(free_port())]
+    launcher_args = deepspeed if launcher == "deepspeed" else [*TORCHRUN, "4"]
     out, printed = launch(setup, f"ppdp-{schedule}", *TWO, "--pipeline", "--pipeline-stages", "2",
                           "--pipeline-schedule", schedule, *STEPS, launcher=launcher_args)  # fmt: skip
     assert "x 2 replicas" in printed
