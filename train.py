@@ -5,8 +5,11 @@ One process (CPU or one GPU):
 Data parallel through Accelerate (single node, multi-node, FSDP):
     accelerate launch --config_file accelerate_configs/4gpu.yaml train.py --total-tokens 3
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml train.py --model tiny --dataset builtin ...
-Pipeline parallel through DeepSpeed's PipelineModule (one stage per process):
+Pipeline parallel (1F1B and GPipe on DeepSpeed's PipelineModule, one stage per process; the interleaved, looped
+and zero-bubble schedules on torch.distributed.pipelining, two stages per process; deepspeed or torchrun launch):
     deepspeed train.py --pipeline --pipeline-schedule 1F1B
+    deepspeed train.py --pipeline --pipeline-schedule ScheduleInterleaved1F1B
+    torchrun --nproc_per_node 4 train.py --pipeline --pipeline-stages 2     (2 stages x 2 data-parallel replicas)
 See the plan without running anything:
     python train.py --dry-run --world-size 4 [--pipeline] [--json]
 
@@ -53,7 +56,16 @@ from monitor.checkpoint import Checkpointer, capture_rng, checkpoint_dirs, lates
 from monitor.meter import Meter
 from monitor.outdir import OutputDirBusy, OutputDirLock, publish_dir, recover_published
 from monitor.progress import say
-from parallel import DataParallel, Pipeline, Run, UsageError, bad_input
+from parallel import (
+    PIPELINE_ENGINES,
+    DataParallel,
+    Pipeline,
+    Run,
+    TorchPipeline,
+    UsageError,
+    bad_input,
+    pipeline_engine,
+)
 from parallel.common import publish_tokenizer
 
 DEFAULT_MODEL = "deepone-162m"
@@ -132,8 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42, help="seed for init, data order and sampling")
     g = p.add_argument_group("distributed")
     g.add_argument("--dist-backend", default=None, help="torch.distributed backend (None: nccl on GPU, gloo on CPU)")
-    g.add_argument("--pipeline", action="store_true", help="pipeline parallel with DeepSpeed (launch with deepspeed)")
-    g.add_argument("--pipeline-schedule", default="1F1B", help="Schedule1F1B or ScheduleGPipe (short forms too)")
+    g.add_argument("--pipeline", action="store_true", help="pipeline parallel (launch with deepspeed or torchrun)")
+    g.add_argument(
+        "--pipeline-schedule",
+        default="1F1B",
+        help="GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble or ZBVZeroBubble (Schedule... too)",
+    )
+    g.add_argument(
+        "--pipeline-engine",
+        default=None,
+        choices=list(PIPELINE_ENGINES),
+        help="None: deepspeed for 1F1B/GPipe, torch (torch.distributed.pipelining) for the 2-stage-per-rank schedules",
+    )
+    g.add_argument(
+        "--pipeline-stages",
+        type=int,
+        default=None,
+        help="processes per pipeline; world size / K data-parallel replicas (None: the world size, one pipeline)",
+    )
     g.add_argument("--microbatch-scale", type=int, default=1, help="with --pipeline: multiply the micro-batches")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     g = p.add_argument_group("debugging")
@@ -162,11 +190,18 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.world_size is not None and not args.dry_run:
         raise UsageError("--world-size only applies to --dry-run; launchers set the real world size")
     parse_lr_spike(args.inject_lr_spike)
-    if not args.pipeline and args.microbatch_scale != 1:
-        raise UsageError("--microbatch-scale only applies to --pipeline; drop it or add --pipeline")
+    for flag, given in {
+        "--microbatch-scale": args.microbatch_scale != 1,
+        "--pipeline-engine": args.pipeline_engine is not None,
+        "--pipeline-stages": args.pipeline_stages is not None,
+    }.items():
+        if given and not args.pipeline:
+            raise UsageError(f"{flag} only applies to --pipeline; drop it or add --pipeline")
+    # NOTE: torch refuses a compiled stage module in the zero-bubble schedules (their split backward), and
+    # DeepSpeed's engine does not compile either: one rule for every pipeline.
     for flag, given in {"--compile": args.compile, "--dispatch-batches": args.dispatch_batches}.items():
         if given and args.pipeline:
-            raise UsageError(f"{flag} is not supported with --pipeline (DeepSpeed's engine); drop it or use DDP")
+            raise UsageError(f"{flag} is not supported with --pipeline (either engine); drop it or use DDP")
 
 
 def parse_lr_spike(text: str | None) -> dict:
@@ -199,12 +234,9 @@ def _resolve_run(args: argparse.Namespace) -> Run:
             world_size=world_size,
             microbatch_scale=args.microbatch_scale,
             grad_accum=args.gradient_accumulation_steps,
+            pipeline_ranks=args.pipeline_stages,
         )
-        if geometry.stages_per_rank != 1 and not args.dry_run:
-            raise UsageError(
-                f"{geometry.schedule} holds {geometry.stages_per_rank} stages per rank, which DeepSpeed's engine "
-                "cannot run; use Schedule1F1B or ScheduleGPipe (--dry-run still shows its plan)"
-            )
+        pipeline_engine(geometry, args.pipeline_engine)  # UsageError: DeepSpeed cannot hold 2 stages per rank
     plan = schedule.make_plan(  # a pipeline's global batch is world x batch size too (the spec's pipeline batch)
         total_tokens=args.total_tokens,
         batch_size=args.batch_size,
@@ -221,7 +253,7 @@ def _resolve_run(args: argparse.Namespace) -> Run:
     model_name = args.model_config or args.model
     output_dir = Path(args.output_dir or Path("output_models") / Path(model_name).stem)
     checkpoints = output_dir / "checkpoints"
-    resume_from = None
+    resume_from, changed = None, []
     if not args.init_model and not args.dry_run:
         resume_from = latest_checkpoint(checkpoints, warn=lambda m: say(m, err=True))
         if resume_from is None and checkpoint_dirs(checkpoints):
@@ -263,13 +295,18 @@ def _resolve_run(args: argparse.Namespace) -> Run:
         )
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer_state.json").read_text())
-        check_resume(args, saved, tokenizer or output_dir / "tokenizer", plan, output_dir)
+        changed = check_resume(args, saved, tokenizer or output_dir / "tokenizer", plan, output_dir)
         if saved["model_config"] != model_cfg.to_dict():
             raise UsageError(
                 f"{output_dir} holds a different model ({saved['model_name']}); use another --output-dir, "
                 "or --init-model --overwrite-output-dir to replace it"
             )
     mix = None if args.dry_run else data.parse_mix(args.dataset)  # ValueError for a missing path
+    if geometry is not None and geometry.stages > model_cfg.num_hidden_layers:
+        raise UsageError(
+            f"{geometry.stages} pipeline stages need at least as many blocks, but the model has "
+            f"{model_cfg.num_hidden_layers}; use fewer processes per pipeline (--pipeline-stages) or a deeper model"
+        )
     if args.pipeline and not args.dry_run and "RANK" not in os.environ:
         raise UsageError(
             "--pipeline runs one process per stage: launch it with `deepspeed --num_gpus N train.py --pipeline ...` "
@@ -285,6 +322,8 @@ def _resolve_run(args: argparse.Namespace) -> Run:
                 "stop JOB), or choose another --output-dir"
             ) from None
         recover_published(output_dir / "final")  # an export cut between its two renames
+    if changed:  # said once the start is known to be valid
+        say(f"resume: changed since the checkpoint: {'; '.join(changed)}", err=True)
     return Run(args, plan, geometry, model_cfg, mix, tokenizer, output_dir, resume_from, world_size, lock)
 
 
@@ -295,8 +334,8 @@ RESUME_WATCHED = (
 )  # fmt: skip
 
 
-def check_resume(args: argparse.Namespace, saved: dict, tokenizer, plan: schedule.Plan, output_dir: Path) -> None:
-    """Refuse what cannot continue the saved run (another optimizer, another tokenizer) and say what changed."""
+def check_resume(args: argparse.Namespace, saved: dict, tokenizer, plan: schedule.Plan, output_dir: Path) -> list[str]:
+    """Refuse what cannot continue the saved run (another optimizer, another tokenizer); returns what changed."""
     before = saved.get("args") or {}
     if before.get("optimizer", args.optimizer) != args.optimizer:
         raise UsageError(
@@ -325,8 +364,7 @@ def check_resume(args: argparse.Namespace, saved: dict, tokenizer, plan: schedul
     old_lr = (saved.get("plan") or {}).get("max_lr")
     if old_lr is not None and not math.isclose(old_lr, plan.max_lr, rel_tol=1e-9):
         changed.append(f"peak LR {old_lr:.3g} -> {plan.max_lr:.3g}")
-    if changed:
-        say(f"resume: changed since the checkpoint: {'; '.join(changed)}", err=True)
+    return changed
 
 
 def print_plan(run: Run) -> None:
@@ -402,7 +440,7 @@ def sample_text(model, tokenizer, args: argparse.Namespace, max_new_tokens: int)
     )
 
 
-def train(run: Run, lay: DataParallel | Pipeline) -> int:
+def train(run: Run, lay: DataParallel | Pipeline | TorchPipeline) -> int:
     args, plan = run.args, run.plan
     ckpts = Checkpointer(
         run.output_dir / "checkpoints",
@@ -602,7 +640,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print_plan(run)
             return 0
-        return train(run, Pipeline(run) if args.pipeline else DataParallel(run))
+        if not args.pipeline:
+            return train(run, DataParallel(run))
+        torch_engine = pipeline_engine(run.pipeline, args.pipeline_engine) == "torch"
+        return train(run, TorchPipeline(run) if torch_engine else Pipeline(run))
     except UsageError as e:
         say(f"error: {e}", err=True)
         return 2

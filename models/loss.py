@@ -60,9 +60,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        # NOTE: scaled in place (no second (V, C) buffer); a second backward through the same graph is refused by
-        # autograd's saved-tensor version check rather than silently scaled twice.
-        return grad_hidden.mul_(grad_output), grad_weight.mul_(grad_output), None, None, None
+        # NOTE: not scaled in place, although that would save a (V, C) buffer: the zero-bubble pipeline schedules
+        # split backward into an input pass and a weight pass that each run this function on the retained graph.
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
 
 
 def chunked_cross_entropy(

@@ -101,16 +101,18 @@ def clip_over_all_stages(engine, max_norm: float) -> list[float]:
     return norms
 
 
-def deepspeed_config(path: Path, *, micro_batch: int, micro_batches: int) -> tuple[dict, dict]:
+def deepspeed_config(path: Path, *, micro_batch: int, micro_batches: int, replicas: int = 1) -> tuple[dict, dict]:
     """``ds_configs/pipeline.json`` with the batch fields filled from our plan (one source of truth for batch size).
 
     Clipping is ours (``clip_over_all_stages``) and mixed precision is autocast, as on the DDP path, so the
-    engine's ``gradient_clipping`` and ``bf16`` stay off. Returns (DeepSpeed config, PipelineModule options).
+    engine's ``gradient_clipping`` and ``bf16`` stay off. ``micro_batches`` is per replica (pipeline copy), so the
+    engine's ``train_batch_size`` is micro_batch x micro_batches x replicas. Returns (DeepSpeed config,
+    PipelineModule options).
     """
     config = json.loads(Path(path).read_text())
     module_options = config.pop("pipeline")
     config.update(
-        train_batch_size=micro_batch * micro_batches,
+        train_batch_size=micro_batch * micro_batches * replicas,
         train_micro_batch_size_per_gpu=micro_batch,
         gradient_accumulation_steps=micro_batches,
         gradient_clipping=0.0,

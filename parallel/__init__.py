@@ -7,10 +7,21 @@ parameter name), load(model_state, optimizer_state), gather_model() (the whole m
 
     DataParallel   one process, DDP or FSDP through Accelerate (parallel/ddp.py)
     Pipeline       DeepSpeed PipelineModule, one stage per process (parallel/pipeline.py)
+    TorchPipeline  torch.distributed.pipelining, every schedule of the spec (parallel/torch_pipeline.py)
 """
 
-from .common import Run, UsageError, bad_input
+from .common import PIPELINE_ENGINES, Run, UsageError, bad_input, pipeline_engine
 from .ddp import DataParallel
 from .pipeline import Pipeline
+from .torch_pipeline import TorchPipeline
 
-__all__ = ["DataParallel", "Pipeline", "Run", "UsageError", "bad_input"]
+__all__ = [
+    "PIPELINE_ENGINES",
+    "DataParallel",
+    "Pipeline",
+    "Run",
+    "TorchPipeline",
+    "UsageError",
+    "bad_input",
+    "pipeline_engine",
+]

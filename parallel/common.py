@@ -128,3 +128,29 @@ def precision(args: argparse.Namespace, device_type: str) -> tuple[torch.dtype, 
 
 def label_count(batches: list[dict]) -> float:
     return float(sum(int((b["labels"] != data.IGNORE_INDEX).sum()) for b in batches))
+
+
+def micro_batches(batches: list[dict], rows: int) -> list[dict]:
+    """Batches cut into micro-batches of `rows` rows each, in row order (a pipeline's view of its rows)."""
+    return [
+        {k: v[start : start + rows] for k, v in batch.items()}
+        for batch in batches
+        for start in range(0, len(batch["input_ids"]), rows)
+    ]
+
+
+# Which engine runs a pipeline schedule: DeepSpeed's PipelineModule holds one stage per rank, so the schedules with
+# two stages per rank run on torch.distributed.pipelining; 1F1B and GPipe run on either (DeepSpeed by default).
+PIPELINE_ENGINES = ("deepspeed", "torch")
+
+
+def pipeline_engine(geometry: schedule.PipelineGeometry, requested: str | None) -> str:
+    """The engine for `geometry`'s schedule: `requested` (--pipeline-engine) when it can run it; UsageError if not."""
+    if requested == "deepspeed" and geometry.stages_per_rank != 1:
+        raise UsageError(
+            f"{geometry.schedule} holds {geometry.stages_per_rank} stages per rank, which DeepSpeed's engine cannot "
+            "run; drop --pipeline-engine deepspeed (it runs on torch.distributed.pipelining)"
+        )
+    if requested is not None:
+        return requested
+    return "deepspeed" if geometry.stages_per_rank == 1 else "torch"

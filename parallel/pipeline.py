@@ -1,4 +1,5 @@
-"""Pipeline parallel through DeepSpeed's PipelineModule: one stage per process, the spec's micro-batches."""
+"""Pipeline parallel through DeepSpeed's PipelineModule: one stage per process, the spec's micro-batches, and
+data-parallel replicas of the pipeline (``--pipeline-stages``)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ from monitor.meter import Meter
 from monitor.progress import say
 from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
 
-from .common import Run, bad_input, build_model, build_optimizer, build_tokenizer, label_count, precision
+from .common import Run, bad_input, build_model, build_optimizer, build_tokenizer, label_count, micro_batches, precision
 
 CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "pipeline.json"
 
 
 class Pipeline:
-    """DeepSpeed's PipelineModule: each rank holds one stage; a global batch is the spec's micro-batches."""
+    """DeepSpeed's PipelineModule: each rank holds one stage; a global batch is the spec's micro-batches.
+
+    With ``--pipeline-stages K`` below the world size, DeepSpeed's topology makes world / K pipelines (ranks
+    stage * replicas + replica); each replica trains on its own rows of the global batch and the engine averages
+    gradients across replicas before the optimizer step.
+    """
 
     def __init__(self, run: Run):
         import deepspeed
@@ -42,10 +48,11 @@ class Pipeline:
             CONFIG,
             micro_batch=geo.micro_batch_size,
             micro_batches=geo.micro_batches,
+            replicas=geo.replicas,
         )
         net = PipelineModule(
             layers=models.pipeline_layers(run.model_cfg, args.attn_implementation),
-            num_stages=self.world,
+            num_stages=geo.ranks,
             loss_fn=models.pipeline_loss,
             **pipe_options,
         )
@@ -65,21 +72,30 @@ class Pipeline:
             use_gpipe(self.engine)
         self.grad_norms = clip_over_all_stages(self.engine, args.max_grad_norm)
         say(
-            f"pipeline: {geo.stages} stages, {geo.micro_batches} micro-batches of {geo.micro_batch_size} sequences "
-            f"per step, {geo.schedule}; DeepSpeed config {json.dumps(ds_config)}"
+            f"pipeline: {geo.stages} stages x {geo.replicas} replicas, {geo.micro_batches} micro-batches of "
+            f"{geo.micro_batch_size} sequences per step and replica, {geo.schedule}; DeepSpeed config "
+            f"{json.dumps(ds_config)}"
         )
-        # The first stage feeds inputs and the last one labels: both read the same single stream of micro-batches.
+        grid = self.engine.grid
+        self.replica, self.dp_group = grid.get_data_parallel_id(), grid.get_data_parallel_group()
+        # The first stage feeds inputs and the last one labels: both read their replica's rows of each global batch
+        # (the rows DDP ranks replica * K .. replica * K + K - 1 would train on), cut into micro-batches.
         feeds = self.engine.is_first_stage() or self.engine.is_last_stage()
+        rows, replicas = geo.ranks * args.batch_size, geo.replicas
         with bad_input():
             self.stream = (
-                data.PackedStream(run.mix, self.tokenizer, args.max_length, geo.micro_batch_size, seed=args.seed)
+                data.PackedStream(
+                    run.mix, self.tokenizer, args.max_length, rows, rank=self.replica, world_size=replicas,
+                    seed=args.seed,
+                )
                 if feeds
                 else None
-            )
-            per_step = geo.micro_batches // args.gradient_accumulation_steps  # eval micro-batches per global batch
-            self.eval_set = data.eval_batches(
-                run.mix, self.tokenizer, args.max_length, geo.micro_batch_size, args.eval_batches * per_step
-            )
+            )  # fmt: skip
+            evals = data.eval_batches(
+                run.mix, self.tokenizer, args.max_length, rows, args.eval_batches, rank=self.replica,
+                world_size=replicas,
+            )  # fmt: skip
+            self.eval_set = micro_batches(evals, geo.micro_batch_size)
         self.batches = None
 
     def barrier(self) -> None:
@@ -89,17 +105,29 @@ class Pipeline:
         self.batches = None if self.stream is None else data.Prefetcher(self.stream)
         return self.batches
 
+    def _items(self, batches: list[dict]):
+        """What the engine loads per micro-batch: the stage inputs, and (labels, num_items) for the loss.
+
+        NOTE: the engine averages over micro-batches and then over replicas; num_items = (labels of the whole
+        global batch) / (micro-batches x replicas) turns that into sum / label count of the global batch. Every rank
+        of a data-parallel group calls this at the same point (all of them read data or none).
+        """
+        labels = torch.tensor(label_count(batches), dtype=torch.float64, device=self.device)
+        if self.run.pipeline.replicas > 1:
+            torch.distributed.all_reduce(labels, group=self.dp_group)
+        num_items = (labels / (len(batches) * self.run.pipeline.replicas)).float().cpu()
+        return self._feed(batches, num_items)
+
     @staticmethod
-    def _items(batches: list[dict]):
-        """What the engine loads per micro-batch: the stage inputs, and (labels, num_items) for the loss."""
-        num_items = torch.tensor(label_count(batches) / len(batches))
+    def _feed(batches: list[dict], num_items: torch.Tensor):
         for b in batches:
             yield (b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"]), (b["labels"], num_items)
 
     def train_step(self, meter: Meter) -> tuple[float, float]:
         items = None
         if self.batches is not None:
-            batches = [next(self.batches) for _ in range(self.run.pipeline.micro_batches)]
+            accum = self.run.args.gradient_accumulation_steps
+            batches = micro_batches([next(self.batches) for _ in range(accum)], self.run.pipeline.micro_batch_size)
             for b in batches:
                 meter.add_micro_batch(b["doc_ids"])
             items = self._items(batches)
@@ -111,14 +139,16 @@ class Pipeline:
         self.engine.train()
         return loss
 
-    def model_part(self) -> dict:
-        # A tied embedding/head lives on the first and last stage: the first one saves it.
+    def model_part(self) -> dict | None:
+        # A tied embedding/head lives on the first and last stage: the first one saves it. Replicas hold copies.
+        if self.replica != 0:
+            return None
         first = self.engine.is_first_stage()
         state = {n: t for n, t in self.net.state_dict().items() if first or not n.startswith("tied_modules.")}
         return {self.to_model_name[n]: t.detach().cpu() for n, t in state.items()}
 
-    def optimizer_part(self) -> dict:
-        return optimizer_state_by_name(self.optimizer, self.names)
+    def optimizer_part(self) -> dict | None:
+        return optimizer_state_by_name(self.optimizer, self.names) if self.replica == 0 else None
 
     def load(self, model_state: dict, optimizer_state: dict) -> None:
         models.load_pipeline_state(self.net, model_state, self.run.model_cfg)
@@ -131,7 +161,7 @@ class Pipeline:
         if not self.is_main:
             return None
         model = models.Transformer(self.run.model_cfg, self.run.args.attn_implementation)
-        model.load_state_dict({name: t for part in reversed(parts) for name, t in part.items()})
+        model.load_state_dict({name: t for part in reversed(parts) if part for name, t in part.items()})
         return model.to(self.param_dtype)
 
     def close(self) -> None:

@@ -249,22 +249,25 @@ def pipeline_schedule_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class PipelineGeometry:
-    """How one global batch flows through the pipeline (the spec's formulas, per optimizer step):
+    """How one global batch flows through the pipelines (the spec's formulas, per optimizer step):
 
-    n_microbatches       = ranks * stages_per_rank * microbatch_scale          (per accumulation step)
+    n_microbatches       = ranks * stages_per_rank * microbatch_scale          (per replica and accumulation step)
     per_stage_batch_size = batch_size // (stages_per_rank * microbatch_scale)   (rows per micro-batch)
     pipeline batch       = n_microbatches * per_stage_batch_size = ranks * batch_size
 
-    so the global batch (and the sqrt LR scale) equals DDP's on the same number of processes.
+    `ranks` processes form one pipeline and `replicas = world_size / ranks` pipelines train side by side on their
+    own rows (data parallel), so the global batch is world_size * batch_size (x accumulation) and the sqrt LR scale
+    equals DDP's on the same number of processes.
     """
 
     schedule: str
     ranks: int  # processes in one pipeline
+    replicas: int  # data-parallel copies of the pipeline
     stages: int  # ranks * stages_per_rank
     stages_per_rank: int
     microbatch_scale: int
     micro_batch_size: int  # rows per micro-batch
-    micro_batches: int  # per optimizer step, accumulation included
+    micro_batches: int  # per replica and optimizer step, accumulation included
     global_batch_size: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -272,11 +275,27 @@ class PipelineGeometry:
 
 
 def pipeline_geometry(
-    schedule: str, *, batch_size: int, world_size: int, microbatch_scale: int = 1, grad_accum: int = 1
+    schedule: str,
+    *,
+    batch_size: int,
+    world_size: int,
+    microbatch_scale: int = 1,
+    grad_accum: int = 1,
+    pipeline_ranks: int | None = None,
 ) -> PipelineGeometry:
-    """Resolve the pipeline's micro-batches; ValueError naming the numbers to change when they do not divide."""
+    """Resolve the pipeline's micro-batches; ValueError naming the numbers to change when they do not divide.
+
+    `pipeline_ranks` (``--pipeline-stages``) is the number of processes per pipeline; None: the whole world.
+    """
     _check_int(microbatch_scale, "--microbatch-scale", 1, "pass a positive multiplier of the micro-batches, e.g. 1")
     name = pipeline_schedule_name(schedule)
+    ranks = world_size if pipeline_ranks is None else pipeline_ranks
+    _check_int(ranks, "--pipeline-stages", 1, "pass the processes per pipeline, e.g. --pipeline-stages 2")
+    if world_size % ranks:
+        raise ValueError(
+            f"--pipeline-stages {ranks} does not divide the {world_size} processes into whole pipelines; use a "
+            f"divisor of {world_size}"
+        )
     per_rank = PIPELINE_SCHEDULES[name]
     split = per_rank * microbatch_scale
     if batch_size % split:
@@ -285,23 +304,24 @@ def pipeline_geometry(
             f"{microbatch_scale} = {split} ({name}); use a --batch-size that is a multiple of {split} or change "
             "--microbatch-scale"
         )
-    n_micro = world_size * split
     return PipelineGeometry(
         schedule=name,
-        ranks=world_size,
-        stages=world_size * per_rank,
+        ranks=ranks,
+        replicas=world_size // ranks,
+        stages=ranks * per_rank,
         stages_per_rank=per_rank,
         microbatch_scale=microbatch_scale,
         micro_batch_size=batch_size // split,
-        micro_batches=n_micro * grad_accum,
+        micro_batches=ranks * split * grad_accum,
         global_batch_size=world_size * batch_size * grad_accum,
     )
 
 
 def format_pipeline(g: PipelineGeometry, tokens_per_step: int) -> str:
+    copies = f" x {g.replicas} data-parallel replicas" if g.replicas > 1 else ""
     rows = [
-        ("pipeline", f"{g.schedule}: {g.stages} stages on {g.ranks} ranks ({g.stages_per_rank} per rank)"),
-        ("micro-batches", f"{g.micro_batches} of {g.micro_batch_size} sequences per step"),
+        ("pipeline", f"{g.schedule}: {g.stages} stages on {g.ranks} ranks ({g.stages_per_rank} per rank){copies}"),
+        ("micro-batches", f"{g.micro_batches} of {g.micro_batch_size} sequences per step and replica"),
         ("pipeline batch", f"{g.global_batch_size} sequences = {tokens_per_step:,} tokens per step"),
     ]
     return "\n".join(f"{name:<15}  {value}" for name, value in rows)

@@ -243,10 +243,14 @@ def test_chunked_cross_entropy_scaling_and_eval_path():
     (3.0 * ref).backward()
     assert torch.allclose(loss, ref, atol=1e-6)
     assert torch.allclose(hidden.grad, ref_h.grad, atol=1e-6) and torch.allclose(weight.grad, ref_w.grad, atol=1e-6)
-    with pytest.raises(RuntimeError):  # the precomputed gradients were consumed: no silent second backward
-        loss2 = chunked_cross_entropy(hidden, weight, labels, chunk_size=7)
-        loss2.backward(retain_graph=True)
-        loss2.backward()
+    # A second backward through the retained graph (the zero-bubble schedules' split backward) gives the same
+    # gradients again: the precomputed ones are not consumed.
+    hidden.grad = weight.grad = None
+    loss2 = chunked_cross_entropy(hidden, weight, labels, num_items=100, chunk_size=7)
+    (3.0 * loss2).backward(retain_graph=True)
+    first = hidden.grad.clone(), weight.grad.clone()
+    (3.0 * loss2).backward()
+    assert torch.allclose(hidden.grad, 2 * first[0]) and torch.allclose(weight.grad, 2 * first[1])
     with torch.no_grad():
         count = int((labels != -100).sum())  # the default divisor: this batch's labelled positions
         assert torch.allclose(chunked_cross_entropy(hidden, weight, labels, chunk_size=7), ref * 100 / count, atol=1e-6)
