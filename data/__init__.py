@@ -15,8 +15,16 @@ corpus.
 from .mix import Mix, SourceSpec, Stage, describe_mix, parse_mix
 from .packing import IGNORE_INDEX, pack_rows
 from .prefetch import Prefetcher
+from .sources import document_texts
 from .stream import PackedStream, eval_batches, rank_rows
-from .tokenizer import bos_eos_ids, load_tokenizer, resolve_tokenizer, save_tokenizer, train_tokenizer
+from .tokenizer import (
+    bos_eos_ids,
+    load_tokenizer,
+    resolve_tokenizer,
+    save_tokenizer,
+    token_byte_lengths,
+    train_tokenizer,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -27,6 +35,7 @@ __all__ = [
     "Stage",
     "bos_eos_ids",
     "describe_mix",
+    "document_texts",
     "eval_batches",
     "load_tokenizer",
     "pack_rows",
@@ -34,5 +43,6 @@ __all__ = [
     "rank_rows",
     "resolve_tokenizer",
     "save_tokenizer",
+    "token_byte_lengths",
     "train_tokenizer",
 ]
