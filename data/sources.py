@@ -289,17 +289,30 @@ def document_texts(mix, max_docs: int, held_out: bool = True, chunk: int = 256) 
     """
     if mix.cache_dir:
         raise ValueError(f"{mix.cache_dir} is a token cache and holds no text; evaluate on the original data")
-    cursors = [SourceCursor(open_source(spec), 0, shuffle=False) for spec in mix.stages[-1].sources]
+    readers = [_one_pass(open_source(spec), chunk) for spec in mix.stages[-1].sources]
     out: list[str] = []
-    while len(out) < max_docs and cursors:
-        for cursor in list(cursors):
-            texts, hashes = cursor.take(chunk)
-            if cursor.epoch > 0:  # this pass is over: drop what wrapped into the next one
-                texts, hashes = texts[: len(texts) - cursor.pos], hashes[: len(texts) - cursor.pos]
-                cursors.remove(cursor)
-            wanted = is_eval(hashes, mix.eval_fraction) if held_out else np.ones(len(texts), dtype=bool)
+    while len(out) < max_docs and readers:
+        for reader in list(readers):
+            texts = next(reader, None)
+            if texts is None:
+                readers.remove(reader)
+                continue
+            wanted = is_eval(text_hashes(texts), mix.eval_fraction) if held_out else np.ones(len(texts), dtype=bool)
             out.extend(t for t, w in zip(texts, wanted, strict=True) if w and t)
     return out[:max_docs]
+
+
+def _one_pass(source, chunk: int):
+    """The documents of one pass over a text source, in order, `chunk` at a time."""
+    if source.random_access:
+        for start in range(0, source.num_docs, chunk):
+            yield source.fetch(np.arange(start, min(start + chunk, source.num_docs)))[0]
+        return
+    source.seek(0, None)
+    while texts := source.take(chunk):
+        yield texts
+        if len(texts) < chunk:
+            return
 
 
 # -----------------------------------------------------------------------------
@@ -422,8 +435,7 @@ def _open_hub(spec: SourceSpec) -> StreamSource:
     if ds.column_names is not None:  # NOTE: None when the Hub does not describe the features up front
         if column not in ds.column_names:
             raise ValueError(
-                f"the Hub dataset {name} has no {column!r} column (columns: {', '.join(ds.column_names)})"
-                f"{_COLUMN_HINT}"
+                f"the Hub dataset {name} has no {column!r} column (columns: {', '.join(ds.column_names)}){_COLUMN_HINT}"
             )
         ds = _as_text(ds, column)
     elif column != "text":

@@ -69,22 +69,33 @@ class LMHeadPipe(nn.Module):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         hidden, _, _, labels = inputs
-        return chunked_cross_entropy(hidden, self.lm_head.weight, labels, num_items=1.0)  # summed
+        return chunked_cross_entropy(hidden, self.lm_head.weight, labels, num_items=1.0, reduction=_reduction())
 
 
 def tied_head_loss(embedding: EmbeddingPipe, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """forward_fn of the last TiedLayerSpec: the embedding matrix used as the output head, fused with the loss."""
     hidden, _, _, labels = inputs
-    return chunked_cross_entropy(hidden, embedding.embed_tokens.weight, labels, num_items=1.0)  # summed
+    return chunked_cross_entropy(hidden, embedding.embed_tokens.weight, labels, num_items=1.0, reduction=_reduction())
 
 
-def pipeline_loss(loss_sum: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _reduction() -> str:
+    """Training: the summed loss (num_items=1); evaluation (DeepSpeed's eval_batch runs without grad): per token."""
+    return "mean" if torch.is_grad_enabled() else "none"
+
+
+def pipeline_loss(loss_sum: torch.Tensor, target: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """loss_fn of the PipelineModule: the summed loss over `num_items`, with target = (labels, num_items).
 
     With num_items = (labels of the whole global batch) / (micro-batches), DeepSpeed's mean over micro-batches
     gives sum / label count of the global batch: the loss one process computes over the same rows, as on DDP.
+
+    Evaluation (no grad): the head hands over per-token nats (B, T) and target = (labels, num_items, bytes per
+    label); the result is [loss share, nats of the labels that stand for text, their bytes], for bits per byte.
     """
-    return loss_sum / target[1]
+    if loss_sum.dim() == 0:
+        return loss_sum / target[1]
+    nats, num_bytes = loss_sum.double(), target[2].double()
+    return torch.stack([nats.sum() / target[1], (nats * (num_bytes > 0)).sum(), num_bytes.sum()])
 
 
 def pipeline_layers(cfg: ModelConfig, attn_implementation: str = "sdpa") -> list:

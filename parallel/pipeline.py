@@ -12,6 +12,7 @@ import data
 import models
 from monitor.meter import Meter
 from monitor.progress import say
+from monitor.samples import eval_metrics
 from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
 
 from .common import Run, bad_input, build_model, build_optimizer, build_tokenizer, label_count, precision
@@ -80,6 +81,7 @@ class Pipeline:
             self.eval_set = data.eval_batches(
                 run.mix, self.tokenizer, args.max_length, geo.micro_batch_size, args.eval_batches * per_step
             )
+        self.byte_lengths = torch.as_tensor(data.token_byte_lengths(self.tokenizer))  # bits per byte at each eval
         self.batches = None
 
     def barrier(self) -> None:
@@ -90,11 +92,17 @@ class Pipeline:
         return self.batches
 
     @staticmethod
-    def _items(batches: list[dict]):
-        """What the engine loads per micro-batch: the stage inputs, and (labels, num_items) for the loss."""
+    def _items(batches: list[dict], byte_lengths: torch.Tensor | None = None):
+        """What the engine loads per micro-batch: the stage inputs, and (labels, num_items) for the loss.
+
+        For evaluation (`byte_lengths` given) the loss also gets each label's bytes, for bits per byte.
+        """
         num_items = torch.tensor(label_count(batches) / len(batches))
         for b in batches:
-            yield (b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"]), (b["labels"], num_items)
+            target = (b["labels"], num_items)
+            if byte_lengths is not None:
+                target += (byte_lengths[b["labels"].clamp(min=0)] * (b["labels"] != data.IGNORE_INDEX),)
+            yield (b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"]), target
 
     def train_step(self, meter: Meter) -> tuple[float, float]:
         items = None
@@ -106,10 +114,20 @@ class Pipeline:
         loss = self.engine.train_batch(items).item()  # the same global loss on every stage
         return loss, self.grad_norms.pop()
 
-    def evaluate(self) -> float:
-        loss = self.engine.eval_batch(self._items(self.eval_set), num_micro_batches=len(self.eval_set)).item()
+    def evaluate(self) -> dict:
+        # The last stage's loss_fn returns [loss share, text nats, bytes] per micro-batch (models.pipeline_loss);
+        # DeepSpeed averages them over micro-batches, which keeps the loss and the ratio text nats / bytes.
+        out = self.engine.eval_batch(
+            self._items(self.eval_set, self.byte_lengths), num_micro_batches=len(self.eval_set), bcast_loss=False
+        )
         self.engine.train()
-        return loss
+        last = self.world - 1  # NOTE: one stage per rank, in rank order: the last rank holds the loss
+        sums = out.detach().to(self.device, torch.float64) if self.rank == last else None
+        sums = sums if sums is not None else torch.zeros(3, dtype=torch.float64, device=self.device)
+        torch.distributed.broadcast(sums, src=last)
+        loss, text_nats, num_bytes = sums.tolist()
+        bpb = eval_metrics(torch.tensor([0.0, 1.0, text_nats, num_bytes]))["bits_per_byte"]
+        return {"loss": loss, "bits_per_byte": bpb}
 
     def model_part(self) -> dict:
         # A tied embedding/head lives on the first and last stage: the first one saves it.
