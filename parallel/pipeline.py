@@ -117,6 +117,9 @@ class Pipeline:
     def evaluate(self) -> dict:
         # The last stage's loss_fn returns [loss share, text nats, bytes] per micro-batch (models.pipeline_loss);
         # DeepSpeed averages them over micro-batches, which keeps the loss and the ratio text nats / bytes.
+        # NOTE: eval_batch adds each micro-batch's output into the engine's running total, which train_batch resets
+        # but eval_batch does not: left holding the last step's scalar loss, it cannot take our vectors.
+        self.engine.total_loss = None
         out = self.engine.eval_batch(
             self._items(self.eval_set, self.byte_lengths), num_micro_batches=len(self.eval_set), bcast_loss=False
         )

@@ -305,3 +305,25 @@ def test_eval_bad_input_exits_2_with_one_line(setup, args, says, capsys):
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and says in lines[0] and "Traceback" not in stderr, stderr[-2000:]
     assert stdout == ""
+
+
+def test_per_token_losses_match_the_mean_loss():
+    """reduction="none" (what evaluation sums) gives each label's nats; their mean is the training loss."""
+    import models
+
+    cfg = models.load_model_config("tiny", vocab_size=97)
+    torch.manual_seed(0)
+    model = models.Transformer(cfg).eval()
+    model.init_weights()
+    ids = torch.randint(0, 97, (2, 33))
+    labels = ids[:, 1:].clone()
+    labels[0, 5] = labels[1, 20] = data.IGNORE_INDEX
+    with torch.no_grad():
+        nats = model(ids[:, :-1], labels=labels, reduction="none")
+        mean = model(ids[:, :-1], labels=labels)
+        logp = torch.log_softmax(model(ids[:, :-1]).double(), -1)
+    valid = labels != data.IGNORE_INDEX
+    expected = -logp.gather(2, labels.clamp(min=0)[..., None])[..., 0] * valid
+    assert nats.shape == labels.shape and bool((nats[~valid] == 0).all())
+    assert torch.allclose(nats.double(), expected, atol=1e-5)
+    assert (nats.sum() / valid.sum()).item() == pytest.approx(mean.item(), rel=1e-6)
