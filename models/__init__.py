@@ -15,6 +15,7 @@ from .model import Transformer
 from .pipeline import (
     from_pipeline_state_dict,
     load_pipeline_state,
+    per_token_losses,
     pipeline_layers,
     pipeline_loss,
     to_pipeline_state_dict,
@@ -39,6 +40,7 @@ __all__ = [
     "load_hf",
     "load_model_config",
     "load_pipeline_state",
+    "per_token_losses",
     "pipeline_layers",
     "pipeline_loss",
     "to_pipeline_state_dict",

@@ -120,9 +120,10 @@ class Pipeline:
         # NOTE: eval_batch adds each micro-batch's output into the engine's running total, which train_batch resets
         # but eval_batch does not: left holding the last step's scalar loss, it cannot take our vectors.
         self.engine.total_loss = None
-        out = self.engine.eval_batch(
-            self._items(self.eval_set, self.byte_lengths), num_micro_batches=len(self.eval_set), bcast_loss=False
-        )
+        with models.per_token_losses(self.net):
+            out = self.engine.eval_batch(
+                self._items(self.eval_set, self.byte_lengths), num_micro_batches=len(self.eval_set), bcast_loss=False
+            )
         self.engine.train()
         last = self.world - 1  # NOTE: one stage per rank, in rank order: the last rank holds the loss
         sums = out.detach().to(self.device, torch.float64) if self.rank == last else None
