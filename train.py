@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="smollm", help="smollm (Hub), builtin (offline), paths or a mix")
+    g.add_argument("--dataset", default="smollm", help="smollm (Hub), smollm=PATH, builtin (offline), paths or a mix")
+    g.add_argument("--text-column", default="text", help="field holding each document in file and Hub sources")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json, folder or Hub name (None: train one)")
     g.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size when a tokenizer is trained")
     g.add_argument("--tokenizer-docs", type=int, default=50_000, help="documents used to train a tokenizer")
@@ -301,7 +302,7 @@ def _resolve_run(args: argparse.Namespace) -> Run:
                 f"{output_dir} holds a different model ({saved['model_name']}); use another --output-dir, "
                 "or --init-model --overwrite-output-dir to replace it"
             )
-    mix = None if args.dry_run else data.parse_mix(args.dataset)  # ValueError for a missing path
+    mix = None if args.dry_run else data.parse_mix(args.dataset, text_column=args.text_column)  # ValueError: bad path
     if geometry is not None and geometry.stages > model_cfg.num_hidden_layers:
         raise UsageError(
             f"{geometry.stages} pipeline stages need at least as many blocks, but the model has "
@@ -483,14 +484,16 @@ def train(run: Run, lay: DataParallel | Pipeline | TorchPipeline) -> int:
     lr_spike = parse_lr_spike(args.inject_lr_spike)
 
     def evaluate() -> float:
-        loss = lay.evaluate()
-        logger.eval(state.step, tokens=state.tokens, loss=loss)
+        metrics = lay.evaluate()  # loss and bits per byte
+        loss = metrics["loss"]
+        logger.eval(state.step, tokens=state.tokens, **metrics)
         if args.sample_tokens > 0 and math.isfinite(loss):  # never sample from a diverged model
             model = lay.gather_model()
             if model is not None:
                 text = sample_text(model, lay.tokenizer, args, args.sample_tokens)
                 logger.text("sample", text, state.step)
-                say(f"step {state.step:,} | eval loss {loss:.4f} | sample: {text!r}")
+                bpb = metrics["bits_per_byte"]
+                say(f"step {state.step:,} | eval loss {loss:.4f} | {bpb:.4f} bits/byte | sample: {text!r}")
         return loss
 
     def save(eval_loss: float) -> None:
@@ -538,9 +541,12 @@ def train(run: Run, lay: DataParallel | Pipeline | TorchPipeline) -> int:
                 logger.event(step, "stage", stage=stage, dataset=args.dataset)
                 say(f"step {step:,}: data stage {stage} of {args.dataset}")
             if step % plan.logging_steps == 0 or last:
+                drawn = batches.source_counts() if batches is not None else {}  # documents and tokens per source
+                per_source = {f"{kind}/{label}": n[kind] for label, n in drawn.items() for kind in ("docs", "tokens")}
                 record = logger.train(
-                    step, tokens=state.tokens, lr=scheduler.current_lr, grad_norm=grad_norm, **meter.record()
-                )
+                    step, tokens=state.tokens, lr=scheduler.current_lr, grad_norm=grad_norm, **meter.record(),
+                    **per_source,
+                )  # fmt: skip
                 bar.update(step, state.tokens, record or {})
 
             # Every rank learns, at the same step, what job control, signals and the divergence guard ask for.

@@ -6,6 +6,8 @@
     batch = next(stream)                          # input_ids, labels, position_ids, doc_ids: int64 (4, 4096)
     state = stream.state_dict()                   # JSON; stream.load_state_dict(state) resumes exactly
     held_out = eval_batches(mix, tokenizer, 4096, 4, num_batches=8, rank=rank, world_size=world)
+    texts = document_texts(mix, max_docs=1000)     # the held-out documents themselves (eval.py)
+    byte_lengths = token_byte_lengths(tokenizer)  # UTF-8 bytes per token id, for bits per byte
 
 See mix.py for the `--dataset` syntax (`describe_mix()` prints it), packing.py for the batch format, stream.py for
 sharding/dispatch and resume, prepare.py for the token cache (cache.py reads it), builtin.py for the offline
@@ -15,8 +17,16 @@ corpus.
 from .mix import Mix, SourceSpec, Stage, describe_mix, parse_mix
 from .packing import IGNORE_INDEX, pack_rows
 from .prefetch import Prefetcher
+from .sources import document_texts
 from .stream import PackedStream, eval_batches, rank_rows
-from .tokenizer import bos_eos_ids, load_tokenizer, resolve_tokenizer, save_tokenizer, train_tokenizer
+from .tokenizer import (
+    bos_eos_ids,
+    load_tokenizer,
+    resolve_tokenizer,
+    save_tokenizer,
+    token_byte_lengths,
+    train_tokenizer,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -27,6 +37,7 @@ __all__ = [
     "Stage",
     "bos_eos_ids",
     "describe_mix",
+    "document_texts",
     "eval_batches",
     "load_tokenizer",
     "pack_rows",
@@ -34,5 +45,6 @@ __all__ = [
     "rank_rows",
     "resolve_tokenizer",
     "save_tokenizer",
+    "token_byte_lengths",
     "train_tokenizer",
 ]

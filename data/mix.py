@@ -8,18 +8,24 @@ Grammar (spaces around separators are ignored)::
     BUDGET := N[k|M|B][docs] ["~" N[k|M|B]]     length of the stage in tokens (default) or documents, then the
                                                soft-switch window: the next stage is blended in linearly over the
                                                last WINDOW of the budget
-    SOURCE := builtin | smollm | PATH | OWNER/NAME[/SUBSET]
+    SOURCE := builtin | smollm | smollm=PATH | PATH | OWNER/NAME[/SUBSET]
 
 Sources:
 - `builtin`: documentation text shipped with the Python installation and the installed packages (offline, no
   download; extracted once and cached, see data/builtin.py).
 - `smollm`: the default mix, HuggingFaceTB/smollm-corpus subsets cosmopedia-v2 and fineweb-edu-dedup streamed
-  from the Hub.
+  from the Hub; or from a local copy of the corpus when $SMOLLM_CORPUS_DIR names one.
+- `smollm=PATH`: the same mix read from a local copy (PATH/cosmopedia-v2/ and PATH/fineweb-edu-dedup/, parquet
+  files, as `huggingface-cli download` lays them out), streamed with the parquet builder; balanced by the row
+  counts in the parquet footers, as the Hub form is balanced by the subsets' sizes.
 - PATH: a `.txt` file (documents separated by blank lines), a `.jsonl`/`.json` or `.parquet` file with a `text`
   field, a folder (every such file inside it, recursively, in sorted order), or a token cache written by
   `python -m data.prepare` (a folder holding its manifest.json; it stands for the mix it was prepared from).
 - OWNER/NAME[/SUBSET]: a Hub dataset streamed with `datasets.load_dataset(..., streaming=True)`, SUBSET being the
   config name; the documents are its `text` column.
+
+The documents are the `text` field of every file and Hub source unless `parse_mix(..., text_column=NAME)` (train.py
+`--text-column`) names another one.
 
 Weighting: without weights a stage is "balanced": each document comes from a source drawn with probability
 proportional to that source's remaining documents in the current pass, so every source runs out at the same
@@ -28,8 +34,9 @@ probabilities and each one restarts (reshuffled) on its own when it runs out.
 """
 
 import json
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .cache import CACHE_FORMAT, read_manifest
@@ -40,6 +47,7 @@ SMOLLM_REPO = "HuggingFaceTB/smollm-corpus"
 # streamed subsets (their exact sizes are not known before reading them); any error just makes one subset run out
 # earlier and restart on its own.
 SMOLLM_SUBSETS = {"cosmopedia-v2": 39_134_000, "fineweb-edu-dedup": 190_168_005}
+SMOLLM_ENV = "SMOLLM_CORPUS_DIR"  # a local copy of the corpus that plain `smollm` reads instead of the Hub
 DEFAULT_EVAL_FRACTION = 0.005
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(/[\w.-]+)?$")
@@ -52,12 +60,13 @@ _SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 class SourceSpec:
     """One source of documents, as written in the mix (nothing is opened here)."""
 
-    kind: str  # "files" | "hub" | "builtin" | "cache"
-    location: str  # absolute path (files, cache) or Hub repo id (hub); empty for builtin
+    kind: str  # "files" | "hub" | "mirror" | "builtin" | "cache"
+    location: str  # absolute path (files, cache, mirror root) or Hub repo id (hub); empty for builtin
     label: str  # short human name used in logs and error messages
-    subset: str | None = None  # Hub config name, or the source index inside a cache
+    subset: str | None = None  # Hub config name or mirror subfolder, or the source index inside a cache
     weight: float | None = None  # relative weight, None = balanced
     size_hint: int | None = None  # approximate number of documents when it cannot be known up front
+    text_column: str = "text"  # the field holding each document (files, hub and mirror sources)
 
 
 @dataclass(frozen=True)
@@ -89,8 +98,13 @@ class Mix:
         return [s for stage in self.stages for s in stage.sources]
 
 
-def parse_mix(spec: str, eval_fraction: float = DEFAULT_EVAL_FRACTION) -> Mix:
-    """Parse a `--dataset` value (see the module docstring). Raises ValueError with a hint on bad input."""
+def parse_mix(spec: str, eval_fraction: float = DEFAULT_EVAL_FRACTION, text_column: str = "text") -> Mix:
+    """Parse a `--dataset` value (see the module docstring). Raises ValueError with a hint on bad input.
+
+    `text_column` names the field that holds the documents in every file, mirror and Hub source.
+    """
+    if not text_column:
+        raise ValueError("--text-column is empty; name the field that holds each document, e.g. text or content")
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval fraction {eval_fraction} is outside [0, 1); use e.g. 0.005 for 0.5% held out")
     spec = spec.strip()
@@ -111,7 +125,7 @@ def parse_mix(spec: str, eval_fraction: float = DEFAULT_EVAL_FRACTION) -> Mix:
             )
         if budget is not None and last:
             raise ValueError(f"the last stage ({text!r}) runs until training ends; remove its '@' budget")
-        sources, cached = _parse_items(items_text)
+        sources, cached = _parse_items(items_text, text_column)
         if cached is not None:
             if len(stage_texts) > 1 or len(sources) != 1 or sources[0].weight is not None:
                 raise ValueError(f"the token cache {cached} stands for a whole mix; pass it alone as --dataset")
@@ -164,7 +178,7 @@ def _scaled(number: str, suffix: str) -> int:
     return int(round(float(number) * _SCALE[suffix.lower()]))
 
 
-def _parse_items(text: str) -> tuple[list[SourceSpec], str | None]:
+def _parse_items(text: str, text_column: str = "text") -> tuple[list[SourceSpec], str | None]:
     """Parse 'a:1,b:2' into source specs; also return the cache folder when an item is a token cache."""
     sources: list[SourceSpec] = []
     cached = None
@@ -172,7 +186,7 @@ def _parse_items(text: str) -> tuple[list[SourceSpec], str | None]:
         if not item:
             raise ValueError(f"empty source in {text!r}; separate sources with a single ','")
         name, weight = _split_weight(item)
-        expanded = _resolve_source(name)
+        expanded = [replace(s, text_column=text_column) for s in _resolve_source(name)]
         if expanded[0].kind == "cache":
             cached = expanded[0].location
         if weight is not None:
@@ -206,18 +220,22 @@ def _split_weight(item: str) -> tuple[str, float | None]:
 
 
 def _with_weight(source: SourceSpec, weight: float) -> SourceSpec:
-    return SourceSpec(source.kind, source.location, source.label, source.subset, weight, source.size_hint)
+    return replace(source, weight=weight)
 
 
 def _resolve_source(name: str) -> list[SourceSpec]:
     """Turn one written source name into one or more specs (a named mix gives several)."""
     if name == "builtin":
         return [SourceSpec("builtin", "", "builtin")]
+    if name == "smollm" and os.environ.get(SMOLLM_ENV):
+        return _smollm_mirror(os.environ[SMOLLM_ENV], f"${SMOLLM_ENV}")
     if name == "smollm":
         return [
             SourceSpec("hub", SMOLLM_REPO, f"smollm/{subset}", subset, None, size)
             for subset, size in SMOLLM_SUBSETS.items()
         ]
+    if name.startswith("smollm="):
+        return _smollm_mirror(name.removeprefix("smollm="), "smollm=PATH")
     path = Path(name).expanduser()
     if path.exists():
         path = path.resolve()
@@ -236,6 +254,22 @@ def _resolve_source(name: str) -> list[SourceSpec]:
         f"unknown dataset {name!r}: not an existing path, not 'smollm' or 'builtin', and not a Hub id "
         "like OWNER/NAME[/SUBSET]"
     )
+
+
+def _smollm_mirror(location: str, given: str) -> list[SourceSpec]:
+    """The default mix read from a local copy of the corpus: one streamed source per subset folder."""
+    root = Path(location).expanduser()
+    if not location or not root.is_dir():
+        raise ValueError(f"{given}: {location or '(empty)'} is not a folder; point it at a local copy of {SMOLLM_REPO}")
+    root = root.resolve()
+    for subset in SMOLLM_SUBSETS:
+        if not (root / subset).is_dir() or not any((root / subset).rglob("*.parquet")):
+            raise ValueError(
+                f"{given}: {root} has no {subset}/ folder of parquet files; a local copy of {SMOLLM_REPO} holds "
+                f"{' and '.join(s + '/' for s in SMOLLM_SUBSETS)} (huggingface-cli download {SMOLLM_REPO} "
+                "--repo-type dataset --include 'cosmopedia-v2/*' 'fineweb-edu-dedup/*' --local-dir PATH)"
+            )
+    return [SourceSpec("mirror", str(root), f"smollm/{subset}", subset) for subset in SMOLLM_SUBSETS]
 
 
 def _is_token_cache(folder: Path) -> bool:
@@ -274,6 +308,7 @@ _SYNTAX_HELP = """\
 | Form | Meaning |
 |------|---------|
 | `smollm` (default) | HuggingFaceTB/smollm-corpus, subsets cosmopedia-v2 + fineweb-edu-dedup, streamed from the Hub |
+| `smollm=PATH` | the same mix from a local copy: parquet files in PATH/cosmopedia-v2/ and PATH/fineweb-edu-dedup/ |
 | `builtin` | offline: documentation text of the installed Python and packages, extracted once and cached |
 | `path/to/file.txt` | documents separated by blank lines |
 | `path/to/file.jsonl`, `.json`, `.parquet` | one document per record, `text` field |
@@ -285,8 +320,10 @@ _SYNTAX_HELP = """\
 | `stories.txt@50M;smollm` | curriculum: 50M tokens of stories, then the SmolLM mix (`@20kdocs` counts documents) |
 | `stories.txt@50M~10M;smollm` | soft switch: the SmolLM mix is blended in linearly over the last 10M stage tokens |
 
-Quote mixes in the shell (`;` ends a command). Stage budgets count training tokens (with BOS/EOS) or documents;
-the switch and the blend are decided once per chunk of 1024 documents. Local files are read through `datasets`
+Plain `smollm` reads the local copy named by `$SMOLLM_CORPUS_DIR` when that is set. The documents are the `text`
+field of each record; `--text-column NAME` reads another one. Quote mixes in the shell (`;` ends a command).
+Stage budgets count training tokens (with BOS/EOS) or documents; the switch and the blend are decided once per
+chunk of 1024 documents. Local files are read through `datasets`
 (Arrow, memory-mapped), shuffled per pass with a seeded permutation and resumed exactly in O(1); Hub sources are
 streamed in order and resumed from the stream's own state. A fixed fraction of documents (0.5% by default, chosen
 by a hash of the text, so the same for every seed and world size) is held out for evaluation and never trained on.

@@ -21,6 +21,7 @@ class Prefetcher:
     def __init__(self, stream, depth: int = 2):
         self.stream = stream
         self._state, self.current_stage, self.epoch = stream.state_dict(), stream.current_stage, stream.epoch
+        self._counts = stream.source_counts()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="data-prefetch", daemon=True)
@@ -29,7 +30,8 @@ class Prefetcher:
     def _work(self) -> None:
         try:
             while not self._stop.is_set():
-                item = (next(self.stream), self.stream.state_dict(), self.stream.current_stage, self.stream.epoch)
+                stream = self.stream
+                item = (next(stream), stream.state_dict(), stream.current_stage, stream.epoch, stream.source_counts())
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -46,8 +48,12 @@ class Prefetcher:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
-        batch, self._state, self.current_stage, self.epoch = item
+        batch, self._state, self.current_stage, self.epoch, self._counts = item
         return batch
+
+    def source_counts(self) -> dict[str, dict[str, int]]:
+        """The stream's per-source counts as of the last batch handed out."""
+        return self._counts
 
     def state_dict(self) -> dict:
         """The position after the last batch handed out (the prepared-ahead ones are not counted)."""

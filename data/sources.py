@@ -12,7 +12,10 @@ pass (`permute`, a Feistel network), streams in order. The stream (data/stream.p
 (data/tokenizer.py) both read sources through it.
 
 A local folder laid out like the Hub corpus (`<root>/<subset>/*.parquet`) can be opened either way; only the
-`load_dataset` call differs from the Hub path, which is how the tests exercise the streaming code offline.
+`load_dataset` call differs from the Hub path, which is how the tests exercise the streaming code offline. A local
+copy of the default corpus (`smollm=PATH`, a "mirror" source) is streamed that way, like its Hub form.
+
+Every source hands out its documents under the name `text`, whatever field `SourceSpec.text_column` reads.
 """
 
 import hashlib
@@ -26,6 +29,7 @@ from .cache import CacheSource
 from .mix import TEXT_SUFFIXES, SourceSpec
 from .packing import TokenDocs
 
+_COLUMN_HINT = "; name the field with --text-column"
 PERMUTATION_CACHE_DOCS = 1 << 22  # up to 4M documents a pass's permutation is computed once (32 MB), not per chunk
 HUB_UNREACHABLE = (
     "cannot stream {name} from the Hugging Face Hub ({error}); without network access pass a local "
@@ -44,6 +48,8 @@ def open_source(spec: SourceSpec, *, streaming: bool = False):
         return _open_files(spec, list_data_files(Path(spec.location)), streaming)
     if spec.kind == "hub":
         return _open_hub(spec)
+    if spec.kind == "mirror":
+        return _open_mirror(spec)
     if spec.kind == "cache":
         return CacheSource(Path(spec.location), int(spec.subset or 0))
     raise ValueError(f"unknown source kind {spec.kind!r}")
@@ -275,6 +281,40 @@ class SourceCursor:
             self.source.seek(self.epoch, state.get("stream"))
 
 
+def document_texts(mix, max_docs: int, held_out: bool = True, chunk: int = 256) -> list[str]:
+    """Up to `max_docs` documents of the last stage of `mix`, in each source's natural order (no seed involved).
+
+    held_out=True keeps the documents training holds out (`is_eval`), False keeps all of them. Sources are read in
+    turn, `chunk` documents at a time, each for at most one pass; evaluation reads them (eval.py).
+    """
+    if mix.cache_dir:
+        raise ValueError(f"{mix.cache_dir} is a token cache and holds no text; evaluate on the original data")
+    readers = [_one_pass(open_source(spec), chunk) for spec in mix.stages[-1].sources]
+    out: list[str] = []
+    while len(out) < max_docs and readers:
+        for reader in list(readers):
+            texts = next(reader, None)
+            if texts is None:
+                readers.remove(reader)
+                continue
+            wanted = is_eval(text_hashes(texts), mix.eval_fraction) if held_out else np.ones(len(texts), dtype=bool)
+            out.extend(t for t, w in zip(texts, wanted, strict=True) if w and t)
+    return out[:max_docs]
+
+
+def _one_pass(source, chunk: int):
+    """The documents of one pass over a text source, in order, `chunk` at a time."""
+    if source.random_access:
+        for start in range(0, source.num_docs, chunk):
+            yield source.fetch(np.arange(start, min(start + chunk, source.num_docs)))[0]
+        return
+    source.seek(0, None)
+    while texts := source.take(chunk):
+        yield texts
+        if len(texts) < chunk:
+            return
+
+
 # -----------------------------------------------------------------------------
 # Opening
 
@@ -288,22 +328,25 @@ def _open_files(spec: SourceSpec, files: list[Path], streaming: bool, fingerprin
     if fingerprint is None:
         listing = [(str(f.relative_to(root)), f.stat().st_size, content_digest(f)) for f in files]
         fingerprint = f"files:{spec.label}:{_digest(listing)}"
+    if spec.text_column != "text":
+        fingerprint += f":{spec.text_column}"
     parts = []
     for kind, group in _group_by_type(files):
+        column = "text" if kind == "text" else spec.text_column  # a .txt file's documents are always its text
         if kind == "parquet":
-            _check_parquet_text(group)
+            _check_parquet_text(group, column)
         kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
         if kind == "parquet":
-            kwargs["columns"] = ["text"]
+            kwargs["columns"] = [column]
         ds = datasets.load_dataset(
             kind, data_files=[str(f) for f in group], split="train", streaming=streaming, **kwargs
         )
-        if "text" not in (ds.column_names or []):
+        if column not in (ds.column_names or []):
             raise ValueError(
-                f"{group[0]} has no 'text' field (fields: {', '.join(ds.column_names or [])}); "
-                "each record needs its document in 'text'"
+                f"{group[0]} has no {column!r} field (fields: {', '.join(ds.column_names or [])}); "
+                f"each record needs its document in {column!r}{_COLUMN_HINT}"
             )
-        ds = ds.select_columns(["text"])
+        ds = _as_text(ds, column)
         if kind == "text":  # paragraphs keep the newlines around them; blank ones are not documents
             ds = ds.map(_strip_texts, batched=True).filter(_has_text, batched=True)
         parts.append(ds)
@@ -336,15 +379,47 @@ def _group_by_type(files: list[Path]) -> list[tuple[str, list[Path]]]:
     return groups
 
 
-def _check_parquet_text(files: list[Path]) -> None:
+def _check_parquet_text(files: list[Path], column: str = "text") -> None:
     import pyarrow.parquet as pq
 
     for f in files:
         names = pq.read_schema(f).names
-        if "text" not in names:
+        if column not in names:
             raise ValueError(
-                f"{f} has no 'text' column (columns: {', '.join(names)}); each row needs its document in 'text'"
+                f"{f} has no {column!r} column (columns: {', '.join(names)}); each row needs its document in "
+                f"{column!r}{_COLUMN_HINT}"
             )
+
+
+def _as_text(ds, column: str):
+    """Only the document column, named `text`."""
+    ds = ds.select_columns([column])
+    return ds if column == "text" else ds.rename_column(column, "text")
+
+
+def _open_mirror(spec: SourceSpec) -> StreamSource:
+    """Stream one subset of a local copy of a Hub corpus (`<root>/<subset>/**/*.parquet`), as the Hub path would.
+
+    The parquet builder reads the files in place (no Arrow copy of a corpus that may be terabytes); the size used to
+    balance the subsets is the row count in the parquet footers, so the interleaving is exact, not approximate.
+    """
+    import datasets
+    import pyarrow.parquet as pq
+
+    folder = Path(spec.location) / spec.subset
+    files = sorted(folder.rglob("*.parquet"))
+    if not files:
+        raise ValueError(f"{folder} holds no .parquet files")
+    _check_parquet_text(files[:1], spec.text_column)
+    num_docs = sum(pq.read_metadata(f).num_rows for f in files)
+    listing = [(str(f.relative_to(folder)), f.stat().st_size) for f in files]
+    fingerprint = f"mirror:{spec.subset}:{_digest(listing)}" + (
+        f":{spec.text_column}" if spec.text_column != "text" else ""
+    )
+    ds = datasets.load_dataset(
+        "parquet", data_files=[str(f) for f in files], split="train", streaming=True, columns=[spec.text_column]
+    )
+    return StreamSource(_as_text(ds, spec.text_column), spec.label, fingerprint, num_docs)
 
 
 def _open_hub(spec: SourceSpec) -> StreamSource:
@@ -356,11 +431,17 @@ def _open_hub(spec: SourceSpec) -> StreamSource:
         ds = datasets.load_dataset(spec.location, spec.subset, split="train", streaming=True)
     except Exception as e:  # connection, offline mode, missing repo or config: all mean "cannot use it"
         raise ValueError(HUB_UNREACHABLE.format(name=name, error=_one_line(e))) from None
+    column = spec.text_column
     if ds.column_names is not None:  # NOTE: None when the Hub does not describe the features up front
-        if "text" not in ds.column_names:
-            raise ValueError(f"the Hub dataset {name} has no 'text' column (columns: {', '.join(ds.column_names)})")
-        ds = ds.select_columns(["text"])
-    return StreamSource(ds, spec.label, f"hub:{name}", _split_size(ds) or spec.size_hint)
+        if column not in ds.column_names:
+            raise ValueError(
+                f"the Hub dataset {name} has no {column!r} column (columns: {', '.join(ds.column_names)}){_COLUMN_HINT}"
+            )
+        ds = _as_text(ds, column)
+    elif column != "text":
+        ds = ds.rename_column(column, "text")
+    fingerprint = f"hub:{name}" + (f":{column}" if column != "text" else "")
+    return StreamSource(ds, spec.label, fingerprint, _split_size(ds) or spec.size_hint)
 
 
 def _split_size(ds) -> int | None:

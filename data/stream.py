@@ -127,6 +127,8 @@ class DocumentStream:
         ]
         self.interleavers = [self._interleaver(i, stage) for i, stage in enumerate(self.stages)]
         self.stage, self.stage_tokens, self.stage_docs, self.docs_drawn, self.chunks = 0, 0, 0, 0, 0
+        # Documents kept for this split and their tokens (with BOS/EOS), per source of every stage: [[docs, tokens]].
+        self.drawn = [[[0, 0] for _ in stage.sources] for stage in self.stages]
         self._idle_since: tuple[int, list[int]] | None = None  # (stage, source epochs) at the last kept document
 
     @property
@@ -171,6 +173,11 @@ class DocumentStream:
             starts[keep & is_text] = base + np.cumsum(n_ids) - n_ids
             lengths[keep & is_text] = n_ids
             pieces.append(np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(n_ids.sum())))
+        for g in np.unique(group[keep]):
+            kept = keep & (group == g)
+            counts = self.drawn[g // width][g % width]
+            counts[0] += int(kept.sum())
+            counts[1] += int(lengths[kept].sum()) + 2 * int(kept.sum())
         source = pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.empty(0, np.int32)
         tokens = assemble(source, starts[keep], lengths[keep], self.bos, self.eos)
         self.docs_drawn += n
@@ -188,6 +195,7 @@ class DocumentStream:
             "chunks": self.chunks,
             "interleavers": [il.state_dict() for il in self.interleavers],
             "sources": [[c.state_dict() for c in stage] for stage in self.cursors],
+            "drawn": [[list(c) for c in stage] for stage in self.drawn],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -198,7 +206,19 @@ class DocumentStream:
         for stage, states in zip(self.cursors, state["sources"], strict=True):
             for c, s in zip(stage, states, strict=True):
                 c.load_state_dict(s)
+        if "drawn" in state:  # NOTE: absent from data states saved before the counts were kept; they restart at 0
+            self.drawn = [[list(c) for c in stage] for stage in state["drawn"]]
         self._idle_since = None
+
+    def source_counts(self) -> dict[str, dict[str, int]]:
+        """Documents and tokens (with BOS/EOS) drawn so far from each source, by label (summed over stages)."""
+        out: dict[str, dict[str, int]] = {}
+        for stage, cursors in zip(self.drawn, self.cursors, strict=True):
+            for (docs, tokens), cursor in zip(stage, cursors, strict=True):
+                entry = out.setdefault(cursor.source.label, {"docs": 0, "tokens": 0})
+                entry["docs"] += docs
+                entry["tokens"] += tokens
+        return out
 
     # -- helpers
 
@@ -342,6 +362,13 @@ class PackedStream:
     def tokens(self) -> int:
         """Global tokens emitted so far (rows × max_length)."""
         return self.rows * self.max_length
+
+    def source_counts(self) -> dict[str, dict[str, int]]:
+        """Documents and tokens drawn from each source so far ({} on ranks that read no data).
+
+        Counted as documents enter the packing buffer, so they run ahead of the trained rows by at most one chunk.
+        """
+        return self._docs.source_counts() if self._reader else {}
 
     def __iter__(self):
         return self

@@ -19,11 +19,14 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .mix import Mix, parse_mix
 from .sources import SourceCursor, is_eval, open_source, stream_key
@@ -93,6 +96,39 @@ def tokenizer_hash(tokenizer: "PreTrainedTokenizerFast") -> str:
         spec.pop(key, None)  # packing never pads, truncates or adds special tokens through the tokenizer
     spec["bos_eos"] = bos_eos_ids(tokenizer)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes of text each token id stands for, as an int64 array of `len(tokenizer)` entries.
+
+    Special tokens (BOS, EOS, padding...) stand for no text and count 0 bytes, so summing the table over the targets
+    of `[BOS] doc [EOS]` gives the byte length of `doc`: the denominator of bits per byte, which compares models
+    with different tokenizers. Byte-level BPE vocabularies (GPT-2, SmolLM2, the ones trained here) spell each byte
+    as one printable character; SentencePiece-style ones spell bytes as `<0xAB>` and spaces as `▁`; added tokens
+    that are not special are plain text.
+    """
+    import tokenizers
+
+    backend = tokenizer.backend_tokenizer
+    alphabet = set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    byte_level = "ByteLevel" in json.dumps(json.loads(backend.to_str()).get("decoder"))
+    added = backend.get_added_tokens_decoder()
+    table = np.zeros(max(len(tokenizer), backend.get_vocab_size(with_added_tokens=True)), dtype=np.int64)
+    for token, idx in backend.get_vocab(with_added_tokens=True).items():
+        if idx in added:
+            table[idx] = 0 if added[idx].special else len(token.encode("utf-8"))
+        elif byte_level and set(token) <= alphabet:
+            table[idx] = len(token)  # one character per byte
+        elif _BYTE_TOKEN.fullmatch(token):
+            table[idx] = 1
+        else:
+            table[idx] = len(token.replace("\u2581", " ").encode("utf-8"))
+    for idx in getattr(tokenizer, "all_special_ids", []):
+        table[idx] = 0
+    return table
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def train_tokenizer(

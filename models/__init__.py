@@ -18,6 +18,7 @@ from .modeling_deepone import DeepOneForCausalLM
 from .pipeline import (
     from_pipeline_state_dict,
     load_pipeline_state,
+    per_token_losses,
     pipeline_layers,
     pipeline_loss,
     to_pipeline_state_dict,
@@ -43,6 +44,7 @@ __all__ = [
     "load_hf",
     "load_model_config",
     "load_pipeline_state",
+    "per_token_losses",
     "pipeline_layers",
     "pipeline_loss",
     "to_pipeline_state_dict",

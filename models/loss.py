@@ -71,6 +71,7 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     num_items: int | float | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight^T` against `labels` over positions with labels != -100.
 
@@ -81,9 +82,12 @@ def chunked_cross_entropy(
         num_items: divide the summed loss by this instead of the local number of labels (token-weighted averaging
             across gradient-accumulation micro-batches or ranks). Default: the local count (at least 1).
         chunk_size: tokens per chunk; default from default_chunk_size.
+        reduction: "mean" (the loss above) or "none": every position's -log p of its label, shaped like `labels`, 0
+            where there is none (evaluation only: no gradient flows through it).
     Returns:
-        scalar float32 loss.
+        scalar float32 loss, or float32 nats shaped like `labels`.
     """
+    shape = labels.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, C)
     labels = labels.reshape(-1)  # (N,)
     device_type = hidden.device.type
@@ -97,6 +101,20 @@ def chunked_cross_entropy(
         normalizer = torch.as_tensor(num_items, dtype=torch.float32, device=hidden.device)
     size = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
     with torch.autocast(device_type, enabled=False):
+        if reduction == "none":
+            with torch.no_grad():
+                nats = torch.cat(
+                    [
+                        torch.nn.functional.cross_entropy(
+                            (hidden[start:end] @ weight.t()).float(),
+                            labels[start:end],
+                            ignore_index=IGNORE_INDEX,
+                            reduction="none",
+                        )
+                        for start, end in _chunks(hidden.shape[0], size)
+                    ]
+                )
+            return nats.reshape(shape)
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(hidden, weight, labels, normalizer, size)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)

@@ -250,12 +250,14 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_items: int | float | torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V) in fp32, or with `labels` (B, T) the scalar mean loss.
 
         position_ids: None = 0..T-1 in every row. doc_ids: None = one document per row.
         labels are already shifted (labels[b, t] is the target of position t); -100 = no target.
         num_items: optional divisor of the summed loss instead of this batch's label count (see chunked_cross_entropy).
+        reduction: "none" returns each position's nats (B, T) instead of the mean (evaluation).
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -270,7 +272,7 @@ class Transformer(nn.Module):
         hidden = self.norm(hidden)
         if labels is None:
             return F.linear(hidden, self.head_weight).float()
-        return chunked_cross_entropy(hidden, self.head_weight, labels, num_items, self.loss_chunk_size)
+        return chunked_cross_entropy(hidden, self.head_weight, labels, num_items, self.loss_chunk_size, reduction)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

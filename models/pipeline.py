@@ -22,6 +22,8 @@ Usage in a training script:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -36,6 +38,7 @@ class EmbeddingPipe(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.per_token_loss = False  # as the tied head: per-token nats instead of the sum (see per_token_losses)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         input_ids, position_ids, doc_ids, labels = inputs
@@ -66,25 +69,49 @@ class LMHeadPipe(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.per_token_loss = False  # per-token nats instead of the sum (see per_token_losses)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         hidden, _, _, labels = inputs
-        return chunked_cross_entropy(hidden, self.lm_head.weight, labels, num_items=1.0)  # summed
+        reduction = "none" if self.per_token_loss else "mean"
+        return chunked_cross_entropy(hidden, self.lm_head.weight, labels, num_items=1.0, reduction=reduction)
 
 
 def tied_head_loss(embedding: EmbeddingPipe, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """forward_fn of the last TiedLayerSpec: the embedding matrix used as the output head, fused with the loss."""
     hidden, _, _, labels = inputs
-    return chunked_cross_entropy(hidden, embedding.embed_tokens.weight, labels, num_items=1.0)  # summed
+    reduction = "none" if embedding.per_token_loss else "mean"
+    return chunked_cross_entropy(hidden, embedding.embed_tokens.weight, labels, num_items=1.0, reduction=reduction)
 
 
-def pipeline_loss(loss_sum: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+@contextlib.contextmanager
+def per_token_losses(module: nn.Module):
+    """Within the block, the head layers of `module` (a PipelineModule) return each label's nats (B, T) instead of
+    the summed loss, for `pipeline_loss` to compute bits per byte (evaluation only; no gradient flows)."""
+    heads = [m for m in module.modules() if isinstance(m, EmbeddingPipe | LMHeadPipe)]
+    for m in heads:
+        m.per_token_loss = True
+    try:
+        yield
+    finally:
+        for m in heads:
+            m.per_token_loss = False
+
+
+def pipeline_loss(loss_sum: torch.Tensor, target: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """loss_fn of the PipelineModule: the summed loss over `num_items`, with target = (labels, num_items).
 
     With num_items = (labels of the whole global batch) / (micro-batches), DeepSpeed's mean over micro-batches
     gives sum / label count of the global batch: the loss one process computes over the same rows, as on DDP.
+
+    Evaluation (inside `per_token_losses`): the head hands over per-token nats (B, T) and target = (labels,
+    num_items, bytes per label); the result is [loss share, nats of the labels that stand for text, their bytes],
+    for bits per byte.
     """
-    return loss_sum / target[1]
+    if loss_sum.dim() == 0:
+        return loss_sum / target[1]
+    nats, num_bytes = loss_sum.double(), target[2].double()
+    return torch.stack([nats.sum() / target[1], (nats * (num_bytes > 0)).sum(), num_bytes.sum()])
 
 
 def pipeline_layers(cfg: ModelConfig, attn_implementation: str = "sdpa") -> list:

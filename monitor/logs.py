@@ -6,9 +6,9 @@ Layout inside an output directory::
     <output_dir>/runs/<YYYYmmdd-HHMMSS>/events.out.tfevents.*
 
 Every record has ``type`` (``train`` | ``eval`` | ``summary`` | ``event``), ``step`` and ``time`` (unix seconds),
-then the caller's fields, e.g. ``tokens, loss, lr, grad_norm, tokens_per_s, mfu, peak_mem_bytes`` for ``train``
-and ``tokens, loss, perplexity`` for ``eval``. Non-finite floats are written as ``null`` so every line is strict
-JSON that ``jq`` and other languages read too.
+then the caller's fields, e.g. ``tokens, loss, lr, grad_norm, tokens_per_s, mfu, peak_mem_bytes`` (and
+``docs/<source>``, ``tokens/<source>``) for ``train`` and ``tokens, loss, perplexity, bits_per_byte`` for ``eval``.
+Non-finite floats are written as ``null`` so every line is strict JSON that ``jq`` and other languages read too.
 
 A resumed run appends to the run directory it started in. Records logged after the checkpoint it resumes from
 (the process may have died between saving and logging, or long after saving) are cut from the file first, and

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 PROMPTS = ("The", "Once upon a time", "In this chapter, we")
@@ -56,15 +58,37 @@ def generate(
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[dict], device, reduce_sum=lambda t: t) -> float:
-    """Token-weighted mean loss over this rank's share of the held-out batches; ``reduce_sum`` sums across ranks."""
+def evaluate(model, batches: list[dict], device, byte_lengths: torch.Tensor, reduce_sum=lambda t: t) -> dict:
+    """Held-out loss and bits per byte over this rank's share of the batches; ``reduce_sum`` sums across ranks.
+
+    Both come from the same per-token losses: loss = their mean over every label; bits per byte = the nats of the
+    labels that stand for text over ln 2 x their UTF-8 bytes (``byte_lengths``: bytes per token id, 0 for special
+    tokens, see data.token_byte_lengths), which does not depend on the tokenizer.
+    """
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    byte_lengths = byte_lengths.to(device)
+    total = torch.zeros(4, dtype=torch.float64, device=device)  # nats, labels, text nats, bytes
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        n = (batch["labels"] != -100).sum()
-        total += torch.stack([model(**batch).double() * n, n.double()])
+        nats = model(**batch, reduction="none").double()  # (B, T), 0 where there is no label
+        total += eval_sums(nats, batch["labels"], byte_lengths)
     model.train(was_training)
-    total = reduce_sum(total)
-    return (total[0] / total[1].clamp(min=1)).item()
+    return eval_metrics(reduce_sum(total))
+
+
+def eval_sums(nats: torch.Tensor, labels: torch.Tensor, byte_lengths: torch.Tensor) -> torch.Tensor:
+    """[summed nats, labels, nats of the labels that stand for text, their bytes] of one batch, float64."""
+    valid = labels != -100
+    num_bytes = byte_lengths[labels.clamp(min=0)] * valid
+    nats = nats.double()
+    return torch.stack([nats.sum(), valid.sum().double(), (nats * (num_bytes > 0)).sum(), num_bytes.sum().double()])
+
+
+def eval_metrics(total: torch.Tensor) -> dict:
+    """loss and bits_per_byte from the sums of ``eval_sums`` (over all batches and ranks)."""
+    nats, labels, text_nats, num_bytes = total.tolist()
+    return {
+        "loss": nats / max(labels, 1.0),
+        "bits_per_byte": text_nats / (math.log(2) * num_bytes) if num_bytes else math.nan,
+    }

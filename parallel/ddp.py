@@ -59,6 +59,7 @@ class DataParallel:
                 run.mix, self.tokenizer, args.max_length, args.batch_size, args.eval_batches, rank=self.rank,
                 world_size=self.world,
             )  # fmt: skip
+        self.byte_lengths = torch.as_tensor(data.token_byte_lengths(self.tokenizer))  # bits per byte at each eval
         self.batches = None
 
     def barrier(self) -> None:
@@ -94,8 +95,8 @@ class DataParallel:
             step_loss += loss.detach() / accum
         return float(self.reduce_sum(step_loss)) / self.world, float(grad_norm)
 
-    def evaluate(self) -> float:
-        return samples.evaluate(self.model, self.eval_set, self.device, self.reduce_sum)
+    def evaluate(self) -> dict:
+        return samples.evaluate(self.model, self.eval_set, self.device, self.byte_lengths, self.reduce_sum)
 
     def model_part(self) -> dict | None:
         return self.raw_model.state_dict() if self.is_main else None

@@ -13,6 +13,7 @@ import data
 import models
 from monitor.meter import Meter
 from monitor.progress import say
+from monitor.samples import eval_metrics
 from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
 
 from .common import Run, bad_input, build_model, build_optimizer, build_tokenizer, label_count, micro_batches, precision
@@ -96,6 +97,7 @@ class Pipeline:
                 world_size=replicas,
             )  # fmt: skip
             self.eval_set = micro_batches(evals, geo.micro_batch_size)
+        self.byte_lengths = torch.as_tensor(data.token_byte_lengths(self.tokenizer))  # bits per byte at each eval
         self.batches = None
 
     def barrier(self) -> None:
@@ -105,8 +107,9 @@ class Pipeline:
         self.batches = None if self.stream is None else data.Prefetcher(self.stream)
         return self.batches
 
-    def _items(self, batches: list[dict]):
-        """What the engine loads per micro-batch: the stage inputs, and (labels, num_items) for the loss.
+    def _items(self, batches: list[dict], byte_lengths: torch.Tensor | None = None):
+        """What the engine loads per micro-batch: the stage inputs, and (labels, num_items) for the loss; for
+        evaluation (`byte_lengths` given) also each label's bytes, for bits per byte.
 
         NOTE: the engine averages over micro-batches and then over replicas; num_items = (labels of the whole
         global batch) / (micro-batches x replicas) turns that into sum / label count of the global batch. Every rank
@@ -116,12 +119,16 @@ class Pipeline:
         if self.run.pipeline.replicas > 1:
             torch.distributed.all_reduce(labels, group=self.dp_group)
         num_items = (labels / (len(batches) * self.run.pipeline.replicas)).float().cpu()
-        return self._feed(batches, num_items)
+        return self._feed(batches, num_items, byte_lengths)
 
     @staticmethod
-    def _feed(batches: list[dict], num_items: torch.Tensor):
+    def _feed(batches: list[dict], num_items: torch.Tensor, byte_lengths: torch.Tensor | None):
+        """The stage inputs and (labels, num_items[, bytes per label]) per micro-batch; bytes only for evaluation."""
         for b in batches:
-            yield (b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"]), (b["labels"], num_items)
+            target = (b["labels"], num_items)
+            if byte_lengths is not None:
+                target += (byte_lengths[b["labels"].clamp(min=0)] * (b["labels"] != data.IGNORE_INDEX),)
+            yield (b["input_ids"], b["position_ids"], b["doc_ids"], b["labels"]), target
 
     def train_step(self, meter: Meter) -> tuple[float, float]:
         items = None
@@ -134,10 +141,24 @@ class Pipeline:
         loss = self.engine.train_batch(items).item()  # the same global loss on every stage
         return loss, self.grad_norms.pop()
 
-    def evaluate(self) -> float:
-        loss = self.engine.eval_batch(self._items(self.eval_set), num_micro_batches=len(self.eval_set)).item()
+    def evaluate(self) -> dict:
+        # The last stage's loss_fn returns [loss share, text nats, bytes] per micro-batch (models.pipeline_loss);
+        # DeepSpeed averages them over micro-batches, which keeps the loss and the ratio text nats / bytes.
+        # NOTE: eval_batch adds each micro-batch's output into the engine's running total, which train_batch resets
+        # but eval_batch does not: left holding the last step's scalar loss, it cannot take our vectors.
+        self.engine.total_loss = None
+        with models.per_token_losses(self.net):
+            out = self.engine.eval_batch(
+                self._items(self.eval_set, self.byte_lengths), num_micro_batches=len(self.eval_set), bcast_loss=False
+            )
         self.engine.train()
-        return loss
+        last = self.world - 1  # NOTE: a last stage (ranks are stage-major); its output is averaged over replicas
+        sums = out.detach().to(self.device, torch.float64) if self.rank == last else None
+        sums = sums if sums is not None else torch.zeros(3, dtype=torch.float64, device=self.device)
+        torch.distributed.broadcast(sums, src=last)
+        loss, text_nats, num_bytes = sums.tolist()
+        bpb = eval_metrics(torch.tensor([0.0, 1.0, text_nats, num_bytes]))["bits_per_byte"]
+        return {"loss": loss, "bits_per_byte": bpb}
 
     def model_part(self) -> dict | None:
         # A tied embedding/head lives on the first and last stage: the first one saves it. Replicas hold copies.

@@ -32,6 +32,7 @@ import data
 import models
 from monitor.meter import Meter
 from monitor.progress import say
+from monitor.samples import eval_metrics, eval_sums
 from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
 
 from .common import Run, bad_input, build_model, build_optimizer, build_tokenizer, label_count, micro_batches, precision
@@ -107,6 +108,7 @@ class TorchPipeline:
         self.is_main, self.can_checkpoint = self.rank == 0, True
         self.dtype, pure_bf16 = precision(args, self.device.type)
         self.tokenizer = build_tokenizer(run, self.is_main, self.barrier)
+        self.byte_lengths = torch.as_tensor(data.token_byte_lengths(self.tokenizer))  # bits per byte at each eval
 
         # The mesh: pipeline ranks x replicas.
         ranks, replicas = geo.ranks, geo.replicas
@@ -253,8 +255,8 @@ class TorchPipeline:
 
     @torch.no_grad()
     def _forward(self, batch: dict | None) -> torch.Tensor:
-        """The summed loss of one held-out micro-batch, its activations handed from stage to stage in order (0 on
-        ranks without the last stage).
+        """[summed nats, labels, text nats, bytes] of one held-out micro-batch (`monitor.samples.eval_sums`), its
+        activations handed from stage to stage in order (zeros on ranks without the last stage).
 
         NOTE: not the schedule's eval(): in torch 2.13 ZBVZeroBubble's runtime still tries to hand a backward
         between its two local stages when run forward-only, and fails. Evaluation needs no overlap.
@@ -269,11 +271,14 @@ class TorchPipeline:
                 x = tuple(torch.empty_like(t) for t in self._shapes(s, self.run.args.max_length)["input_args"])
                 for t in x:
                     dist.recv(t, src=owner[s - 1] * replicas + self.replica)
+            if s == geo.stages - 1:  # the head: each label's nats, summed into [nats, labels, text nats, bytes]
+                with models.per_token_losses(self.modules[s]):
+                    return eval_sums(self.modules[s](*x), x[3], self.byte_lengths)
             x = self.modules[s](*x)
             if s < geo.stages - 1 and owner[s + 1] != self.pp_rank:
                 for t in x:
                     dist.send(t.contiguous(), dst=owner[s + 1] * replicas + self.replica)
-        return x.double() if self.last else torch.zeros((), dtype=torch.float64, device=self.device)
+        return torch.zeros(4, dtype=torch.float64, device=self.device)  # this rank holds no last stage
 
     def train_step(self, meter: Meter) -> tuple[float, float]:
         geo, accum = self.run.pipeline, self.run.args.gradient_accumulation_steps
@@ -325,15 +330,13 @@ class TorchPipeline:
                 g.mul_(coef.to(g.dtype))
         return float(norm)
 
-    def evaluate(self) -> float:
-        """Token-weighted mean loss over the held-out rows of every replica, forward passes only."""
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+    def evaluate(self) -> dict:
+        """Loss and bits per byte over the held-out rows of every replica, forward passes only."""
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         for batch in self.eval_set if self.eval_set is not None else [None] * self.eval_micro_batches:
-            totals[0] += self._forward(batch)
-        if self.eval_set is not None:
-            totals[1] += label_count(self.eval_set)
-        dist.all_reduce(totals)  # loss sums from the last stages, label counts from the first
-        return float(totals[0] / totals[1].clamp(min=1))
+            totals += self._forward(batch).double()  # _forward runs without gradients
+        dist.all_reduce(totals)  # the sums are held by the ranks with the last stage, one per replica
+        return eval_metrics(totals)
 
     def model_part(self) -> dict | None:
         # A tied embedding/head lives with the first and the last stage: the first one saves it. Replicas hold copies.

@@ -97,6 +97,8 @@ def test_pipeline_two_stages_match_one_process(setup, reference, schedule, model
     evals, ref_evals = records(pipe, "eval"), records(reference[model], "eval")
     assert [e["step"] for e in evals] == [e["step"] for e in ref_evals]
     assert all(e["loss"] == pytest.approx(r["loss"], abs=1e-5) for e, r in zip(evals, ref_evals, strict=True))
+    for e, r in zip(evals, ref_evals, strict=True):  # bits per byte from the last stage's per-token losses
+        assert e["bits_per_byte"] == pytest.approx(r["bits_per_byte"], rel=1e-5) and e["bits_per_byte"] > 0
 
     # The HF export gathered from both stages equals the weights of the final checkpoint's stage files.
     import models
