@@ -2,15 +2,18 @@
 
 One process (CPU or one GPU):
     python train.py --total-tokens 3
-Data parallel through Accelerate (single node, multi-node, FSDP):
+Data parallel through Accelerate (single node, multi-node):
     accelerate launch --config_file accelerate_configs/4gpu.yaml train.py --total-tokens 3
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml train.py --model tiny --dataset builtin ...
+Fully sharded (FSDP2; an Accelerate config with distributed_type FSDP selects it):
+    accelerate launch --config_file accelerate_configs/fsdp.yaml train.py --model llama-3b
+    accelerate launch --config_file accelerate_configs/cpu_fsdp.yaml train.py --model tiny --dataset builtin ...
 Pipeline parallel through DeepSpeed's PipelineModule (one stage per process):
     deepspeed train.py --pipeline --pipeline-schedule 1F1B
 See the plan without running anything:
     python train.py --dry-run --world-size 4 [--pipeline] [--json]
 
-Reading order: arguments -> main() resolves the plan and picks a layout (DataParallel or Pipeline) -> train(), the
+Reading order: arguments -> main() resolves the plan and picks a layout (DataParallel, FSDP or Pipeline) -> train(), the
 one loop for every layout: evaluation, the divergence guard, job control, rollback, saving, stopping and the export.
 A layout supplies only its step, its evaluation and how its weights and optimizer state are gathered and restored.
 """
@@ -44,7 +47,7 @@ from monitor import (
 from monitor.checkpoint import Checkpointer, capture_rng, checkpoint_dirs, latest_checkpoint, restore_rng
 from monitor.meter import Meter
 from monitor.progress import say
-from parallel import DataParallel, Pipeline, Run, UsageError, bad_input
+from parallel import DataParallel, FullyShardedDataParallel, Pipeline, Run, UsageError, bad_input, fsdp_requested
 
 DEFAULT_MODEL = "deepone-162m"
 
@@ -84,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--attn-implementation", default="sdpa", choices=models.ATTN_IMPLEMENTATIONS, help="attention kernel"
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    g.add_argument(
+        "--activation-checkpointing", action="store_true", help="recompute each block in the backward (less memory)"
+    )
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="smollm", help="smollm (Hub), builtin (offline), paths or a mix")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json, folder or Hub name (None: train one)")
@@ -337,7 +343,7 @@ def sample_text(model, tokenizer, args: argparse.Namespace, max_new_tokens: int)
     )
 
 
-def train(run: Run, lay: DataParallel | Pipeline) -> int:
+def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline) -> int:
     args, plan = run.args, run.plan
     ckpts = Checkpointer(
         run.output_dir / "checkpoints",
@@ -352,7 +358,7 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
     scheduler = schedule.InfiniteLR(lay.optimizer, plan)
 
     def restore(path: Path, data_too: bool) -> None:
-        saved = ckpts.load(path)
+        saved = ckpts.load(path, lay.place)
         lay.load(saved["model_state"], saved["optimizer_state"])
         trainer = saved["trainer_state"]
         for f in fields(TrainState):
@@ -380,7 +386,7 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
         loss = lay.evaluate()
         logger.eval(state.step, tokens=state.tokens, loss=loss)
         if args.sample_tokens > 0 and math.isfinite(loss):  # never sample from a diverged model
-            model = lay.gather_model()
+            model = lay.sample_model()
             if model is not None:
                 text = sample_text(model, lay.tokenizer, args, args.sample_tokens)
                 logger.text("sample", text, state.step)
@@ -389,7 +395,7 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
 
     def save(eval_loss: float) -> None:
         if not lay.can_checkpoint:
-            return say("checkpoints are not supported with FSDP yet; not saved")
+            return say("this layout cannot save checkpoints; not saved")
         trainer = {
             **asdict(state),
             "eval_loss": eval_loss,
@@ -501,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print_plan(run)
             return 0
-        return train(run, Pipeline(run) if args.pipeline else DataParallel(run))
+        if args.pipeline:
+            return train(run, Pipeline(run))
+        return train(run, FullyShardedDataParallel(run) if fsdp_requested() else DataParallel(run))
     except UsageError as e:
         say(f"error: {e}", err=True)
         return 2

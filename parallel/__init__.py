@@ -3,14 +3,18 @@
 Each layout sets device, rank, world, is_main, tokenizer, optimizer and stream (None where a rank reads no
 data) and implements: barrier(), start_data(), train_step(meter) -> (global loss, pre-clip global grad norm),
 evaluate() -> global eval loss, model_part() / optimizer_part() (this rank's share of a checkpoint, by Transformer
-parameter name), load(model_state, optimizer_state), gather_model() (the whole model on the main rank), close().
+parameter name), place (None, or how a sharded layout receives a sharded checkpoint: see
+monitor.checkpoint.load_checkpoint), load(model_state, optimizer_state), gather_model() (the whole model on the main
+rank), sample_model() (the model this rank runs to sample text; None: it does not take part), close().
 
-    DataParallel   one process, DDP or FSDP through Accelerate (parallel/ddp.py)
-    Pipeline       DeepSpeed PipelineModule, one stage per process (parallel/pipeline.py)
+    DataParallel              one process or DDP through Accelerate (parallel/ddp.py)
+    FullyShardedDataParallel  FSDP2 fully_shard, launched by Accelerate with an FSDP config (parallel/fsdp.py)
+    Pipeline                  DeepSpeed PipelineModule, one stage per process (parallel/pipeline.py)
 """
 
 from .common import Run, UsageError, bad_input
 from .ddp import DataParallel
+from .fsdp import FullyShardedDataParallel, fsdp_requested
 from .pipeline import Pipeline
 
-__all__ = ["DataParallel", "Pipeline", "Run", "UsageError", "bad_input"]
+__all__ = ["DataParallel", "FullyShardedDataParallel", "Pipeline", "Run", "UsageError", "bad_input", "fsdp_requested"]

@@ -64,6 +64,8 @@ def build_model(run: Run, dtype: torch.dtype) -> models.Transformer:
     else:
         model = models.Transformer(run.model_cfg, attn_implementation=run.args.attn_implementation)
         model.init_weights()
+    for block in model.layers:
+        block.activation_checkpointing = run.args.activation_checkpointing
     return model.to(dtype=dtype)
 
 

@@ -22,6 +22,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "pipeline.json"
 class Pipeline:
     """DeepSpeed's PipelineModule: each rank holds one stage; a global batch is the spec's micro-batches."""
 
+    place = None  # checkpoints are read whole (see monitor.checkpoint.load_checkpoint)
+
     def __init__(self, run: Run):
         import deepspeed
         from deepspeed.pipe import PipelineModule
@@ -44,7 +46,7 @@ class Pipeline:
             micro_batches=geo.micro_batches,
         )
         net = PipelineModule(
-            layers=models.pipeline_layers(run.model_cfg, args.attn_implementation),
+            layers=models.pipeline_layers(run.model_cfg, args.attn_implementation, args.activation_checkpointing),
             num_stages=self.world,
             loss_fn=models.pipeline_loss,
             **pipe_options,
@@ -133,6 +135,9 @@ class Pipeline:
         model = models.Transformer(self.run.model_cfg, self.run.args.attn_implementation)
         model.load_state_dict({name: t for part in reversed(parts) for name, t in part.items()})
         return model.to(self.param_dtype)
+
+    def sample_model(self) -> models.Transformer | None:
+        return self.gather_model()  # the main rank samples alone
 
     def close(self) -> None:
         if self.batches is not None:
