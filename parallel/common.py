@@ -12,6 +12,7 @@ import torch
 import data
 import models
 import schedule
+from monitor.progress import say
 
 
 class UsageError(ValueError):
@@ -66,6 +67,8 @@ def build_model(run: Run, dtype: torch.dtype) -> models.Transformer:
         model.init_weights()
     for block in model.layers:
         block.activation_checkpointing = run.args.activation_checkpointing
+    if run.args.activation_checkpointing:
+        say("activation checkpointing: each block's activations are recomputed in the backward pass")
     return model.to(dtype=dtype)
 
 

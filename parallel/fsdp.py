@@ -29,6 +29,7 @@ import data
 import models
 from monitor import samples
 from monitor.meter import Meter
+from monitor.progress import say
 from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
 
 from .common import Run, bad_input, build_model, build_optimizer, build_tokenizer, label_count, precision
@@ -65,6 +66,7 @@ class FullyShardedDataParallel:
         for block in model.layers:
             fully_shard(block, mesh=self.mesh)
         fully_shard(model, mesh=self.mesh)
+        say(f"fsdp: {len(model.layers)} blocks and the root sharded over {self.world} processes ({self.device.type})")
         self.model = torch.compile(model) if args.compile else model
         self.sharded = model
         self.names = {p: name for name, p in model.named_parameters()}
