@@ -103,20 +103,23 @@ def test_sigkill_inside_a_sharded_save_leaves_the_previous_checkpoint_loadable(s
     cmd = [*FSDP, str(ROOT / "train.py"), *common, *TWO, "--output-dir", str(out), "--max-steps", "40"]
     cmd += ["--step-cadence", "0.0002", "--eval-batches", "1", "--sample-tokens", "0"]  # a save at every step
     env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    # Its own process group: the kill takes the launcher and both ranks at once, like a machine that dies.
-    proc = subprocess.Popen([*cmd, "--init-model"], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline, killed_in = time.time() + 300, None
+    proc = subprocess.Popen([*cmd, "--init-model"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline, killed_in, killed = time.time() + 300, None, []
     while time.time() < deadline and proc.poll() is None:
         writing = [p for p in (out / "checkpoints").glob(".tmp-checkpoint-*/model/*") if p.name.startswith("shard")]
         done = ckpt.checkpoint_dirs(out / "checkpoints")
         if writing and done:  # a later save is under way while an earlier one is complete
-            os.killpg(proc.pid, signal.SIGKILL)
+            killed = _process_tree(proc.pid)
+            for pid in killed:  # the launcher and both ranks at once, like a machine that dies
+                os.kill(pid, signal.SIGKILL)
             killed_in = writing[0].parents[1].name
             break
         time.sleep(0.005)
     proc.wait()
     assert killed_in is not None, "the run never reached a second save"
+    while any(pid in _process_tree(pid) for pid in killed) and time.time() < deadline:  # until the ranks are gone
+        time.sleep(0.05)
     assert (out / "checkpoints" / killed_in).is_dir()  # the interrupted save was left as a temporary folder
     newest = ckpt.latest_checkpoint(out / "checkpoints", warn=lambda m: None)
     assert newest is not None and int(newest.name.split("-")[1]) < int(killed_in.split("-")[-1])
@@ -128,3 +131,21 @@ def test_sigkill_inside_a_sharded_save_leaves_the_previous_checkpoint_loadable(s
     assert f"resumed from {newest}" in resumed.stdout
     assert max(train_losses(out)) == 8
     assert not list(Path(out / "checkpoints").glob(".tmp-checkpoint-*"))  # the next save replaced the leftover
+
+
+def _process_tree(root: int) -> list[int]:
+    """root and all its live descendants (torch's launcher starts the ranks in sessions of their own)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    tree, frontier = [], [root] if root in parents else []
+    while frontier:
+        pid = frontier.pop()
+        tree.append(pid)
+        frontier += [child for child, parent in parents.items() if parent == pid]
+    return tree
