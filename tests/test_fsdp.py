@@ -156,10 +156,13 @@ def test_bf16_under_fsdp_trains_and_resumes_like_one_process(setup, optimizer, t
     """Pure bf16 weights with Adafactor and stochastic rounding; bf16 autocast over fp32 weights with AdamW."""
     bf16 = ["--dtype", "bf16", "--optimizer", optimizer]
     single = run(setup, f"bf16-{optimizer}-one", *ONE, *bf16, "--max-steps", "4")
-    out = run(setup, f"bf16-{optimizer}-fsdp", *TWO, *bf16, "--max-steps", "2", launcher=FSDP)
-    weights = ckpt.load_checkpoint(out / "checkpoints" / "checkpoint-2", rank=0)["model_state"]
+    split = optimizer == "adafactor"  # its sharded statistics go through a checkpoint; AdamW's did above in fp32
+    out = run(setup, f"bf16-{optimizer}-fsdp", *TWO, *bf16, "--max-steps", "2" if split else "4", launcher=FSDP)
+    last = sorted((out / "checkpoints").iterdir())[-1]
+    weights = ckpt.load_checkpoint(last, rank=0)["model_state"]
     assert {t.dtype for t in weights.values()} == {torch.bfloat16 if optimizer == "adafactor" else torch.float32}
-    run(setup, f"bf16-{optimizer}-fsdp", *TWO, *bf16, "--max-steps", "4", fresh=False, launcher=FSDP)
+    if split:
+        run(setup, f"bf16-{optimizer}-fsdp", *TWO, *bf16, "--max-steps", "4", fresh=False, launcher=FSDP)
     losses, reference = train_losses(out), train_losses(single)
     assert sorted(losses) == [1, 2, 3, 4]
     for step in losses:  # bf16 rounding (and, for Adafactor, other random rounding draws) stay within tolerance
