@@ -166,7 +166,7 @@ class FullyShardedDataParallel:
         if not self.is_main:
             return None
         model = models.Transformer(self.run.model_cfg, self.run.args.attn_implementation)
-        model.load_state_dict(full, strict=False)  # a tied head has no entry of its own
+        model.load_state_dict(full)
         return model.to(self.param_dtype)
 
     def close(self) -> None:

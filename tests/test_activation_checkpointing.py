@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import models
 from bench.memory import saved_activation_bytes
 from models.pipeline import BlockPipe
+from tests.test_distributed import DEEPSPEED, TWO, assert_same_run, reference, run, setup  # noqa: F401
 
 
 def _packed_batch(vocab: int, seed: int = 0):
@@ -58,3 +60,11 @@ def test_the_pipeline_layer_list_carries_the_flag():
     assert torch.equal(outs[0], outs[1])
     for a, b in zip(plain.parameters(), blocks[0].parameters(), strict=True):
         assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.slow
+def test_checkpointed_pipeline_stages_match_one_process(setup, reference):  # noqa: F811
+    """2-stage DeepSpeed pipeline with --activation-checkpointing against the uninterrupted single process."""
+    pipe = run(setup, "pipe-ac", *TWO, "--pipeline", "--activation-checkpointing", "--max-steps", "6",
+               launcher=DEEPSPEED)  # fmt: skip
+    assert_same_run(pipe, reference["tiny"])

@@ -74,12 +74,14 @@ def test_fsdp_checkpoint_resumes_under_fsdp_one_process_and_ddp(setup, ddp, fsdp
     root, _ = setup
     first = run(setup, "fsdp-3", *TWO, "--max-steps", "3", launcher=FSDP)
     shutil.rmtree(first / "final")
-    copies = {kind: root / f"fsdp-3-then-{kind}" for kind in ("one", "ddp")}
+    copies = {kind: root / f"fsdp-3-then-{kind}" for kind in ("one", "ddp", "fsdp1")}
     for copy in copies.values():
         shutil.copytree(first, copy)
     run(setup, "fsdp-3", *TWO, "--max-steps", "6", fresh=False, launcher=FSDP)
     run(setup, "fsdp-3-then-one", *ONE, "--max-steps", "6", fresh=False)
     run(setup, "fsdp-3-then-ddp", *TWO, "--max-steps", "6", fresh=False, launcher=ACCELERATE)
+    # FSDP on one process: every tensor re-cut from the 2-rank slices into one
+    run(setup, "fsdp-3-then-fsdp1", *ONE, "--max-steps", "6", fresh=False, launcher=[*FSDP, "--num_processes", "1"])
     for out in (first, *copies.values()):
         assert_same_run(out, fsdp)  # steps 1-3 under FSDP, 4-6 under each layout, vs 6 uninterrupted FSDP steps
     assert_same_run(copies["ddp"], ddp)
