@@ -3,14 +3,16 @@
 Each configuration is a real `accelerate launch` of train.py (cpu_ddp.yaml or cpu_fsdp.yaml: 2 gloo processes on
 CPU). This script samples the resident memory of both ranks from outside every few milliseconds, once the first
 step is logged (so model building and the first allocation of optimizer state do not count), and reads the step
-time from the run's log. Separately, in this process, it measures the activation memory a forward pass keeps for
-the backward (the bytes of every tensor autograd saves), with and without checkpointing.
+time from the run's log. Separately, in one process, it measures the activation memory a forward pass keeps for the
+backward (the bytes of every tensor autograd saves) and the resident memory a forward and backward add at their
+peak, with and without checkpointing.
 
     python -m bench.memory                                  # llama-124m, 1,024 tokens, 1 sequence per rank
     python -m bench.memory --model llama-30m --steps 3 --json
 
 NOTE: glibc keeps freed memory of mid-sized allocations for reuse, which hides what a step frees; the runs set
-MALLOC_MMAP_THRESHOLD_ so that tensors are mapped and unmapped on their own and the resident size follows them.
+MALLOC_MMAP_THRESHOLD_ (this script too) so that tensors are mapped and unmapped on their own and the resident size
+follows them.
 """
 
 from __future__ import annotations
@@ -54,6 +56,36 @@ def saved_activation_bytes(cfg, seq_len: int, checkpointing: bool) -> int:
         loss = model(ids, labels=ids)
     del loss
     return sum(seen.values())
+
+
+def step_peak_bytes(cfg, seq_len: int, checkpointing: bool) -> int:
+    """Resident memory a forward and backward of 1 x seq_len tokens adds at its peak (activations and gradients).
+
+    One process, sampled every millisecond by a thread; the baseline is taken after a first step, so that weights
+    and the allocator's own start-up are not counted.
+    """
+    import threading
+
+    torch.manual_seed(0)
+    model = models.Transformer(cfg, activation_checkpointing=checkpointing)
+    model.init_weights()
+    ids = torch.randint(0, cfg.vocab_size, (1, seq_len))
+    model(ids, labels=ids).backward()
+    model.zero_grad(set_to_none=True)
+    pid, peak, done = os.getpid(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss(pid))
+            time.sleep(0.001)
+
+    base = _rss(pid)
+    thread = threading.Thread(target=sample)
+    thread.start()
+    model(ids, labels=ids).backward()
+    done.set()
+    thread.join()
+    return peak[0] - base
 
 
 def _children(pid: int) -> list[int]:
@@ -153,7 +185,11 @@ def main() -> int:
     parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the tokenizer trained here")
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--no-launch", action="store_true", help="only the one-process activation measurements")
     args = parser.parse_args()
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # read by glibc at start: run again with it set
+        env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
+        os.execve(sys.executable, [sys.executable, "-m", "bench.memory", *sys.argv[1:]], env)
 
     import data
 
@@ -166,6 +202,7 @@ def main() -> int:
         data_args = ["--dataset", str(corpus), "--tokenizer", str(workdir / "tokenizer")]
         cfg = models.load_model_config(args.model, vocab_size=len(tokenizer))
         saved = {ac: saved_activation_bytes(cfg, args.max_length, ac) for ac in (False, True)}
+        step = {ac: step_peak_bytes(cfg, args.max_length, ac) for ac in (False, True)}
         results = {
             "model": args.model,
             "vocab_size": cfg.vocab_size,
@@ -175,11 +212,15 @@ def main() -> int:
                 "plain": round(saved[False] / 2**20, 1),
                 "checkpointed": round(saved[True] / 2**20, 1),
             },
+            "forward_backward_peak_mib": {
+                "plain": round(step[False] / 2**20, 1),
+                "checkpointed": round(step[True] / 2**20, 1),
+            },
             "runs": [],
         }
         if not args.json:
             print({k: v for k, v in results.items() if k != "runs"}, flush=True)
-        for layout in ("ddp", "fsdp"):
+        for layout in () if args.no_launch else ("ddp", "fsdp"):
             for ac in (False, True):
                 results["runs"].append(measure(layout, ac, args, data_args, workdir))
                 if not args.json:
