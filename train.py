@@ -2,9 +2,12 @@
 
 One process (CPU or one GPU):
     python train.py --total-tokens 3
-Data parallel through Accelerate (single node, multi-node, FSDP):
+Data parallel through Accelerate (single node, multi-node):
     accelerate launch --config_file accelerate_configs/4gpu.yaml train.py --total-tokens 3
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml train.py --model tiny --dataset builtin ...
+Fully sharded (FSDP2; an Accelerate config with distributed_type FSDP selects it):
+    accelerate launch --config_file accelerate_configs/fsdp.yaml train.py --model llama-3b
+    accelerate launch --config_file accelerate_configs/cpu_fsdp.yaml train.py --model tiny --dataset builtin ...
 Pipeline parallel (1F1B and GPipe on DeepSpeed's PipelineModule, one stage per process; the interleaved, looped
 and zero-bubble schedules on torch.distributed.pipelining, two stages per process; deepspeed or torchrun launch):
     deepspeed train.py --pipeline --pipeline-schedule 1F1B
@@ -13,7 +16,7 @@ and zero-bubble schedules on torch.distributed.pipelining, two stages per proces
 See the plan without running anything:
     python train.py --dry-run --world-size 4 [--pipeline] [--json]
 
-Reading order: arguments -> main() resolves the plan and picks a layout (DataParallel or Pipeline) -> train(), the
+Reading order: arguments -> main() resolves the plan and picks a layout (DataParallel, FSDP or Pipeline) -> train(), the
 one loop for every layout: evaluation, the divergence guard, job control, rollback, saving, stopping and the export.
 A layout supplies only its step, its evaluation and how its weights and optimizer state are gathered and restored.
 """
@@ -59,11 +62,13 @@ from monitor.progress import say
 from parallel import (
     PIPELINE_ENGINES,
     DataParallel,
+    FullyShardedDataParallel,
     Pipeline,
     Run,
     TorchPipeline,
     UsageError,
     bad_input,
+    fsdp_requested,
     pipeline_engine,
 )
 from parallel.common import publish_tokenizer
@@ -106,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--attn-implementation", default="sdpa", choices=models.ATTN_IMPLEMENTATIONS, help="attention kernel"
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    g.add_argument(
+        "--activation-checkpointing", action="store_true", help="recompute each block in the backward (less memory)"
+    )
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="smollm", help="smollm (Hub), smollm=PATH, builtin (offline), paths or a mix")
     g.add_argument("--text-column", default="text", help="field holding each document in file and Hub sources")
@@ -441,7 +449,7 @@ def sample_text(model, tokenizer, args: argparse.Namespace, max_new_tokens: int)
     )
 
 
-def train(run: Run, lay: DataParallel | Pipeline | TorchPipeline) -> int:
+def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | TorchPipeline) -> int:
     args, plan = run.args, run.plan
     ckpts = Checkpointer(
         run.output_dir / "checkpoints",
@@ -454,7 +462,7 @@ def train(run: Run, lay: DataParallel | Pipeline | TorchPipeline) -> int:
     scheduler = schedule.InfiniteLR(lay.optimizer, plan)
 
     def restore(path: Path, data_too: bool) -> None:
-        saved = ckpts.load(path)
+        saved = ckpts.load(path, lay.place)
         lay.load(saved["model_state"], saved["optimizer_state"])
         trainer = saved["trainer_state"]
         for f in fields(TrainState):
@@ -488,7 +496,7 @@ def train(run: Run, lay: DataParallel | Pipeline | TorchPipeline) -> int:
         loss = metrics["loss"]
         logger.eval(state.step, tokens=state.tokens, **metrics)
         if args.sample_tokens > 0 and math.isfinite(loss):  # never sample from a diverged model
-            model = lay.gather_model()
+            model = lay.sample_model()
             if model is not None:
                 text = sample_text(model, lay.tokenizer, args, args.sample_tokens)
                 logger.text("sample", text, state.step)
@@ -498,7 +506,7 @@ def train(run: Run, lay: DataParallel | Pipeline | TorchPipeline) -> int:
 
     def save(eval_loss: float) -> None:
         if not lay.can_checkpoint:
-            return say("checkpoints are not supported with FSDP yet; not saved")
+            return say("this layout cannot save checkpoints; not saved")
         trainer = {
             **asdict(state),
             "eval_loss": eval_loss,
@@ -647,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
             print_plan(run)
             return 0
         if not args.pipeline:
-            return train(run, DataParallel(run))
+            return train(run, FullyShardedDataParallel(run) if fsdp_requested() else DataParallel(run))
         torch_engine = pipeline_engine(run.pipeline, args.pipeline_engine) == "torch"
         return train(run, TorchPipeline(run) if torch_engine else Pipeline(run))
     except UsageError as e:

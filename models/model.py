@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionMask, attend, build_attention_mask, check_attn_implementation
 from .config import ModelConfig
@@ -118,11 +119,22 @@ class Block(nn.Module):
     post-norm (deepone):      x = attn_norm(alpha * x + attn(x));  x = mlp_norm(alpha * x + mlp(x))   (DeepNet)
 
     `attn_norm` / `mlp_norm` are Hugging Face's `input_layernorm` / `post_attention_layernorm` in the pre-norm case.
+
+    With `activation_checkpointing`, a training forward keeps only the block's inputs and recomputes the rest during
+    the backward pass (non-reentrant torch.utils.checkpoint): every layout (one process, DDP, FSDP, the pipeline
+    layer list) gets it from here.
     """
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, attn_implementation: str = "sdpa"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        attn_implementation: str = "sdpa",
+        activation_checkpointing: bool = False,
+    ):
         super().__init__()
         self.layer_idx = layer_idx
+        self.activation_checkpointing = activation_checkpointing
         self.attn_implementation = attn_implementation
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.post_norm = cfg.post_norm
@@ -150,6 +162,12 @@ class Block(nn.Module):
             rope = _cached_rope(position_ids, self.head_dim, self.rope_theta, hidden.dtype)
         if attn_mask is None:
             attn_mask = _cached_mask(self.attn_implementation, doc_ids, hidden)
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            # NOTE: non-reentrant: works with FSDP2's hooks, DDP, keyword arguments and inputs without gradients.
+            return checkpoint(self._layer, hidden, rope, attn_mask, use_reentrant=False)
+        return self._layer(hidden, rope, attn_mask)
+
+    def _layer(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn_mask: AttentionMask):
         cos, sin = rope
         if self.post_norm:
             hidden = self.attn_norm(self.alpha * hidden + self.self_attn(hidden, cos, sin, attn_mask))
@@ -189,13 +207,15 @@ class Transformer(nn.Module):
     `init_weights()`. The caller seeds torch's RNG; init_weights draws from it in a fixed module order.
     """
 
-    def __init__(self, cfg: ModelConfig, attn_implementation: str = "sdpa"):
+    def __init__(self, cfg: ModelConfig, attn_implementation: str = "sdpa", activation_checkpointing: bool = False):
         super().__init__()
         check_attn_implementation(attn_implementation)
         self.cfg = cfg
         self.attn_implementation = attn_implementation
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i, attn_implementation) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            Block(cfg, i, attn_implementation, activation_checkpointing) for i in range(cfg.num_hidden_layers)
+        )
         # NOTE: a post-norm block already ends in a norm, so deepone has no separate final norm (as in DeepNet).
         self.norm = nn.Identity() if cfg.post_norm else RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

@@ -114,8 +114,13 @@ def pipeline_loss(loss_sum: torch.Tensor, target: tuple[torch.Tensor, ...]) -> t
     return torch.stack([nats.sum() / target[1], (nats * (num_bytes > 0)).sum(), num_bytes.sum()])
 
 
-def pipeline_layers(cfg: ModelConfig, attn_implementation: str = "sdpa") -> list:
-    """LayerSpecs for deepspeed.pipe.PipelineModule: embedding, N blocks, final norm, head + loss."""
+def pipeline_layers(
+    cfg: ModelConfig, attn_implementation: str = "sdpa", activation_checkpointing: bool = False
+) -> list:
+    """LayerSpecs for deepspeed.pipe.PipelineModule: embedding, N blocks, final norm, head + loss.
+
+    `activation_checkpointing` recomputes each block in the backward pass (see Block), on any pipeline engine.
+    """
     from deepspeed.pipe import LayerSpec, TiedLayerSpec  # imported here: deepspeed is only needed for --pipeline
 
     if cfg.tie_word_embeddings:
@@ -125,7 +130,10 @@ def pipeline_layers(cfg: ModelConfig, attn_implementation: str = "sdpa") -> list
         )
     else:
         first, last = LayerSpec(EmbeddingPipe, cfg), LayerSpec(LMHeadPipe, cfg)
-    blocks = [LayerSpec(BlockPipe, cfg, i, attn_implementation) for i in range(cfg.num_hidden_layers)]
+    blocks = [
+        LayerSpec(BlockPipe, cfg, i, attn_implementation, activation_checkpointing)
+        for i in range(cfg.num_hidden_layers)
+    ]
     return [first, *blocks, LayerSpec(NormPipe, cfg), last]
 
 

@@ -12,6 +12,17 @@ Data parallel runs write one part (rank 0 holds everything); a K-stage pipeline 
 Loading merges every part by name, so any layout reads what any other wrote and takes the names it holds: one
 process, N-process DDP and pipelines with any number of stages resume from each other's checkpoints.
 
+A sharded layout (FSDP, whose parts hold DTensors) writes instead, through torch.distributed.checkpoint with its
+safetensors storage (every rank its own shards, their offsets in each file's JSON header):
+
+    model/shard-<r>-model-00001-of-00001.safetensors       rank r's shards of the weights, by parameter name
+    optimizer/shard-<r>-model-00001-of-00001.safetensors   its shards of the optimizer state, "<name>/<state key>"
+    optimizer/scalars.json                                 step counters and other plain numbers (the same on all ranks)
+
+`load_checkpoint` reads both forms for every layout: whole tensors by name (merged parts, or the shards joined), or,
+given a `place` function, only the slices this rank holds, straight into its DTensors, whatever the number of
+processes that wrote them.
+
 Everything is first written to ``.tmp-checkpoint-<step>/`` and renamed into place only when complete, so a kill at
 any moment leaves either no new checkpoint or a complete one. Loading verifies the checksums and skips a damaged
 checkpoint with a warning. Nothing is ever unpickled beyond plain tensors (``torch.load(weights_only=True)``).
@@ -26,14 +37,18 @@ import os
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.tensor import DTensor
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -177,6 +192,13 @@ def save_checkpoint(
     barrier()
     if exists:
         return final
+    if is_sharded(model_part):  # every rank takes part in these collective writes
+        _save_sharded(model_part, tmp / "model")
+        tensors, scalars = _flatten_optimizer(optimizer_part)
+        _save_sharded(tensors, tmp / "optimizer")
+        if rank == 0:
+            _write_json(tmp / "optimizer" / "scalars.json", scalars)
+    else:
     if model_part is not None:
         save_state_dict(model_part, tmp / f"model-{rank}.safetensors")
     if optimizer_part is not None:
@@ -196,6 +218,59 @@ def save_checkpoint(
         _fsync_dir(root)
     barrier()
     return final
+
+
+def is_sharded(part: dict | None) -> bool:
+    """True for a part holding DTensors (FSDP's shards), which only torch.distributed.checkpoint writes."""
+    return part is not None and any(isinstance(t, DTensor) for t in part.values())
+
+
+def _save_sharded(state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Collective: each rank writes its shards (plain tensors, replicated, by one rank) as safetensors."""
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+
+
+def _flatten_optimizer(part: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """optimizer_state_by_name's form -> ({"<name>/<key>" or "extra/<key>": tensor}, {same keys: plain numbers})."""
+    tensors, scalars = {}, {}
+    entries = [(f"{name}/{key}", v) for name, per_param in part["state"].items() for key, v in per_param.items()]
+    for key, value in entries + [(f"extra/{k}", v) for k, v in part.get("extra", {}).items()]:
+        (tensors if torch.is_tensor(value) else scalars)[key] = value
+    return tensors, scalars
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
+    state: dict[str, dict] = {}
+    extra = {}
+    for key, value in {**tensors, **scalars}.items():
+        name, item = key.rsplit("/", 1)
+        if name == "extra":
+            extra[item] = value
+        else:
+            state.setdefault(name, {})[item] = value
+    return {"state": state, "extra": extra}
+
+
+def _read_sharded(folder: Path, place: Callable[[str, torch.Size, torch.dtype], torch.Tensor | None]) -> dict:
+    """Every tensor saved under folder, read into ``place(key, global shape, dtype)`` (None: not wanted here).
+
+    Reads only the slices the placed tensors cover (a DTensor's local shard, or all of a whole tensor); no process
+    group is needed, so one process reads what N wrote.
+    """
+    reader = HuggingFaceStorageReader(str(folder))
+    wanted = {}
+    for key, meta in reader.read_metadata().state_dict_metadata.items():
+        target = place(key, meta.size, meta.properties.dtype)
+        if target is not None:
+            wanted[key] = target
+    with warnings.catch_warnings():  # a read without a process group is the intent here, not a mistake
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=True)
+    return wanted
+
+
+def _whole(key: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
 
 
 def save_state_dict(state: dict[str, torch.Tensor], file: Path) -> None:
@@ -218,12 +293,18 @@ def _part(path: Path) -> int:
     return int(path.name.split("-")[1].split(".")[0])
 
 
-def load_checkpoint(path: Path, rank: int) -> dict[str, Any]:
-    """A verified checkpoint, parts merged by name; ``rank_state`` is None when this rank has no file.
+def load_checkpoint(path: Path, rank: int, place: Callable | None = None) -> dict[str, Any]:
+    """A verified checkpoint of any layout, by name; ``rank_state`` is None when this rank has no file.
 
     ``model_state``: every saved tensor by Transformer name. ``optimizer_state``: ``{"state": name -> per-parameter
     state, "extra": the non-per-parameter entries of this rank's part (or part 0's)}``.
+
+    ``place(kind, name, key, shape, dtype)`` (kind "model" or "optimizer", key the optimizer state's key, else None)
+    lets a sharded layout receive a sharded checkpoint as its own shards: it returns the (DTensor) tensor to read
+    into, or None to skip. Without it, or for an unsharded checkpoint, tensors come whole.
     """
+    if (path / "model").is_dir():
+        return _load_sharded_checkpoint(path, rank, place)
     model_state: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("model-*.safetensors"), key=_part):
         for name, tensor in load_state_dict_file(file).items():
@@ -235,6 +316,10 @@ def load_checkpoint(path: Path, rank: int) -> dict[str, Any]:
             optimizer_state["state"].setdefault(name, value)
         if _part(file) in (0, rank):
             optimizer_state["extra"] = part.get("extra", {})
+    return _with_states(path, rank, model_state, optimizer_state)
+
+
+def _with_states(path: Path, rank: int, model_state: dict, optimizer_state: dict) -> dict[str, Any]:
     rank_file = path / f"rank-{rank}.json"
     return {
         "model_state": model_state,
@@ -242,6 +327,22 @@ def load_checkpoint(path: Path, rank: int) -> dict[str, Any]:
         "trainer_state": json.loads((path / "trainer_state.json").read_text()),
         "rank_state": json.loads(rank_file.read_text()) if rank_file.is_file() else None,
     }
+
+
+def _load_sharded_checkpoint(path: Path, rank: int, place: Callable | None) -> dict[str, Any]:
+    def model_target(key, shape, dtype):
+        return place("model", key, None, shape, dtype) if place else _whole(key, shape, dtype)
+
+    def optimizer_target(key, shape, dtype):
+        name, item = key.rsplit("/", 1)
+        if place is None or name == "extra":
+            return _whole(key, shape, dtype)
+        return place("optimizer", name, item, shape, dtype)
+
+    model_state = _read_sharded(path / "model", model_target)
+    tensors = _read_sharded(path / "optimizer", optimizer_target)
+    scalars = json.loads((path / "optimizer" / "scalars.json").read_text())
+    return _with_states(path, rank, model_state, _unflatten_optimizer(tensors, scalars))
 
 
 def prune_checkpoints(root: Path, limit: int, keep_best: int = 2) -> list[Path]:
@@ -306,8 +407,8 @@ class Checkpointer:
         pruned = prune_checkpoints(self.root, self.keep) if self.rank == 0 else []
         return path, pruned
 
-    def load(self, path: Path) -> dict[str, Any]:
-        return load_checkpoint(path, self.rank)
+    def load(self, path: Path, place: Callable | None = None) -> dict[str, Any]:
+        return load_checkpoint(path, self.rank, place)
 
     def discard_after(self, step: int) -> list[Path]:
         """Remove the checkpoints newer than `step` (a rollback abandoned their history); each vanishes at once."""

@@ -105,6 +105,10 @@ def build_model(run: Run, dtype: torch.dtype) -> models.Transformer:
     else:
         model = models.Transformer(run.model_cfg, attn_implementation=run.args.attn_implementation)
         model.init_weights()
+    for block in model.layers:
+        block.activation_checkpointing = run.args.activation_checkpointing
+    if run.args.activation_checkpointing:
+        say("activation checkpointing: each block's activations are recomputed in the backward pass")
     return model.to(dtype=dtype)
 
 

@@ -1,4 +1,4 @@
-"""Data parallel through Accelerate: one process, DDP (one node or several) and FSDP."""
+"""Data parallel through Accelerate: one process and DDP (one node or several); FSDP is parallel/fsdp.py."""
 
 from __future__ import annotations
 
@@ -12,15 +12,17 @@ from monitor import samples
 from monitor.meter import Meter
 from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
 
-from .common import Run, UsageError, bad_input, build_model, build_optimizer, build_tokenizer, label_count, precision
+from .common import Run, bad_input, build_model, build_optimizer, build_tokenizer, label_count, precision
 
 
 class DataParallel:
-    """One process, DDP or FSDP through Accelerate: every rank trains on its rows of the global batch."""
+    """One process or DDP through Accelerate: every rank trains on its rows of the global batch."""
+
+    place = None  # checkpoints are read whole (see monitor.checkpoint.load_checkpoint)
 
     def __init__(self, run: Run):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedType, InitProcessGroupKwargs
+        from accelerate.utils import InitProcessGroupKwargs
 
         args, self.run = run.args, run
         cpu = not torch.cuda.is_available()
@@ -33,15 +35,7 @@ class DataParallel:
             kwargs_handlers=[backend] if run.world_size > 1 else [],
         )
         self.device, self.rank, self.world = acc.device, acc.process_index, acc.num_processes
-        self.is_main = acc.is_main_process
-        # NOTE: FSDP shards weights and optimizer state; our checkpoints do not gather sharded optimizer state yet.
-        self.fsdp = acc.distributed_type == DistributedType.FSDP
-        self.can_checkpoint = not self.fsdp
-        if self.fsdp and args.save_strategy != "no":
-            raise UsageError(
-                "checkpoints are not supported with FSDP yet (sharded optimizer state); pass --save-strategy no, or "
-                "train with DDP or --pipeline"
-            )
+        self.is_main, self.can_checkpoint = acc.is_main_process, True
         if not cpu:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.tokenizer = build_tokenizer(run, self.is_main, self.barrier)
@@ -109,14 +103,10 @@ class DataParallel:
         load_optimizer_state_by_name(self.optimizer, optimizer_state, self.names)
 
     def gather_model(self) -> models.Transformer | None:
-        if not self.fsdp:
-            return self.raw_model if self.is_main else None
-        full = self.accelerator.get_state_dict(self.model)  # every rank takes part; the main rank gets the weights
-        if not self.is_main:
-            return None
-        model = models.Transformer(self.run.model_cfg, self.run.args.attn_implementation)
-        model.load_state_dict(full)
-        return model.to(self.device)
+        return self.raw_model if self.is_main else None
+
+    def sample_model(self) -> models.Transformer | None:
+        return self.gather_model()  # the main rank samples alone
 
     def close(self) -> None:
         if self.batches is not None and self.batches is not self.stream:

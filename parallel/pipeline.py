@@ -29,6 +29,8 @@ class Pipeline:
     gradients across replicas before the optimizer step.
     """
 
+    place = None  # checkpoints are read whole (see monitor.checkpoint.load_checkpoint)
+
     def __init__(self, run: Run):
         import deepspeed
         from deepspeed.pipe import PipelineModule
@@ -52,7 +54,7 @@ class Pipeline:
             replicas=geo.replicas,
         )
         net = PipelineModule(
-            layers=models.pipeline_layers(run.model_cfg, args.attn_implementation),
+            layers=models.pipeline_layers(run.model_cfg, args.attn_implementation, args.activation_checkpointing),
             num_stages=geo.ranks,
             loss_fn=models.pipeline_loss,
             **pipe_options,
@@ -184,6 +186,9 @@ class Pipeline:
         model = models.Transformer(self.run.model_cfg, self.run.args.attn_implementation)
         model.load_state_dict({name: t for part in reversed(parts) if part for name, t in part.items()})
         return model.to(self.param_dtype)
+
+    def sample_model(self) -> models.Transformer | None:
+        return self.gather_model()  # the main rank samples alone
 
     def close(self) -> None:
         if self.batches is not None:

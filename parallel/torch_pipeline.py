@@ -97,6 +97,8 @@ class StageModule(nn.Module):
 class TorchPipeline:
     """torch.distributed.pipelining: each rank holds 1 or 2 stages of one of ``replicas`` pipeline copies."""
 
+    place = None  # checkpoints are read whole (see monitor.checkpoint.load_checkpoint)
+
     def __init__(self, run: Run):
         args, self.run, geo = run.args, run, run.pipeline
         cpu = not torch.cuda.is_available()
@@ -122,7 +124,7 @@ class TorchPipeline:
 
         # This rank's stages, with the single-process model's initial weights.
         cfg = run.model_cfg
-        specs = models.pipeline_layers(cfg, args.attn_implementation)
+        specs = models.pipeline_layers(cfg, args.attn_implementation, args.activation_checkpointing)
         layers = stage_layers(cfg.num_hidden_layers, geo.stages)
         full = build_model(run, torch.float32).state_dict()
         self.param_dtype = torch.bfloat16 if pure_bf16 else torch.float32
@@ -377,6 +379,9 @@ class TorchPipeline:
         model = models.Transformer(self.run.model_cfg, self.run.args.attn_implementation)
         model.load_state_dict({name: t for part in parts if part for name, t in part.items()})
         return model.to(self.param_dtype)
+
+    def sample_model(self) -> models.Transformer | None:
+        return self.gather_model()  # the main rank samples alone
 
     def close(self) -> None:
         if self.batches is not None:

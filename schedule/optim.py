@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import zeros as dtensor_zeros
 
 # Update clipping threshold: an update whose RMS exceeds this is scaled down to it (Adafactor paper, section 6).
 CLIP_THRESHOLD = 1.0
@@ -35,6 +37,16 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> tor
     rounded = (bits & -65536).view(torch.float32).to(torch.bfloat16)  # -65536 == 0xFFFF0000: exact conversion
     # NOTE: adding noise to a NaN's bit pattern can turn it into inf or even 0; keep NaNs visible to the loop.
     return torch.where(torch.isnan(x), x.to(torch.bfloat16), rounded)
+
+
+def _zeros(size: int, like: torch.Tensor, split: bool) -> torch.Tensor:
+    """fp32 zeros for a statistic of `like`; for a sharded (FSDP) parameter a DTensor, split along its rows when
+    `split` (per-row statistics) and replicated otherwise (per-column statistics), so the maths below runs unchanged
+    and the row and column means span the whole matrix."""
+    if not isinstance(like, DTensor):
+        return torch.zeros(size, dtype=torch.float32, device=like.device)
+    placements = like.placements if split else [Replicate()] * like.device_mesh.ndim
+    return dtensor_zeros(size, dtype=torch.float32, device_mesh=like.device_mesh, placements=placements)
 
 
 class Adafactor(torch.optim.Optimizer):
@@ -94,8 +106,8 @@ class Adafactor(torch.optim.Optimizer):
         # the next).
         self._device_generators: dict[torch.device, torch.Generator] = {}
 
-    def _rounding_generator(self, device: torch.device) -> torch.Generator:
-        seed = int(torch.randint(0, 1 << 62, (1,), generator=self._sr_generator))
+    def _rounding_generator(self, device: torch.device, offset: int = 0) -> torch.Generator:
+        seed = int(torch.randint(0, 1 << 62, (1,), generator=self._sr_generator)) + offset
         if device not in self._device_generators:
             self._device_generators[device] = torch.Generator(device=device)
         return self._device_generators[device].manual_seed(seed)
@@ -120,8 +132,8 @@ class Adafactor(torch.optim.Optimizer):
                     state["step"] = 0
                     if factored:
                         rows = grad.numel() // grad.shape[-1]
-                        state["row"] = torch.zeros(rows, dtype=torch.float32, device=grad.device)
-                        state["col"] = torch.zeros(grad.shape[-1], dtype=torch.float32, device=grad.device)
+                        state["row"] = _zeros(rows, like=p, split=True)
+                        state["col"] = _zeros(grad.shape[-1], like=p, split=False)
                     else:
                         state["sq"] = torch.zeros_like(grad, dtype=torch.float32)
                 state["step"] += 1
@@ -154,7 +166,11 @@ class Adafactor(torch.optim.Optimizer):
                 if weight_decay:
                     new.mul_(1.0 - lr * weight_decay)
                 new.add_(update, alpha=-lr)
-                if p.dtype == torch.bfloat16 and group["stochastic_rounding"]:
+                if p.dtype == torch.bfloat16 and group["stochastic_rounding"] and isinstance(p, DTensor):
+                    # A shard draws its own bits: the same distribution as one process, not the same draws.
+                    generator = self._rounding_generator(p.device, offset=p.device_mesh.get_local_rank())
+                    p.to_local().copy_(stochastic_round_to_bf16(new.to_local(), generator))
+                elif p.dtype == torch.bfloat16 and group["stochastic_rounding"]:
                     p.copy_(stochastic_round_to_bf16(new, self._rounding_generator(p.device)))
                 else:
                     p.copy_(new)  # round to nearest

@@ -1,0 +1,203 @@
+"""Fully sharded data parallel: torch's FSDP2 (`fully_shard`) over gloo on CPU and nccl on GPUs, one code path.
+
+Accelerate launches the processes (`accelerate launch --config_file accelerate_configs/fsdp.yaml` or `cpu_fsdp.yaml`,
+whose `distributed_type: FSDP` sets ACCELERATE_USE_FSDP=true in every process); the sharding is ours, as torchtitan
+does it: each decoder block is one FSDP unit, then the root (embedding, final norm, head). Parameters, gradients and
+optimizer state are split over the ranks by their first dimension; a block's weights are gathered for its forward
+and its backward only. Accelerate's own FSDP plugin is not used: it cannot shard on CPU, and a second code path on
+GPUs would be one the tests never run.
+
+Checkpoints: every rank writes its shards through torch.distributed.checkpoint (monitor/checkpoint.py), and reads
+back the slices it holds, whatever the number of processes that wrote them; a checkpoint of any other layout is
+read by name and split here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import empty as dtensor_empty
+
+import data
+import models
+from monitor import samples
+from monitor.meter import Meter
+from monitor.progress import say
+from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
+
+from .common import Run, bad_input, build_model, build_optimizer, build_tokenizer, label_count, precision
+
+
+def fsdp_requested() -> bool:
+    """True in processes started by `accelerate launch` with an FSDP config (ACCELERATE_USE_FSDP=true)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+class FullyShardedDataParallel:
+    """FSDP2: every rank trains on its rows of the global batch and holds 1/world of every tensor."""
+
+    def __init__(self, run: Run):
+        args, self.run = run.args, run
+        cpu = not torch.cuda.is_available()
+        if not dist.is_initialized():
+            dist.init_process_group(args.dist_backend or ("gloo" if cpu else "nccl"))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cpu") if cpu else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if not cpu:
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.is_main, self.can_checkpoint = self.rank == 0, True
+        self.dtype, pure_bf16 = precision(args, self.device.type)
+        self.tokenizer = build_tokenizer(run, self.is_main, self.barrier)
+        self.byte_lengths = torch.as_tensor(data.token_byte_lengths(self.tokenizer))  # bits per byte at each eval
+        # The same seeded initial weights as every other layout, built whole on the CPU, then sharded block by block
+        # (each block moves to the device only as its shard).
+        self.param_dtype = torch.bfloat16 if pure_bf16 else torch.float32
+        model = build_model(run, self.param_dtype)
+        if self.dtype == torch.bfloat16 and not pure_bf16:  # mixed precision as on DDP: bf16 autocast, fp32 weights
+            model.forward = torch.autocast(self.device.type, dtype=torch.bfloat16)(model.forward)
+        self.mesh = init_device_mesh(self.device.type, (self.world,))
+        for block in model.layers:
+            fully_shard(block, mesh=self.mesh)
+        fully_shard(model, mesh=self.mesh)
+        say(f"fsdp: {len(model.layers)} blocks and the root sharded over {self.world} processes ({self.device.type})")
+        self.model = torch.compile(model) if args.compile else model
+        self.sharded = model
+        self.names = {p: name for name, p in model.named_parameters()}
+        self.params = dict(model.named_parameters())
+        self.optimizer = build_optimizer(run, model)
+        with bad_input():
+            self.stream = data.PackedStream(
+                run.mix, self.tokenizer, args.max_length, args.batch_size, rank=self.rank, world_size=self.world,
+                seed=args.seed, dispatch=args.dispatch_batches,
+            )  # fmt: skip
+            self.eval_set = data.eval_batches(
+                run.mix, self.tokenizer, args.max_length, args.batch_size, args.eval_batches, rank=self.rank,
+                world_size=self.world,
+            )  # fmt: skip
+        self.batches = None
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def start_data(self):
+        self.batches = self.stream if self.stream.dispatch else data.Prefetcher(self.stream)
+        return self.batches
+
+    def train_step(self, meter: Meter) -> tuple[float, float]:
+        batches = [next(self.batches) for _ in range(self.run.args.gradient_accumulation_steps)]
+        # NOTE: normalised by the label count of the whole global batch; FSDP averages gradients over the ranks
+        # (hence the world factor), and each micro-batch is reduce-scattered as it ends, so no rank ever holds a
+        # whole unsharded gradient.
+        labels = self.reduce_sum(torch.tensor(label_count(batches), device=self.device))
+        num_items = labels / self.world
+        step_loss = torch.zeros((), device=self.device)
+        for batch in batches:
+            meter.add_micro_batch(batch["doc_ids"])
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            loss = self.model(**batch, num_items=num_items)
+            loss.backward()
+            step_loss += loss.detach()
+        grad_norm = self.clip_gradients(self.run.args.max_grad_norm or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(self.reduce_sum(step_loss)) / self.world, grad_norm
+
+    def clip_gradients(self, max_norm: float) -> float:
+        """Clip to the global norm over every shard; returns the pre-clip norm (inf max_norm only measures it)."""
+        params = [p for p in self.sharded.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if isinstance(norm, DTensor):  # partial norms of the shards: reduced over the ranks here
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return float(norm)
+
+    def evaluate(self) -> dict:
+        return samples.evaluate(self.model, self.eval_set, self.device, self.byte_lengths, self.reduce_sum)
+
+    def sample_model(self) -> torch.nn.Module:
+        """Every rank runs the sampling forward (each one gathers the blocks' weights); the main rank prints."""
+        return self.model
+
+    # ---- checkpoints: DTensor shards keyed by Transformer name (monitor/checkpoint.py writes them with DCP) ----
+
+    def model_part(self) -> dict:
+        return self.sharded.state_dict()
+
+    def optimizer_part(self) -> dict:
+        return optimizer_state_by_name(self.optimizer, self.names)
+
+    def place(self, kind: str, name: str, key: str | None, shape: torch.Size, dtype: torch.dtype):
+        """Where a sharded checkpoint's tensor is read to: an empty DTensor holding this rank's share (see load)."""
+        param = self.params.get(name)
+        if param is None:
+            return None
+        placements = placements_for(param, shape, key)
+        if placements is None:
+            return torch.empty(shape, dtype=dtype)
+        return dtensor_empty(shape, dtype=dtype, device_mesh=self.mesh, placements=placements)
+
+    def load(self, model_state: dict, optimizer_state: dict) -> None:
+        """Load shards read in place (a sharded checkpoint) or whole tensors by name (any other layout's)."""
+        own = self.sharded.state_dict()
+        self.sharded.load_state_dict({name: shard_like(own[name], model_state[name]) for name in own})
+        state = {
+            name: {key: shard_like(self.params[name], value, key) for key, value in per_param.items()}
+            for name, per_param in optimizer_state["state"].items()
+            if name in self.params
+        }
+        load_optimizer_state_by_name(self.optimizer, {**optimizer_state, "state": state}, self.names)
+
+    def gather_model(self) -> models.Transformer | None:
+        """The whole model on the main rank's CPU, gathered one tensor at a time (no full copy on other ranks)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(self.sharded, options=options)  # every rank takes part; only rank 0 keeps it
+        if not self.is_main:
+            return None
+        model = models.Transformer(self.run.model_cfg, self.run.args.attn_implementation)
+        model.load_state_dict(full)
+        return model.to(self.param_dtype)
+
+    def close(self) -> None:
+        if self.batches is not None and self.batches is not self.stream:
+            self.batches.close()
+        self.barrier()
+        dist.destroy_process_group()
+
+
+def placements_for(param: DTensor, shape: torch.Size, key: str | None) -> list | None:
+    """How a tensor of `shape` belonging to `param` is split: None for a plain tensor (0-d step counters).
+
+    Weights and optimizer state shaped like the parameter are split like it; Adafactor's per-row statistics of a
+    matrix ("row") follow its row split; anything else (per-column statistics) is replicated.
+    """
+    if len(shape) == 0:
+        return None
+    if tuple(shape) == tuple(param.shape):
+        return list(param.placements)
+    if key == "row" and isinstance(param.placements[0], Shard) and param.placements[0].dim == 0:
+        return [Shard(0)]
+    return [Replicate()]
+
+
+def shard_like(param: torch.Tensor, value, key: str | None = None) -> object:
+    """`value` (a whole tensor, or a DTensor already read in place) placed as this rank's share of `param`'s."""
+    if not torch.is_tensor(value) or isinstance(value, DTensor) or not isinstance(param, DTensor):
+        return value
+    placements = placements_for(param, value.shape, key)
+    if placements is None:
+        return value
+    mesh = param.device_mesh
+    return distribute_tensor(value.to(mesh.device_type), mesh, placements, src_data_rank=None)
