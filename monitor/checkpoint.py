@@ -199,10 +199,10 @@ def save_checkpoint(
         if rank == 0:
             _write_json(tmp / "optimizer" / "scalars.json", scalars)
     else:
-    if model_part is not None:
-        save_state_dict(model_part, tmp / f"model-{rank}.safetensors")
-    if optimizer_part is not None:
-        torch.save(optimizer_part, tmp / f"optimizer-{rank}.pt")
+        if model_part is not None:
+            save_state_dict(model_part, tmp / f"model-{rank}.safetensors")
+        if optimizer_part is not None:
+            torch.save(optimizer_part, tmp / f"optimizer-{rank}.pt")
     if rank == 0:
         _write_json(tmp / "trainer_state.json", trainer_state)
     _write_json(tmp / f"rank-{rank}.json", rank_state)
