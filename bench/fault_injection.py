@@ -215,7 +215,7 @@ def main() -> int:
             if args.phase == "export":
                 result = export_trial(trial_dir, rng.uniform(0.0, 0.03), data_args)
             elif args.phase == "rollback":
-                result = rollback_trial(trial_dir, rng.uniform(0.0, 0.3), data_args)
+                result = rollback_trial(trial_dir, rng.uniform(0.0, 0.06), data_args)
             else:
                 result = run_trial(trial_dir, rng.uniform(2.0, args.max_delay), data_args)
             results.append(result)
