@@ -15,10 +15,12 @@ corpus.
 from .mix import Mix, SourceSpec, Stage, describe_mix, parse_mix
 from .packing import IGNORE_INDEX, pack_rows
 from .prefetch import Prefetcher
+from .sources import DataError, check_local_files
 from .stream import PackedStream, eval_batches, rank_rows
 from .tokenizer import bos_eos_ids, load_tokenizer, resolve_tokenizer, save_tokenizer, train_tokenizer
 
 __all__ = [
+    "DataError",
     "IGNORE_INDEX",
     "Mix",
     "PackedStream",
@@ -26,6 +28,7 @@ __all__ = [
     "SourceSpec",
     "Stage",
     "bos_eos_ids",
+    "check_local_files",
     "describe_mix",
     "eval_batches",
     "load_tokenizer",

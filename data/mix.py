@@ -194,8 +194,12 @@ def _parse_items(text: str) -> tuple[list[SourceSpec], str | None]:
 
 def _split_weight(item: str) -> tuple[str, float | None]:
     name, sep, tail = item.rpartition(":")
-    if not sep:
+    if not sep or Path(item).expanduser().exists():
         return item, None
+    if not tail.strip() and name.strip():  # "a.txt:" -- say what is wrong with the name, then with the weight
+        if name.strip().lower().endswith(TEXT_SUFFIXES) and not Path(name.strip()).expanduser().exists():
+            raise ValueError(f"{name.strip()} does not exist (and the weight after ':' is empty); check the path")
+        raise ValueError(f"the weight after {name.strip()!r}: is empty; write e.g. {name.strip()}:1, or drop the ':'")
     try:
         weight = float(tail)
     except ValueError:
