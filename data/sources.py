@@ -459,37 +459,42 @@ def _open_files(spec: SourceSpec, files: list[Path], streaming: bool, fingerprin
     if fingerprint is None:
         listing = [(str(f.relative_to(root)), f.stat().st_size) for f in files]
         fingerprint = f"files:{spec.label}:{_digest(listing)}"
-    parts = []
-    for kind, group in _group_by_type(files):
-        if kind == "parquet":
-            _check_parquet_text(group)
-        kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
-        if kind == "parquet":
-            kwargs["columns"] = ["text"]
-        try:
-            with _quiet_datasets():
-                ds = datasets.load_dataset(
-                    kind, data_files=[str(f) for f in group], split="train", streaming=streaming, **kwargs
-                )
-        except Exception as e:  # DatasetGenerationError, ArrowInvalid, UnicodeDecodeError...: find the file and line
-            raise _load_failure(group, e) from None
-        if "text" not in (ds.column_names or []):
-            raise ValueError(
-                f"{group[0]} has no 'text' field (fields: {', '.join(ds.column_names or [])}); "
-                "each record needs its document in 'text'"
-            )
-        ds = ds.select_columns(["text"])
-        if not streaming:
-            _check_text_column(ds, group)
-        if kind == "text":  # paragraphs keep the newlines around them; blank ones are not documents
-            ds = ds.map(_strip_texts, batched=True).filter(_has_text, batched=True)
-        parts.append(ds)
+    with _quiet_datasets():
+        parts = [_load_group(kind, group, streaming) for kind, group in _group_by_type(files)]
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if streaming:
         return StreamSource(ds, spec.label, fingerprint, spec.size_hint, files=files)
     if len(ds) == 0:
-        raise ValueError(f"{spec.location} holds no documents")
+        raise DataError(f"{spec.location} holds no documents")
     return ArrowSource(ds.flatten_indices() if ds._indices is not None else ds, spec.label, fingerprint)
+
+
+def _load_group(kind: str, group: list[Path], streaming: bool):
+    """One `load_dataset` over files of one type, reduced to a checked `text` column."""
+    import datasets
+
+    if kind == "parquet":
+        _check_parquet_text(group)
+    kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
+    if kind == "parquet":
+        kwargs["columns"] = ["text"]
+    try:
+        ds = datasets.load_dataset(
+            kind, data_files=[str(f) for f in group], split="train", streaming=streaming, **kwargs
+        )
+    except Exception as e:  # DatasetGenerationError, ArrowInvalid, UnicodeDecodeError...: find the file and line
+        raise _load_failure(group, e) from None
+    if "text" not in (ds.column_names or []):
+        raise ValueError(
+            f"{group[0]} has no 'text' field (fields: {', '.join(ds.column_names or [])}); "
+            "each record needs its document in 'text'"
+        )
+    ds = ds.select_columns(["text"])
+    if not streaming:
+        _check_text_column(ds, group)
+    if kind == "text":  # paragraphs keep the newlines around them; blank ones are not documents
+        ds = ds.map(_strip_texts, batched=True).filter(_has_text, batched=True)
+    return ds
 
 
 def _check_text_column(ds, files: list[Path]) -> None:

@@ -198,7 +198,7 @@ def load_model_config(name_or_path: str, vocab_size: int | None = None) -> Model
     try:
         return ModelConfig.from_dict(data)
     except ValueError as e:
-        raise ValueError(f"model config {path}: {e}") from None
+        raise ValueError(f"{path}: {e}") from None
 
 
 # NOTE: the counts below read only Hugging Face field names, so they also take a transformers config, where
