@@ -230,6 +230,38 @@ CASES = {
     "output dir below a file": (["--output-dir", "{f}/empty.txt/run"], "cannot be created"),
     "output dir read-only": (["--output-dir", "/sys/small-llm-run"], "is not writable"),
 }
+# The first table of bad input (formerly in test_train.py): paths, sizes, models, pipeline and flag combinations.
+CASES |= {
+    "missing data path": (["--dataset", "/nonexistent/corpus.jsonl"], "does not exist"),
+    "unreadable tokenizer": (["--tokenizer", "/nonexistent/tokenizer.json"], "does not exist"),
+    "zero max length": (["--max-length", "0"], "--max-length"),
+    "negative batch size": (["--batch-size", "-2"], "--batch-size"),
+    "zero accumulation": (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps"),
+    "budget under one step": (["--total-tokens", "1e-9", "--max-steps", "-1"], "less than one step"),
+    "zero max steps": (["--max-steps", "0"], "-1"),
+    "negative learning rate": (["--learning-rate", "-1e-4"], "--learning-rate"),
+    "zero cadence": (["--step-cadence", "0"], "--step-cadence"),
+    "unknown model": (["--model", "gpt-17"], "unknown model config 'gpt-17'"),
+    "missing model config file": (["--model-config", "/nonexistent/model.json"], "does not exist"),
+    "unknown attention": (["--attn-implementation", "fast"], "invalid choice"),
+    "missing flash-attn": (["--attn-implementation", "flash_attention_2"], "flash"),
+    "init over existing checkpoints": (["--init-model"], "already holds checkpoints"),
+    "unknown optimizer": (["--optimizer", "sgd"], "invalid choice"),
+    "pipeline batch not divisible": (
+        ["--pipeline", "--batch-size", "3", "--microbatch-scale", "2"],
+        "stages_per_rank x microbatch_scale = 1 x 2",
+    ),
+    "unknown pipeline schedule": (["--pipeline", "--pipeline-schedule", "ScheduleFastest"], "is not a schedule"),
+    "schedule the engine cannot run": (["--pipeline", "--pipeline-schedule", "ScheduleZBVZeroBubble"], "cannot run"),
+    "compile with the pipeline": (["--pipeline", "--compile"], "--compile is not supported with --pipeline"),
+    "pipeline outside a launcher": (["--pipeline"], "deepspeed --num_gpus"),
+    "microbatch scale without pipeline": (["--microbatch-scale", "2"], "only applies to --pipeline"),
+    "json without dry run": (["--json"], "only applies to --dry-run"),
+    "anneal longer than the run": (["--anneal-steps", "50"], "--anneal-steps"),
+    "init-from not a model": (["--init-from", "/tmp"], "no config.json"),
+    "negative warmup": (["--warmup-steps", "-5"], "--warmup-steps"),
+}
+BARE_FLAGS = {"--dry-run", "--init-model", "--pipeline", "--compile", "--json"}
 # --init-from folders: with --init-model --overwrite-output-dir on the trained dir, the most destructive form.
 CASES |= {
     f"init-from {name.removeprefix('init-')}": (["--init-from", f"{{f}}/{name}", "--tokenizer", None], says)
@@ -254,7 +286,7 @@ def _argv(case: str, ws: dict) -> list[str]:
     base = {"--dataset": "{corpus}", "--tokenizer": "{tok}", "--max-steps": "6", "--output-dir": "{out}"}
     items = iter(extra)
     for flag in items:
-        base[flag] = "" if flag == "--dry-run" else next(items)  # None drops the flag, "" adds it bare
+        base[flag] = "" if flag in BARE_FLAGS else next(items)  # None drops the flag, "" adds it bare
     argv = list(TINY)
     for flag, value in base.items():
         if value is not None:
