@@ -296,7 +296,7 @@ class StreamSource:
         out = []
         try:
             for example in self._iterator:
-                text = example["text"]
+                text = example.get("text")
                 if not isinstance(text, str):
                     raise DataError(
                         f"{self.label}: document {self.pos_hint + len(out) + 1} of pass {self._epoch + 1} has a "
@@ -484,9 +484,11 @@ def _load_group(kind: str, group: list[Path], streaming: bool):
         )
     except Exception as e:  # DatasetGenerationError, ArrowInvalid, UnicodeDecodeError...: find the file and line
         raise _load_failure(group, e) from None
-    if "text" not in (ds.column_names or []):
+    if ds.column_names is None:  # JSON read as a stream: fields are known only when read (StreamSource.take)
+        return ds
+    if "text" not in ds.column_names:
         raise ValueError(
-            f"{group[0]} has no 'text' field (fields: {', '.join(ds.column_names or [])}); "
+            f"{group[0]} has no 'text' field (fields: {', '.join(ds.column_names)}); "
             "each record needs its document in 'text'"
         )
     ds = ds.select_columns(["text"])

@@ -456,3 +456,35 @@ def test_control_command_line_with_an_empty_job_id(jobs_dir):
         assert job.poll() is None
     finally:
         job.close()
+
+
+# -----------------------------------------------------------------------------
+# A bad line found mid-stream (streams read records lazily, so it can only surface during training)
+
+
+def test_a_bad_line_deep_in_a_stream_is_one_data_error_naming_file_and_line(ws):
+    import data
+    from data.sources import open_source
+
+    mix = data.parse_mix(str(ws["f"] / "deep-line.jsonl"))
+    tok = data.load_tokenizer(ws["tok"])
+    stream = data.PackedStream(mix, tok, 64, 2, seed=3, open_fn=lambda spec: open_source(spec, streaming=True))
+    with pytest.raises(data.DataError, match=r"deep-line\.jsonl:500: invalid JSON"):
+        for _ in range(10_000):  # a row takes a few documents: line 500 comes within a few hundred batches
+            next(stream)
+
+
+def test_train_main_reports_a_data_error_raised_mid_run_as_one_line(ws, capfd, monkeypatch):
+    """What train.main does with a DataError from the data stream after training started: exit 2, one line."""
+    import data
+    from parallel import DataParallel
+
+    def bad_step(self, meter):
+        raise data.DataError(f"{ws['f'] / 'deep-line.jsonl'}:500: invalid JSON (Expecting value at column 2)")
+
+    monkeypatch.setattr(DataParallel, "train_step", bad_step)
+    new = ws["root"] / "mid-run"
+    argv = [*TINY, "--dataset", str(ws["corpus"]), "--tokenizer", str(ws["tok"]), "--max-steps", "2"]
+    code, _, err = _main([*argv, "--init-model", "--output-dir", str(new), "--sample-tokens", "0"], capfd)
+    _assert_one_line(code, err, "deep-line.jsonl:500", "mid-run")
+    assert not (new / "checkpoints").exists() or not any((new / "checkpoints").iterdir())
