@@ -48,7 +48,7 @@ from monitor.checkpoint import Checkpointer, capture_rng, checkpoint_dirs, lates
 from monitor.meter import Meter
 from monitor.progress import say
 from parallel import DataParallel, Pipeline, Run, UsageError, bad_input
-from parallel.inputs import bounded, check_jobs_dir, check_memory, check_output_dir, run_memory
+from parallel.inputs import backend, bounded, check_jobs_dir, check_memory, check_output_dir, run_memory
 
 DEFAULT_MODEL = "deepone-162m"
 # Option ranges (parallel/inputs.py): NaN, infinities and out-of-range values are refused when parsed.
@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inject-lr-spike", metavar="STEP,FACTOR", help="testing aid: LR x FACTOR from STEP on")
     g.add_argument("--seed", type=SEED, default=42, help="seed for init, data order and sampling")
     g = p.add_argument_group("distributed")
-    g.add_argument("--dist-backend", default=None, help="torch.distributed backend (None: nccl on GPU, gloo on CPU)")
+    g.add_argument(
+        "--dist-backend", type=backend, default=None, help="torch.distributed backend (None: nccl on GPU, gloo on CPU)"
+    )
     g.add_argument("--pipeline", action="store_true", help="pipeline parallel with DeepSpeed (launch with deepspeed)")
     g.add_argument("--pipeline-schedule", default="1F1B", help="Schedule1F1B or ScheduleGPipe (short forms too)")
     g.add_argument("--microbatch-scale", type=COUNT, default=1, help="with --pipeline: multiply the micro-batches")

@@ -28,12 +28,14 @@ probabilities and each one restarts (reshuffled) on its own when it runs out.
 """
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import CACHE_FORMAT, read_manifest
 
+MAX_BUDGET = 2**62  # tokens or documents of one curriculum stage
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 SMOLLM_REPO = "HuggingFaceTB/smollm-corpus"
 # NOTE: approximate document counts from the dataset card. They only steer the balanced interleaving of the two
@@ -155,13 +157,16 @@ def _split_budget(text: str) -> tuple[str, int | None, str, int]:
     budget = _scaled(m.group(1), m.group(2))
     unit = "docs" if (m.group(3) or "t").startswith("d") else "tokens"
     window = _scaled(m.group(4), m.group(5)) if m.group(4) else 0
-    if budget <= 0 or window > budget:
-        raise ValueError(f"stage budget {budget_text!r} must be positive and its '~' window no longer than itself")
+    if budget <= 0 or window > budget or budget > MAX_BUDGET:
+        raise ValueError(
+            f"stage budget {budget_text!r} must be positive, at most 2^62, and its '~' window no longer than itself"
+        )
     return items.strip(), budget, unit, window
 
 
 def _scaled(number: str, suffix: str) -> int:
-    return int(round(float(number) * _SCALE[suffix.lower()]))
+    value = float(number) * _SCALE[suffix.lower()]
+    return int(round(value)) if math.isfinite(value) else MAX_BUDGET + 1
 
 
 def _parse_items(text: str) -> tuple[list[SourceSpec], str | None]:
@@ -204,8 +209,8 @@ def _split_weight(item: str) -> tuple[str, float | None]:
         weight = float(tail)
     except ValueError:
         return item, None  # a ':' that is part of the name
-    if not weight > 0:
-        raise ValueError(f"weight {tail!r} of {name!r} must be a positive number")
+    if not 0 < weight < math.inf:
+        raise ValueError(f"weight {tail!r} of {name!r} must be a finite positive number")
     return name.strip(), weight
 
 

@@ -91,6 +91,8 @@ def _check_json_record(line: str, path: Path, lineno: int) -> None:
         record = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{lineno}: JSON nested too deeply to be a record") from None
     if not isinstance(record, dict):
         raise DataError(f"{path}:{lineno}: a record must be a JSON object with a 'text' field, got {_kind(record)}")
     if "text" not in record:

@@ -62,6 +62,16 @@ def bounded(
     return parse
 
 
+def backend(text: str) -> str:
+    """An argparse `type` for --dist-backend: a torch.distributed backend, or per-device ones ("cpu:gloo,cuda:nccl")."""
+    known = [b for b in torch.distributed.Backend.backend_list if b not in ("undefined", "fake")]
+    for part in text.split(","):
+        name = part.rpartition(":")[2].strip().lower()
+        if name not in known:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a backend; expected one of {', '.join(known)}")
+    return text
+
+
 def _writable(folder: Path) -> str | None:
     """None when files can be created in `folder`, else why not (permission bits, a read-only file system)."""
     if not os.access(folder, os.W_OK | os.X_OK):

@@ -67,6 +67,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     (f / "number-text.jsonl").write_text("\n".join(good[:300]) + '\n{"text": 17}\n')
     (f / "null-text.jsonl").write_text('{"text": null}\n' + "\n".join(good[:5]) + "\n")
     (f / "list-record.jsonl").write_text(good[0] + "\n[1, 2, 3]\n")
+    (f / "nested.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
     (f / "no-text.jsonl").write_text('{"body": "a document under the wrong key"}\n')
     (f / "array.json").write_text(json.dumps([{"text": "a"}, {"text": ["b"]}]))
     (f / "bad-tokenizer.json").write_text('{"version": "1.0", "model": ')
@@ -157,6 +158,9 @@ CASES = {
     "world size 0 in a dry run": (["--dry-run", "--world-size", "0"], "--world-size"),
     "spike factor NaN": (["--inject-lr-spike", "3,nan"], "finite FACTOR"),
     "spike step 0": (["--inject-lr-spike", "0,10"], "STEP >= 1"),
+    "unknown backend": (["--dist-backend", "foo"], "is not a backend"),
+    "infinite mix weight": (["--dataset", "{corpus}:inf,{corpus}:1"], "finite positive number"),
+    "overflowing stage budget": (["--dataset", "{corpus}@99999999999999999999999B;{corpus}"], "at most 2^62"),
     # sizes that cannot fit: refused from the memory estimate
     "batch size 10^7": (["--batch-size", str(10**7)], "GiB"),
     "length 10^8": (
@@ -212,6 +216,7 @@ CASES = {
     "null text": (["--dataset", "{f}/null-text.jsonl"], "'text' must be a string, got null"),
     "a list record": (["--dataset", "{f}/list-record.jsonl"], "list-record.jsonl:2"),
     "no text field": (["--dataset", "{f}/no-text.jsonl"], "no 'text' field (fields: body)"),
+    "deeply nested JSON": (["--dataset", "{f}/nested.jsonl"], "nested.jsonl:1: JSON nested too deeply"),
     "JSON array with a list text": (["--dataset", "{f}/array.json"], "record 2"),
     "bad file in a mix": (["--dataset", "{corpus}:1,{f}/binary.txt:1"], "binary.txt"),
     "a folder named like a file": (["--dataset", "{f}/a-dir.jsonl"], "holds no .txt"),
@@ -324,15 +329,14 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, ws, capfd):
 
 
 def _numeric_options() -> list[argparse.Action]:
-    return [a for a in train_script.build_parser()._actions if a.type is not None]
+    return [a for a in train_script.build_parser()._actions if hasattr(a.type, "wanted")]
 
 
 def test_every_numeric_option_declares_its_range():
     """No option is parsed by a bare int or float: each one's type states its range (parallel/inputs.bounded)."""
-    options = _numeric_options()
-    assert len(options) >= 25
-    for action in options:
-        assert action.type not in (int, float) and hasattr(action.type, "wanted"), action.option_strings
+    actions = train_script.build_parser()._actions
+    assert [a.option_strings for a in actions if a.type in (int, float)] == []
+    assert len(_numeric_options()) >= 25
 
 
 def _hostile_values(action: argparse.Action) -> list[str]:
