@@ -232,6 +232,8 @@ def _resolve_source(name: str) -> list[SourceSpec]:
         path = path.resolve()
         if path.is_dir() and _is_token_cache(path):
             return [SourceSpec("cache", str(path), path.name)]
+        if not path.is_file() and not path.is_dir():
+            raise ValueError(f"{name} is neither a file nor a folder")
         if path.is_file() and not name.lower().endswith(TEXT_SUFFIXES):
             raise ValueError(f"{name} is not a .txt, .jsonl, .json or .parquet file; convert it or point at a folder")
         return [SourceSpec("files", str(path), path.name)]

@@ -55,6 +55,8 @@ def load_tokenizer(spec: str | Path) -> "PreTrainedTokenizerFast":
     elif path.is_file():
         with _reading_tokenizer(path):
             tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    elif path.exists():
+        raise ValueError(f"tokenizer {spec} is neither a file nor a folder")
     elif str(spec).startswith(("/", ".", "~")) or str(spec).endswith(".json"):
         raise ValueError(f"tokenizer {spec} does not exist; pass a tokenizer.json, a folder holding one, or a Hub name")
     else:

@@ -22,6 +22,7 @@ from monitor.jobs import private_jobs_dir
 from .common import UsageError
 
 MAX_INT = 2**62
+RUN_FOLDERS = ("checkpoints", "runs", "tokenizer", "final")  # what a run writes inside its output dir
 
 
 def _show(x: float) -> str:
@@ -93,7 +94,12 @@ def check_output_dir(output_dir: Path) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"--output-dir {output_dir} cannot be created: {existing} is a file, not a directory")
-    folders = [existing] + [output_dir / sub for sub in ("checkpoints", "runs", "tokenizer") if existing == output_dir]
+    for sub in RUN_FOLDERS:
+        if (output_dir / sub).exists() and not (output_dir / sub).is_dir():
+            raise UsageError(
+                f"{output_dir / sub} is a file, but a run keeps a folder there; move it or choose another --output-dir"
+            )
+    folders = [existing] + [output_dir / sub for sub in RUN_FOLDERS if existing == output_dir]
     for folder in folders:
         if folder.is_dir() and (why := _writable(folder)):
             raise UsageError(

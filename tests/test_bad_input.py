@@ -86,6 +86,8 @@ def ws(tmp_path_factory) -> dict[str, Path]:
         shutil.copytree(out / "final", folder)
         breakage(folder)
     (f / "a-dir.jsonl").mkdir()
+    (f / "checkpoints-file").mkdir()
+    (f / "checkpoints-file" / "checkpoints").write_text("not a folder")
     return {"corpus": corpus, "tok": tok_dir, "out": out, "f": f, "root": root}
 
 
@@ -234,6 +236,9 @@ CASES = {
     "output dir is a file": (["--output-dir", "{f}/empty.txt"], "is a file, not a directory"),
     "output dir below a file": (["--output-dir", "{f}/empty.txt/run"], "cannot be created"),
     "output dir read-only": (["--output-dir", "/sys/small-llm-run"], "is not writable"),
+    "checkpoints is a file": (["--output-dir", "{f}/checkpoints-file"], "checkpoints is a file"),
+    "data is a device": (["--dataset", "/dev/zero"], "neither a file nor a folder"),
+    "tokenizer is a device": (["--tokenizer", "/dev/null"], "neither a file nor a folder"),
 }
 # The first table of bad input (formerly in test_train.py): paths, sizes, models, pipeline and flag combinations.
 CASES |= {
