@@ -291,7 +291,8 @@ def planned_layout(args: argparse.Namespace, geometry, world_size: int) -> dict:
     if geometry is not None:
         return {"layout": "pipeline", "stages": geometry.stages, "micro_batch": geometry.micro_batch_size}
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        return {"layout": "fsdp", "world": world_size}
+        checkpointing = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() in ("1", "true")
+        return {"layout": "fsdp", "world": world_size, "checkpointing": checkpointing}
     return {"layout": "ddp", "world": world_size}
 
 

@@ -60,22 +60,29 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, dtype_bytes: int, attn_implementation: str) -> int:
+def activation_bytes_per_token(
+    cfg: ModelConfig, seq_len: int, dtype_bytes: int, attn_implementation: str, documents: bool = True
+) -> int:
     """Bytes autograd keeps per token of one decoder block for its backward pass.
 
-    Per block: each RMSNorm keeps its input, the normalised input and its output (3 x hidden, twice); attention keeps
-    queries, keys and values as the kernel reads them (keys and values repeated to every query head), its output and
-    the output projection's input (5 x query width, plus 2 x kv width before the repeat); the gated MLP keeps gate,
-    up, the activation, the product and the down projection's input (5 x intermediate). QK-norm adds 3 x (q + kv); an
-    eager kernel also keeps the scores and probabilities of every head over the sequence.
+    Per block, in elements per token: each RMSNorm keeps its input and the normalised input (2 x hidden, twice) and
+    the attention block's residual input is kept once more for the output projection's sum (2 x hidden); attention
+    keeps the queries and keys after RoPE and the values (q + 2 x kv wide, q = heads x head_dim) and its output (q),
+    plus one log-sum-exp per head; the gated MLP keeps gate, up, the activation and their product (4 x intermediate).
+    QK-norm adds 2 x (q + kv). An eager kernel also keeps every head's attention probabilities over the sequence and
+    the keys and values repeated to every query head. With `documents` (packed rows hold several documents) the
+    dense-mask kernels keep a mask row per token and block: sdpa as an additive mask in the compute dtype, eager as
+    booleans. These coefficients match the tensors autograd saves in
+    models/model.py (tests/test_memory.py counts them with saved-tensor hooks).
     """
     h, i = cfg.hidden_size, cfg.intermediate_size
     q = cfg.num_attention_heads * cfg.head_dim
     kv = cfg.num_key_value_heads * cfg.head_dim
-    elements = 6 * h + 5 * q + 2 * kv + 5 * i + (3 * (q + kv) if cfg.qk_norm else 0)
+    elements = 6 * h + 2 * q + 2 * kv + 4 * i + cfg.num_attention_heads + (2 * (q + kv) if cfg.qk_norm else 0)
     if attn_implementation == "eager":
-        elements += 2 * cfg.num_attention_heads * seq_len
-    return elements * dtype_bytes
+        elements += cfg.num_attention_heads * seq_len + 2 * (q - kv)
+    mask = seq_len * (dtype_bytes if attn_implementation == "sdpa" else 1) if documents else 0
+    return elements * dtype_bytes + (mask if attn_implementation in ("sdpa", "eager") else 0)
 
 
 def estimate_memory(
@@ -91,6 +98,8 @@ def estimate_memory(
     stages: int = 1,
     in_flight: int | None = None,
     attn_implementation: str = "sdpa",
+    checkpointing: bool = False,
+    documents: bool = True,
 ) -> dict[str, int]:
     """Estimated peak bytes on the most loaded device (see the module docstring for what each entry counts).
 
@@ -101,6 +110,9 @@ def estimate_memory(
     layout: "ddp", "fsdp" or "pipeline"; world: processes (FSDP shards over them); stages: pipeline stages.
     in_flight: micro-batches whose activations a pipeline's first stage holds at once (None: `stages`, as 1F1B does
         given at least that many micro-batches; GPipe holds all of a step's micro-batches).
+    checkpointing: activation checkpointing per decoder block: each block keeps only its input, and one block at a
+        time recomputes its full activations during the backward pass.
+    documents: rows hold several documents (packed data), so sdpa and eager attend through a dense T x T mask.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is unknown; use one of {', '.join(LAYOUTS)}")
@@ -115,10 +127,15 @@ def estimate_memory(
     shapes = parameter_shapes(cfg)
     layers = cfg.num_hidden_layers
     tokens = micro_batch * seq_len
-    per_layer = activation_bytes_per_token(cfg, seq_len, a_bytes, attn_implementation)
+    per_layer = activation_bytes_per_token(cfg, seq_len, a_bytes, attn_implementation, documents)
+    recompute = 0
+    if checkpointing:  # a block's input per block, plus one block's activations while it is recomputed
+        per_layer, recompute = cfg.hidden_size * a_bytes, tokens * per_layer
     # The chunked loss keeps fp32 gradients for the final hidden states and the head, plus the final norm's input.
     loss = tokens * cfg.hidden_size * (4 + a_bytes) + cfg.vocab_size * cfg.hidden_size * 4
     embed_out = tokens * cfg.hidden_size * a_bytes
+    if documents and attn_implementation in ("sdpa", "eager"):
+        embed_out += tokens * seq_len  # the boolean document mask, built once per forward
 
     if layout == "pipeline":
         per_stage = -(-layers // stages)
@@ -131,11 +148,11 @@ def estimate_memory(
         params = sum(map(_numel, heaviest))
         opt = _optimizer_floats(heaviest, optimizer)
         in_flight = in_flight or stages
-        activations = in_flight * tokens * per_stage * per_layer + embed_out * in_flight + loss
+        activations = in_flight * tokens * per_stage * per_layer + embed_out * in_flight + loss + recompute
     else:
         params = sum(map(_numel, shapes.values()))
         opt = _optimizer_floats(list(shapes.values()), optimizer)
-        activations = tokens * layers * per_layer + embed_out + loss
+        activations = tokens * layers * per_layer + embed_out + loss + recompute
     result = {
         "parameters": params * p_bytes,
         "gradients": params * p_bytes,

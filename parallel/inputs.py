@@ -141,6 +141,7 @@ def run_memory(args: argparse.Namespace, cfg: ModelConfig, layout: dict, device:
         world=layout.get("world", 1),
         stages=layout.get("stages", 1),
         attn_implementation=args.attn_implementation,
+        checkpointing=layout.get("checkpointing", False),
     )
 
 
