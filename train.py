@@ -26,8 +26,6 @@ import traceback
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import torch
-
 import data
 import models
 import schedule
@@ -48,7 +46,15 @@ from monitor.checkpoint import Checkpointer, capture_rng, checkpoint_dirs, lates
 from monitor.meter import Meter
 from monitor.progress import say
 from parallel import DataParallel, Pipeline, Run, UsageError, bad_input
-from parallel.inputs import backend, bounded, check_jobs_dir, check_memory, check_output_dir, run_memory
+from parallel.inputs import (
+    backend,
+    bounded,
+    check_jobs_dir,
+    check_memory,
+    check_output_dir,
+    model_mismatch,
+    run_memory,
+)
 
 DEFAULT_MODEL = "deepone-162m"
 # Option ranges (parallel/inputs.py): NaN, infinities and out-of-range values are refused when parsed.
@@ -267,51 +273,19 @@ def _resolve_run(args: argparse.Namespace) -> Run:
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer_state.json").read_text())
         if saved["model_config"] != model_cfg.to_dict():
-            raise UsageError(different_model(saved, model_cfg, output_dir, tokenizer))
+            raise UsageError(model_mismatch(saved, model_cfg, output_dir, tokenizer))
     mix = None if args.dry_run else data.parse_mix(args.dataset)  # ValueError for a missing path
     if mix is not None:
         data.check_local_files(mix)  # empty, binary or non-UTF-8 files, a bad first JSON line: named, before any work
-    memory = run_memory(args, model_cfg, planned_layout(args, geometry, world_size), device_type())
+    memory = run_memory(args, model_cfg, geometry, world_size)  # bytes per device for the layout being planned
     if not args.dry_run and not args.skip_memory_check:
-        check_memory(memory, device_type())
+        check_memory(memory)
     if args.pipeline and not args.dry_run and "RANK" not in os.environ:
         raise UsageError(
             "--pipeline runs one process per stage: launch it with `deepspeed --num_gpus N train.py --pipeline ...` "
             "(or torchrun --nproc_per_node N), or add --dry-run to see its plan"
         )
     return Run(args, plan, geometry, model_cfg, mix, tokenizer, output_dir, resume_from, world_size, memory)
-
-
-def device_type() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def planned_layout(args: argparse.Namespace, geometry, world_size: int) -> dict:
-    """The layout the memory estimate plans for: a pipeline's stages, FSDP's shards (Accelerate's config) or DDP."""
-    if geometry is not None:
-        return {"layout": "pipeline", "stages": geometry.stages, "micro_batch": geometry.micro_batch_size}
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        checkpointing = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() in ("1", "true")
-        return {"layout": "fsdp", "world": world_size, "checkpointing": checkpointing}
-    return {"layout": "ddp", "world": world_size}
-
-
-def different_model(saved: dict, model_cfg: models.ModelConfig, output_dir: Path, tokenizer: str | None) -> str:
-    """Why the checkpoint's model differs, naming the fields; a vocabulary change points at the tokenizer."""
-    changed = [
-        f"{k} {v} -> {model_cfg.to_dict()[k]}" for k, v in saved["model_config"].items() if v != getattr(model_cfg, k)
-    ]
-    if [c.split()[0] for c in changed] == ["vocab_size"]:
-        was = saved.get("args", {}).get("tokenizer")
-        hint = f"pass the run's own --tokenizer {was}" if was and was != tokenizer else "use the run's own tokenizer"
-        return (
-            f"{output_dir} was trained with a {saved['model_config']['vocab_size']:,}-token vocabulary, but this run's "
-            f"tokenizer ({tokenizer or f'--vocab-size {model_cfg.vocab_size}'}) has {model_cfg.vocab_size:,}; {hint}"
-        )
-    return (
-        f"{output_dir} holds a different model ({saved['model_name']}: {', '.join(changed)}); use another "
-        "--output-dir, or --init-model --overwrite-output-dir to replace it"
-    )
 
 
 def print_plan(run: Run) -> None:

@@ -126,9 +126,24 @@ def available_memory(device: str) -> tuple[int, str]:
     return total // local, "host RAM" + (f" shared by {local} local processes" if local > 1 else "")
 
 
-def run_memory(args: argparse.Namespace, cfg: ModelConfig, layout: dict, device: str) -> dict[str, int]:
-    """estimate_memory for the run train.py is about to start (precision as parallel.common.precision picks it)."""
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device == "cuda")
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def planned_layout(args: argparse.Namespace, geometry, world_size: int) -> dict:
+    """The layout to estimate: a pipeline's stages, FSDP's shards (from Accelerate's environment) or DDP."""
+    if geometry is not None:
+        return {"layout": "pipeline", "stages": geometry.stages, "micro_batch": geometry.micro_batch_size}
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        checkpointing = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() in ("1", "true")
+        return {"layout": "fsdp", "world": world_size, "checkpointing": checkpointing}
+    return {"layout": "ddp", "world": world_size}
+
+
+def run_memory(args: argparse.Namespace, cfg: ModelConfig, geometry, world_size: int) -> dict[str, int]:
+    """estimate_memory for the run train.py plans (precision as parallel.common.precision picks it on this machine)."""
+    layout = planned_layout(args, geometry, world_size)
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device_type() == "cuda")
     pure_bf16 = bf16 and args.optimizer == "adafactor"
     return estimate_memory(
         cfg,
@@ -145,12 +160,29 @@ def run_memory(args: argparse.Namespace, cfg: ModelConfig, layout: dict, device:
     )
 
 
-def check_memory(estimate: dict[str, int], device: str) -> None:
+def check_memory(estimate: dict[str, int]) -> None:
     """Refuse a run whose estimated memory exceeds what the device (or host) has."""
-    have, where = available_memory(device)
+    have, where = available_memory(device_type())
     if estimate["total"] > have:
         raise UsageError(
             f"this run needs about {format_memory(estimate)}, more than the {have / 2**30:.1f} GiB of {where}; "
             "lower --batch-size or --max-length (raise --gradient-accumulation-steps to keep the global batch), or "
             "pass --skip-memory-check if the estimate is wrong"
         )
+
+
+def model_mismatch(saved: dict, cfg: ModelConfig, output_dir: Path, tokenizer: str | None) -> str:
+    """Why a checkpoint's model differs from this run's, naming the fields; a vocabulary change is the tokenizer's."""
+    now = cfg.to_dict()
+    changed = [f"{k} {v} -> {now[k]}" for k, v in saved["model_config"].items() if v != now.get(k)]
+    if len(changed) == 1 and changed[0].startswith("vocab_size "):
+        was = saved.get("args", {}).get("tokenizer")
+        hint = f"pass the run's own --tokenizer {was}" if was and was != tokenizer else "use the run's own tokenizer"
+        return (
+            f"{output_dir} was trained with a {saved['model_config']['vocab_size']:,}-token vocabulary, but this run's "
+            f"tokenizer ({tokenizer or f'--vocab-size {cfg.vocab_size}'}) has {cfg.vocab_size:,}; {hint}"
+        )
+    return (
+        f"{output_dir} holds a different model ({saved['model_name']}: {', '.join(changed)}); use another "
+        "--output-dir, or --init-model --overwrite-output-dir to replace it"
+    )
