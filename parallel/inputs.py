@@ -132,8 +132,15 @@ def device_type() -> str:
 
 def planned_layout(args: argparse.Namespace, geometry, world_size: int) -> dict:
     """The layout to estimate: a pipeline's stages, FSDP's shards (from Accelerate's environment) or DDP."""
-    if geometry is not None:
-        return {"layout": "pipeline", "stages": geometry.stages, "micro_batch": geometry.micro_batch_size}
+    if geometry is not None:  # GPipe runs every micro-batch forward before any backward; 1F1B at most one per stage
+        gpipe = "GPipe" in geometry.schedule
+        in_flight = geometry.micro_batches if gpipe else min(geometry.stages, geometry.micro_batches)
+        return {
+            "layout": "pipeline",
+            "stages": geometry.stages,
+            "micro_batch": geometry.micro_batch_size,
+            "in_flight": in_flight,
+        }
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         checkpointing = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() in ("1", "true")
         return {"layout": "fsdp", "world": world_size, "checkpointing": checkpointing}
@@ -157,6 +164,7 @@ def run_memory(args: argparse.Namespace, cfg: ModelConfig, geometry, world_size:
         stages=layout.get("stages", 1),
         attn_implementation=args.attn_implementation,
         checkpointing=layout.get("checkpointing", False),
+        in_flight=layout.get("in_flight"),
     )
 
 
