@@ -43,7 +43,8 @@ import data
 import models
 import schedule
 from data.tokenizer import tokenizer_hash
-from models.hf import model_config_from_hf
+from models.hf import check_hf_folder
+from models.memory import format_memory
 from monitor import (
     DivergenceDetector,
     JobControl,
@@ -72,8 +73,22 @@ from parallel import (
     pipeline_engine,
 )
 from parallel.common import publish_tokenizer
+from parallel.inputs import (
+    backend,
+    bounded,
+    check_jobs_dir,
+    check_memory,
+    check_output_dir,
+    model_mismatch,
+    run_memory,
+)
 
 DEFAULT_MODEL = "deepone-162m"
+# Option ranges (parallel/inputs.py): NaN, infinities and out-of-range values are refused when parsed.
+COUNT, COUNT0 = bounded(int, 1), bounded(int, 0)
+POSITIVE, NONNEGATIVE = bounded(float, above=0), bounded(float, 0)
+STEPS, LENGTH, SEED = bounded(int, 1, sentinel=-1), bounded(int, 2), bounded(int, 0, 2**32 - 1)
+VOCAB, FACTOR = bounded(int, 260, 2**31 - 1), bounded(float, high=1, above=0)  # 260: 256 bytes, BOS, EOS
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -93,16 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--init-model", action="store_true", help="start a new model instead of resuming the newest checkpoint"
     )
-    g.add_argument("--total-tokens", type=float, default=3.0, help="training budget in billions of tokens")
-    g.add_argument("--max-steps", type=int, default=-1, help="optimizer steps to run; -1 = train to the budget")
-    g.add_argument("--batch-size", type=int, default=4, help="sequences per device per micro-step")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-steps per optimizer step")
-    g.add_argument("--max-length", type=int, default=4096, help="tokens per packed sequence")
+    g.add_argument("--total-tokens", type=POSITIVE, default=3.0, help="training budget in billions of tokens")
+    g.add_argument("--max-steps", type=STEPS, default=-1, help="optimizer steps to run; -1 = train to the budget")
+    g.add_argument("--batch-size", type=COUNT, default=4, help="sequences per device per micro-step")
+    g.add_argument("--gradient-accumulation-steps", type=COUNT, default=1, help="micro-steps per optimizer step")
+    g.add_argument("--max-length", type=LENGTH, default=4096, help="tokens per packed sequence")
     g = p.add_argument_group("learning rate")
-    g.add_argument("--learning-rate", type=float, default=1.4e-5, help="peak LR for global batch 1 (scaled by sqrt)")
-    g.add_argument("--warmup-steps", type=int, default=500, help="linear warmup from 0 to the peak LR, in steps")
-    g.add_argument("--min-cooldown-tokens", type=float, default=100.0, help="minimum cooldown, billions of tokens")
-    g.add_argument("--anneal-steps", type=int, default=0, help="anneal to min_lr over the last N steps (0 = never)")
+    g.add_argument("--learning-rate", type=POSITIVE, default=1.4e-5, help="peak LR for global batch 1 (scaled by sqrt)")
+    g.add_argument("--warmup-steps", type=COUNT0, default=500, help="linear warmup from 0 to the peak LR, in steps")
+    g.add_argument("--min-cooldown-tokens", type=NONNEGATIVE, default=100.0, help="min cooldown, billions of tokens")
+    g.add_argument("--anneal-steps", type=COUNT0, default=0, help="anneal to min_lr over the last N steps (0 = never)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help="named config in models/configs/ (e.g. tiny, llama-124m)")
     g.add_argument("--model-config", default=None, help="path to a model config JSON (overrides --model)")
@@ -118,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="smollm", help="smollm (Hub), smollm=PATH, builtin (offline), paths or a mix")
     g.add_argument("--text-column", default="text", help="field holding each document in file and Hub sources")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json, folder or Hub name (None: train one)")
-    g.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size when a tokenizer is trained")
-    g.add_argument("--tokenizer-docs", type=int, default=50_000, help="documents used to train a tokenizer")
-    g.add_argument("--eval-batches", type=int, default=8, help="held-out global batches per evaluation")
+    g.add_argument("--vocab-size", type=VOCAB, default=32768, help="vocabulary size when a tokenizer is trained")
+    g.add_argument("--tokenizer-docs", type=COUNT, default=50_000, help="documents used to train a tokenizer")
+    g.add_argument("--eval-batches", type=COUNT, default=8, help="held-out global batches per evaluation")
     g.add_argument("--no-restore-dataset-state", action="store_true", help="on resume, restart the data from the start")
     g.add_argument(
         "--allow-tokenizer-change", action="store_true", help="resume a run with a tokenizer other than its own"
@@ -130,29 +145,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adamw"], help="update rule")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto = bf16 on GPU, fp32 on CPU")
     g.add_argument("--no-stochastic-rounding", action="store_true", help="Adafactor on bf16 weights rounds to nearest")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay")
-    g.add_argument("--max-grad-norm", type=float, default=4.0, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--weight-decay", type=NONNEGATIVE, default=0.01, help="decoupled weight decay")
+    g.add_argument("--max-grad-norm", type=NONNEGATIVE, default=4.0, help="clip the global gradient norm (0 = off)")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--output-dir", default=None, help="run directory (None: output_models/<model name>)")
     g.add_argument("--overwrite-output-dir", action="store_true", help="with --init-model, delete earlier checkpoints")
     g.add_argument("--save-strategy", default="steps", choices=["no", "steps", "epoch"], help="when to checkpoint")
-    g.add_argument("--save-total-limit", type=int, default=4, help="checkpoints kept (the best 2 by eval loss always)")
-    g.add_argument("--step-cadence", type=float, default=1.0, help="scale the log/eval/save intervals")
-    g.add_argument("--sample-tokens", type=int, default=48, help="tokens generated per text sample at eval (0 = none)")
-    g.add_argument("--sample-temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
-    g.add_argument("--sample-top-k", type=int, default=40, help="sample among the k likeliest tokens (0 = all)")
-    g.add_argument("--repetition-penalty", type=float, default=1.2, help="divide the logits of seen tokens (1 = off)")
+    g.add_argument("--save-total-limit", type=COUNT, default=4, help="checkpoints kept (always the best 2 by eval)")
+    g.add_argument("--step-cadence", type=POSITIVE, default=1.0, help="scale the log/eval/save intervals")
+    g.add_argument("--sample-tokens", type=COUNT0, default=48, help="tokens per text sample at each eval (0 = none)")
+    g.add_argument("--sample-temperature", type=NONNEGATIVE, default=0.8, help="sampling temperature (0 = greedy)")
+    g.add_argument("--sample-top-k", type=COUNT0, default=40, help="sample among the k likeliest tokens (0 = all)")
+    g.add_argument("--repetition-penalty", type=POSITIVE, default=1.2, help="shrink logits of seen tokens (1 = off)")
     g = p.add_argument_group("divergence guard")
     g.add_argument(
         "--divergence-action", default="abort", choices=["abort", "stop", "rollback", "none"], help="on a blow-up"
     )
-    g.add_argument("--divergence-threshold", type=float, default=1.0, help="max nats of fast minus slow loss EMA")
-    g.add_argument("--max-rollbacks", type=int, default=3, help="rollbacks before giving up (abort)")
-    g.add_argument("--rollback-lr-factor", type=float, default=0.5, help="LR multiplier applied at each rollback")
+    g.add_argument("--divergence-threshold", type=POSITIVE, default=1.0, help="max nats of fast minus slow loss EMA")
+    g.add_argument("--max-rollbacks", type=COUNT0, default=3, help="rollbacks before giving up (abort)")
+    g.add_argument("--rollback-lr-factor", type=FACTOR, default=0.5, help="LR multiplier applied at each rollback")
     g.add_argument("--inject-lr-spike", metavar="STEP,FACTOR", help="testing aid: LR x FACTOR from STEP on")
-    g.add_argument("--seed", type=int, default=42, help="seed for init, data order and sampling")
+    g.add_argument("--seed", type=SEED, default=42, help="seed for init, data order and sampling")
     g = p.add_argument_group("distributed")
-    g.add_argument("--dist-backend", default=None, help="torch.distributed backend (None: nccl on GPU, gloo on CPU)")
+    g.add_argument(
+        "--dist-backend", type=backend, default=None, help="torch.distributed backend (None: nccl on GPU, gloo on CPU)"
+    )
     g.add_argument("--pipeline", action="store_true", help="pipeline parallel (launch with deepspeed or torchrun)")
     g.add_argument(
         "--pipeline-schedule",
@@ -167,17 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--pipeline-stages",
-        type=int,
+        type=COUNT,
         default=None,
         help="processes per pipeline; world size / K data-parallel replicas (None: the world size, one pipeline)",
     )
-    g.add_argument("--microbatch-scale", type=int, default=1, help="with --pipeline: multiply the micro-batches")
-    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    g.add_argument("--microbatch-scale", type=COUNT, default=1, help="with --pipeline: multiply the micro-batches")
+    g.add_argument("--local_rank", "--local-rank", type=COUNT0, help=argparse.SUPPRESS)  # set by deepspeed
     g = p.add_argument_group("debugging")
     g.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
     g.add_argument("--json", action="store_true", help="with --dry-run: print the plan as one JSON object")
-    g.add_argument("--world-size", type=int, default=None, help="with --dry-run: plan for N processes")
+    g.add_argument("--world-size", type=COUNT, default=None, help="with --dry-run: plan for N processes")
     g.add_argument("--verbose-info", action="store_true", help="print the full resolved configuration at start")
+    g.add_argument("--skip-memory-check", action="store_true", help="start even when the memory estimate exceeds")
     return p
 
 
@@ -190,10 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Checks outside the plan (make_plan checks sizes, budget, LR and cadence)."""
-    for name in ("microbatch_scale", "eval_batches", "save_total_limit"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    """Checks across options (each option's own range is checked when parsed; make_plan checks the budget)."""
     if args.json and not args.dry_run:
         raise UsageError("--json only applies to --dry-run")
     if args.world_size is not None and not args.dry_run:
@@ -218,9 +233,12 @@ def parse_lr_spike(text: str | None) -> dict:
         return {}
     try:
         step, factor = text.split(",")
-        return {"step": int(step), "factor": float(factor)}
+        spike = {"step": int(step), "factor": float(factor)}
     except ValueError:
         raise UsageError(f"--inject-lr-spike {text!r} must be STEP,FACTOR, e.g. 100,50") from None
+    if spike["step"] < 1 or not 0 < spike["factor"] < math.inf:
+        raise UsageError(f"--inject-lr-spike {text!r} needs a STEP >= 1 and a finite FACTOR > 0, e.g. 100,50")
+    return spike
 
 
 def resolve_run(args: argparse.Namespace) -> Run:
@@ -262,6 +280,9 @@ def _resolve_run(args: argparse.Namespace) -> Run:
     model_name = args.model_config or args.model
     output_dir = Path(args.output_dir or Path("output_models") / Path(model_name).stem)
     checkpoints = output_dir / "checkpoints"
+    if not args.dry_run:
+        check_output_dir(output_dir)  # a file, or a folder this process cannot write: refused before any work
+        check_jobs_dir()
     resume_from, changed = None, []
     if not args.init_model and not args.dry_run:
         resume_from = latest_checkpoint(checkpoints, warn=lambda m: say(m, err=True))
@@ -287,9 +308,10 @@ def _resolve_run(args: argparse.Namespace) -> Run:
     elif args.init_from is None:
         vocab_size = args.vocab_size
     if args.init_from:
-        if not (Path(args.init_from) / "config.json").is_file():
-            raise UsageError(f"--init-from {args.init_from} is not a Hugging Face model folder (no config.json)")
-        model_cfg = model_config_from_hf(json.loads((Path(args.init_from) / "config.json").read_text()))
+        try:
+            model_cfg = check_hf_folder(args.init_from)  # config, weight files and their shapes; no tensor is read
+        except ValueError as e:
+            raise UsageError(f"--init-from {e}") from None
         if vocab_size is not None and vocab_size > model_cfg.vocab_size:
             raise UsageError(
                 f"the tokenizer has {vocab_size:,} tokens but {args.init_from} embeds only "
@@ -306,16 +328,18 @@ def _resolve_run(args: argparse.Namespace) -> Run:
         saved = json.loads((resume_from / "trainer_state.json").read_text())
         changed = check_resume(args, saved, tokenizer or output_dir / "tokenizer", plan, output_dir)
         if saved["model_config"] != model_cfg.to_dict():
-            raise UsageError(
-                f"{output_dir} holds a different model ({saved['model_name']}); use another --output-dir, "
-                "or --init-model --overwrite-output-dir to replace it"
-            )
+            raise UsageError(model_mismatch(saved, model_cfg, output_dir, tokenizer))
     mix = None if args.dry_run else data.parse_mix(args.dataset, text_column=args.text_column)  # ValueError: bad path
+    if mix is not None:
+        data.check_local_files(mix)  # empty, binary or non-UTF-8 files, a bad first JSON line: named, before any work
     if geometry is not None and geometry.stages > model_cfg.num_hidden_layers:
         raise UsageError(
             f"{geometry.stages} pipeline stages need at least as many blocks, but the model has "
             f"{model_cfg.num_hidden_layers}; use fewer processes per pipeline (--pipeline-stages) or a deeper model"
         )
+    memory = run_memory(args, model_cfg, geometry, world_size)  # bytes per device for the layout being planned
+    if not args.dry_run and not args.skip_memory_check:
+        check_memory(memory)
     if args.pipeline and not args.dry_run and "RANK" not in os.environ:
         raise UsageError(
             "--pipeline runs one process per stage: launch it with `deepspeed --num_gpus N train.py --pipeline ...` "
@@ -333,7 +357,7 @@ def _resolve_run(args: argparse.Namespace) -> Run:
         recover_published(output_dir / "final")  # an export cut between its two renames
     if changed:  # said once the start is known to be valid
         say(f"resume: changed since the checkpoint: {'; '.join(changed)}", err=True)
-    return Run(args, plan, geometry, model_cfg, mix, tokenizer, output_dir, resume_from, world_size, lock)
+    return Run(args, plan, geometry, model_cfg, mix, tokenizer, output_dir, resume_from, world_size, memory, lock)
 
 
 # Options whose change on resume alters the training from there on: said in one line, not refused.
@@ -383,6 +407,7 @@ def print_plan(run: Run) -> None:
         "model": run.args.model_config or run.args.model,
         "world_size": run.world_size,
         "pipeline": None if run.pipeline is None else run.pipeline.to_dict(),
+        "memory": run.memory,
     }
     if run.args.json:
         print(json.dumps(plan))
@@ -394,6 +419,7 @@ def print_plan(run: Run) -> None:
         f"model {plan['model']}: {counts['total'] / 1e6:.1f}M parameters "
         f"({counts['non_embedding'] / 1e6:.1f}M without embeddings); world size {run.world_size}"
     )
+    print(f"memory (estimate): {format_memory(run.memory)}")
 
 
 # -----------------------------------------------------------------------------
@@ -658,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
             return train(run, FullyShardedDataParallel(run) if fsdp_requested() else DataParallel(run))
         torch_engine = pipeline_engine(run.pipeline, args.pipeline_engine) == "torch"
         return train(run, TorchPipeline(run) if torch_engine else Pipeline(run))
-    except UsageError as e:
+    except (UsageError, data.DataError) as e:  # a DataError can surface mid-run: a bad line deep in a stream
         say(f"error: {e}", err=True)
         return 2
     except KeyboardInterrupt as e:  # steering.Interrupted, or a SIGINT delivered while a handler was not installed

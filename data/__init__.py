@@ -17,7 +17,7 @@ corpus.
 from .mix import Mix, SourceSpec, Stage, describe_mix, parse_mix
 from .packing import IGNORE_INDEX, pack_rows
 from .prefetch import Prefetcher
-from .sources import document_texts
+from .sources import DataError, check_local_files, document_texts
 from .stream import PackedStream, eval_batches, rank_rows
 from .tokenizer import (
     bos_eos_ids,
@@ -29,6 +29,7 @@ from .tokenizer import (
 )
 
 __all__ = [
+    "DataError",
     "IGNORE_INDEX",
     "Mix",
     "PackedStream",
@@ -36,6 +37,7 @@ __all__ = [
     "SourceSpec",
     "Stage",
     "bos_eos_ids",
+    "check_local_files",
     "describe_mix",
     "document_texts",
     "eval_batches",

@@ -34,6 +34,7 @@ probabilities and each one restarts (reshuffled) on its own when it runs out.
 """
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, replace
@@ -41,6 +42,7 @@ from pathlib import Path
 
 from .cache import CACHE_FORMAT, read_manifest
 
+MAX_BUDGET = 2**62  # tokens or documents of one curriculum stage
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 SMOLLM_REPO = "HuggingFaceTB/smollm-corpus"
 # NOTE: approximate document counts from the dataset card. They only steer the balanced interleaving of the two
@@ -169,13 +171,16 @@ def _split_budget(text: str) -> tuple[str, int | None, str, int]:
     budget = _scaled(m.group(1), m.group(2))
     unit = "docs" if (m.group(3) or "t").startswith("d") else "tokens"
     window = _scaled(m.group(4), m.group(5)) if m.group(4) else 0
-    if budget <= 0 or window > budget:
-        raise ValueError(f"stage budget {budget_text!r} must be positive and its '~' window no longer than itself")
+    if budget <= 0 or window > budget or budget > MAX_BUDGET:
+        raise ValueError(
+            f"stage budget {budget_text!r} must be positive, at most 2^62, and its '~' window no longer than itself"
+        )
     return items.strip(), budget, unit, window
 
 
 def _scaled(number: str, suffix: str) -> int:
-    return int(round(float(number) * _SCALE[suffix.lower()]))
+    value = float(number) * _SCALE[suffix.lower()]
+    return int(round(value)) if math.isfinite(value) else MAX_BUDGET + 1
 
 
 def _parse_items(text: str, text_column: str = "text") -> tuple[list[SourceSpec], str | None]:
@@ -208,14 +213,18 @@ def _parse_items(text: str, text_column: str = "text") -> tuple[list[SourceSpec]
 
 def _split_weight(item: str) -> tuple[str, float | None]:
     name, sep, tail = item.rpartition(":")
-    if not sep:
+    if not sep or Path(item).expanduser().exists():
         return item, None
+    if not tail.strip() and name.strip():  # "a.txt:" -- say what is wrong with the name, then with the weight
+        if name.strip().lower().endswith(TEXT_SUFFIXES) and not Path(name.strip()).expanduser().exists():
+            raise ValueError(f"{name.strip()} does not exist (and the weight after ':' is empty); check the path")
+        raise ValueError(f"the weight after {name.strip()!r}: is empty; write e.g. {name.strip()}:1, or drop the ':'")
     try:
         weight = float(tail)
     except ValueError:
         return item, None  # a ':' that is part of the name
-    if not weight > 0:
-        raise ValueError(f"weight {tail!r} of {name!r} must be a positive number")
+    if not 0 < weight < math.inf:
+        raise ValueError(f"weight {tail!r} of {name!r} must be a finite positive number")
     return name.strip(), weight
 
 
@@ -241,6 +250,8 @@ def _resolve_source(name: str) -> list[SourceSpec]:
         path = path.resolve()
         if path.is_dir() and _is_token_cache(path):
             return [SourceSpec("cache", str(path), path.name)]
+        if not path.is_file() and not path.is_dir():
+            raise ValueError(f"{name} is neither a file nor a folder")
         if path.is_file() and not name.lower().endswith(TEXT_SUFFIXES):
             raise ValueError(f"{name} is not a .txt, .jsonl, .json or .parquet file; convert it or point at a folder")
         return [SourceSpec("files", str(path), path.name)]

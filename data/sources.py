@@ -18,6 +18,7 @@ copy of the default corpus (`smollm=PATH`, a "mirror" source) is streamed that w
 Every source hands out its documents under the name `text`, whatever field `SourceSpec.text_column` reads.
 """
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -35,6 +36,160 @@ HUB_UNREACHABLE = (
     "cannot stream {name} from the Hugging Face Hub ({error}); without network access pass a local "
     "path to --dataset (a .txt/.jsonl/.parquet file or folder) or use --dataset builtin"
 )
+
+
+SNIFF_BYTES = 1 << 16  # the head of each local file checked up front (empty, binary, not UTF-8, first JSON line)
+
+
+NUL = b"\0"
+
+
+class DataError(ValueError):
+    """Bad data, named by file (and line where there is one): one line and exit code 2, even when found mid-run."""
+
+
+def check_local_files(mix) -> None:
+    """Cheap checks of every local file a mix reads, before anything expensive: a few KB of each file.
+
+    Catches empty and binary files, text that is not UTF-8, parquet files that are not parquet, and a first JSON
+    line that is invalid or has no string `text`. Problems further inside a file are found, with the file and line,
+    when the source is opened (`open_source`) or, for a stream, when the line is reached (`StreamSource.take`).
+    """
+    for spec in mix.sources:
+        if spec.kind == "files":
+            for path in list_data_files(Path(spec.location)):
+                check_file_head(path)
+
+
+def check_file_head(path: Path) -> None:
+    """DataError naming `path` when its first SNIFF_BYTES bytes show that it cannot be a document file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    if not head:
+        raise DataError(f"{path} is empty")
+    if path.name.lower().endswith(".parquet"):
+        if not head.startswith(b"PAR1"):
+            raise DataError(f"{path} is not a parquet file (no PAR1 header)")
+        return
+    if b"\0" in head:
+        raise DataError(f"{path} is binary, not text (a NUL byte at offset {head.index(NUL)})")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if len(head) < SNIFF_BYTES or e.start < len(head) - 3:  # not just a character cut at the end of the head
+            raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {e.start})") from None
+        text = head[: e.start].decode("utf-8")
+    if path.name.lower().endswith(".jsonl"):
+        lines = text.splitlines()
+        complete = lines[:-1] if len(head) == SNIFF_BYTES else lines
+        first = next(((i, line) for i, line in enumerate(complete, 1) if line.strip()), None)
+        if first is not None:
+            _check_json_record(first[1], path, first[0])
+
+
+def _check_json_record(line: str, path: Path, lineno: int) -> None:
+    try:
+        record = json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{lineno}: JSON nested too deeply to be a record") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{lineno}: a record must be a JSON object with a 'text' field, got {_kind(record)}")
+    if "text" not in record:
+        fields = ", ".join(list(record)[:8])
+        raise DataError(f"{path}:{lineno}: no 'text' field (fields: {fields}); each record needs its document there")
+    if not isinstance(record["text"], str):
+        raise DataError(f"{path}:{lineno}: 'text' must be a string, got {_kind(record['text'])}")
+
+
+def _kind(value) -> str:
+    return "null" if value is None else {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+
+
+def first_bad_record(files: list[Path]) -> DataError | None:
+    """The first line of these JSON-lines files that is not an object with a string `text`, as a DataError."""
+    for path in files:
+        if path.name.lower().endswith(".parquet"):
+            continue
+        try:
+            check_file_head(path)
+            if not path.name.lower().endswith((".jsonl", ".json")):
+                _check_utf8(path)
+                continue
+            with open(path, encoding="utf-8") as f:
+                if path.name.lower().endswith(".json") and f.read(1) == "[":  # one JSON array, not JSON lines
+                    f.seek(0)
+                    _check_json_array(path, f.read())
+                    continue
+                f.seek(0)
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        _check_json_record(line, path, lineno)
+        except DataError as e:
+            return e
+        except UnicodeDecodeError as e:
+            return DataError(f"{path} is not UTF-8 text ({e.reason})")
+    return None
+
+
+def _check_utf8(path: Path) -> None:
+    with open(path, "rb") as f:
+        offset, tail = 0, b""
+        while chunk := f.read(1 << 20):
+            block = tail + chunk
+            try:
+                block.decode("utf-8")
+                tail = b""
+            except UnicodeDecodeError as e:
+                if e.start < len(block) - 3:
+                    raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {offset + e.start})") from None
+                tail = block[e.start :]
+                block = block[: e.start]
+            offset += len(block)
+        if tail:
+            raise DataError(f"{path} is not UTF-8 text (it ends inside a character)")
+
+
+def _check_json_array(path: Path, text: str) -> None:
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{path}: record {i + 1} is not an object with a string 'text' field")
+
+
+def _load_failure(files: list[Path], error: Exception) -> DataError:
+    """Why a local load failed, named by file and line where the files tell; else the library's own reason."""
+    found = first_bad_record(files)
+    if found is not None:
+        return found
+    cause = error.__cause__ or error.__context__ or error
+    names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+    return DataError(f"cannot read {names}: {_one_line(cause)}")
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No progress bars or logged errors from `datasets` while it reads local files: every failure is raised as one
+    DataError by the caller, and a successful read needs no progress output."""
+    import datasets
+    from datasets.utils import logging as ds_logging
+
+    bars, level = not datasets.are_progress_bars_disabled(), ds_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def open_source(spec: SourceSpec, *, streaming: bool = False):
@@ -111,14 +266,16 @@ class StreamSource:
 
     random_access = False
 
-    def __init__(self, dataset, label: str, fingerprint: str, num_docs: int | None):
+    def __init__(self, dataset, label: str, fingerprint: str, num_docs: int | None, files: list[Path] | None = None):
         self.label = label
+        self.files = files or []  # local files read as a stream: a bad line is then named by file and line
         self.fingerprint = fingerprint
         self.num_docs = num_docs
         self._dataset = dataset
         self._iterator = None
         self._epoch = 0
         self._state: dict | None = None
+        self.pos_hint = 0  # documents read in this process (for messages only)
 
     def state(self) -> dict | None:
         """The iterable's position within the current pass (None = at the start of it)."""
@@ -145,10 +302,26 @@ class StreamSource:
             # NOTE: the generator prepares its state on the first next(), so state() is only read after take().
             self._iterator = iter(self._dataset)
         out = []
-        for example in self._iterator:
-            out.append(example["text"])
-            if len(out) == n:
-                break
+        try:
+            for example in self._iterator:
+                text = example.get("text")
+                if not isinstance(text, str):
+                    raise DataError(
+                        f"{self.label}: document {self.pos_hint + len(out) + 1} of pass {self._epoch + 1} has a "
+                        f"'text' that is {_kind(text)}, not a string"
+                    )
+                out.append(text)
+                if len(out) == n:
+                    break
+        except DataError:
+            raise
+        except Exception as e:  # a malformed record reached mid-stream (network failures are not ValueErrors)
+            if not isinstance(e, ValueError) and type(e).__name__ != "DatasetGenerationError":
+                raise
+            raise (first_bad_record(self.files) if self.files else None) or DataError(
+                f"reading {self.label} failed mid-stream: {_one_line(e.__cause__ or e)}"
+            ) from None
+        self.pos_hint += len(out)
         return out
 
 
@@ -330,32 +503,55 @@ def _open_files(spec: SourceSpec, files: list[Path], streaming: bool, fingerprin
         fingerprint = f"files:{spec.label}:{_digest(listing)}"
     if spec.text_column != "text":
         fingerprint += f":{spec.text_column}"
-    parts = []
-    for kind, group in _group_by_type(files):
-        column = "text" if kind == "text" else spec.text_column  # a .txt file's documents are always its text
-        if kind == "parquet":
-            _check_parquet_text(group, column)
-        kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
-        if kind == "parquet":
-            kwargs["columns"] = [column]
+    with _quiet_datasets():
+        parts = [_load_group(kind, group, streaming, spec.text_column) for kind, group in _group_by_type(files)]
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if streaming:
+        return StreamSource(ds, spec.label, fingerprint, spec.size_hint, files=files)
+    if len(ds) == 0:
+        raise DataError(f"{spec.location} holds no documents")
+    return ArrowSource(ds.flatten_indices() if ds._indices is not None else ds, spec.label, fingerprint)
+
+
+def _load_group(kind: str, group: list[Path], streaming: bool, text_column: str = "text"):
+    """One `load_dataset` over files of one type, reduced to a checked `text` column (taken from `text_column`)."""
+    import datasets
+
+    column = "text" if kind == "text" else text_column  # a .txt file's documents are always its text
+    if kind == "parquet":
+        _check_parquet_text(group, column)
+    kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
+    if kind == "parquet":
+        kwargs["columns"] = [column]
+    try:
         ds = datasets.load_dataset(
             kind, data_files=[str(f) for f in group], split="train", streaming=streaming, **kwargs
         )
-        if column not in (ds.column_names or []):
-            raise ValueError(
-                f"{group[0]} has no {column!r} field (fields: {', '.join(ds.column_names or [])}); "
-                f"each record needs its document in {column!r}{_COLUMN_HINT}"
-            )
-        ds = _as_text(ds, column)
-        if kind == "text":  # paragraphs keep the newlines around them; blank ones are not documents
-            ds = ds.map(_strip_texts, batched=True).filter(_has_text, batched=True)
-        parts.append(ds)
-    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    if streaming:
-        return StreamSource(ds, spec.label, fingerprint, spec.size_hint)
-    if len(ds) == 0:
-        raise ValueError(f"{spec.location} holds no documents")
-    return ArrowSource(ds.flatten_indices() if ds._indices is not None else ds, spec.label, fingerprint)
+    except Exception as e:  # DatasetGenerationError, ArrowInvalid, UnicodeDecodeError...: find the file and line
+        raise _load_failure(group, e) from None
+    if ds.column_names is None:  # JSON read as a stream: fields are known only when read (StreamSource.take)
+        return ds if column == "text" else ds.rename_column(column, "text")
+    if column not in ds.column_names:
+        raise ValueError(
+            f"{group[0]} has no {column!r} field (fields: {', '.join(ds.column_names)}); "
+            f"each record needs its document in {column!r}{_COLUMN_HINT}"
+        )
+    ds = _as_text(ds, column)
+    if not streaming:
+        _check_text_column(ds, group)
+    if kind == "text":  # paragraphs keep the newlines around them; blank ones are not documents
+        ds = ds.map(_strip_texts, batched=True).filter(_has_text, batched=True)
+    return ds
+
+
+def _check_text_column(ds, files: list[Path]) -> None:
+    """Every `text` value a string: JSON numbers, lists or nulls there are named by file and line."""
+    column = ds.data.table.column("text")
+    if str(column.type) in ("string", "large_string") and column.null_count == 0:
+        return
+    raise first_bad_record(files) or DataError(
+        f"the 'text' field of {files[0]} holds {column.type} values (or nulls), not strings"
+    )
 
 
 def _strip_texts(batch: dict) -> dict:

@@ -16,6 +16,7 @@ Command line:
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -52,9 +53,13 @@ def load_tokenizer(spec: str | Path) -> "PreTrainedTokenizerFast":
                 f"the folder {path} has no tokenizer.json; point --tokenizer at a folder saved by this "
                 "project or by transformers (a fast tokenizer)"
             )
-        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+        with _reading_tokenizer(path / "tokenizer.json"):
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
     elif path.is_file():
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+        with _reading_tokenizer(path):
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    elif path.exists():
+        raise ValueError(f"tokenizer {spec} is neither a file nor a folder")
     elif str(spec).startswith(("/", ".", "~")) or str(spec).endswith(".json"):
         raise ValueError(f"tokenizer {spec} does not exist; pass a tokenizer.json, a folder holding one, or a Hub name")
     else:
@@ -70,6 +75,16 @@ def load_tokenizer(spec: str | Path) -> "PreTrainedTokenizerFast":
             ) from None
         tok = PreTrainedTokenizerFast(tokenizer_object=backend)
     return _with_bos_eos(tok)
+
+
+@contextlib.contextmanager
+def _reading_tokenizer(path: Path):
+    """Whatever the Rust tokenizer or transformers raise for a damaged file becomes one ValueError naming it."""
+    try:
+        yield
+    except Exception as e:  # tokenizers raises a bare Exception for invalid JSON; transformers raises others
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ValueError(f"tokenizer {path} cannot be read (not a valid tokenizer.json: {detail})") from None
 
 
 def bos_eos_ids(tokenizer: "PreTrainedTokenizerFast") -> tuple[int, int]:

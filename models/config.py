@@ -16,12 +16,47 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 FAMILIES = ("llama", "qwen3", "deepone")
 ACTIVATIONS = ("silu", "relu", "gelu")
+# Declared type and inclusive range of each ModelConfig field; None-able fields are resolved in __post_init__.
+FIELD_TYPES = {
+    "family": str,
+    "vocab_size": int,
+    "hidden_size": int,
+    "intermediate_size": int,
+    "num_hidden_layers": int,
+    "num_attention_heads": int,
+    "num_key_value_heads": int,
+    "head_dim": int,
+    "max_position_embeddings": int,
+    "rope_theta": float,
+    "rms_norm_eps": float,
+    "tie_word_embeddings": bool,
+    "hidden_act": str,
+    "qk_norm": bool,
+    "initializer_range": float,
+}
+OPTIONAL_FIELDS = ("num_key_value_heads", "head_dim")
+_INT_MAX = 2**31 - 1  # sizes beyond this overflow int32 index math long before they could fit in memory
+FIELD_RANGES = {
+    "vocab_size": (1, _INT_MAX),
+    "hidden_size": (1, _INT_MAX),
+    "intermediate_size": (1, _INT_MAX),
+    "num_hidden_layers": (1, 100_000),
+    "num_attention_heads": (1, _INT_MAX),
+    "num_key_value_heads": (1, _INT_MAX),
+    "head_dim": (2, _INT_MAX),
+    "max_position_embeddings": (1, 2**40),
+    "rope_theta": (0.0, None),  # floats with a lower bound of 0 must exceed it (see _check_fields)
+    "rms_norm_eps": (0.0, 1.0),
+    "initializer_range": (0.0, 10.0),
+}
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
 
 
 @dataclass(kw_only=True)
@@ -45,6 +80,7 @@ class ModelConfig:
     initializer_range: float = 0.02  # std of the normal init of embeddings and (llama/qwen3) linear weights
 
     def __post_init__(self) -> None:
+        self._check_fields()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -69,9 +105,32 @@ class ModelConfig:
             raise ValueError("the llama family has no QK-norm; use family 'qwen3' (or 'deepone') for qk_norm=true")
         if self.family == "qwen3" and not self.qk_norm:
             raise ValueError("the qwen3 family always uses QK-norm; set qk_norm=true or use family 'llama'")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def _check_fields(self) -> None:
+        """Every field against its declared type and range (FIELD_RANGES), naming the field: a JSON file may hold
+        "128" or 128.0 where an integer belongs, or "yes" where a bool does."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), FIELD_TYPES[f.name]
+            if value is None and f.name in OPTIONAL_FIELDS:
+                continue
+            if kind is bool:
+                ok = isinstance(value, bool)
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind is float:
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            else:
+                ok = isinstance(value, str)
+            if not ok:
+                raise ValueError(
+                    f"model config field {f.name} must be {_KIND_NAMES[kind]}, got {value!r} ({type(value).__name__})"
+                )
+            low, high = FIELD_RANGES.get(f.name, (None, None))
+            strict = kind is float and low == 0 and f.name != "initializer_range"
+            if low is None or (low < value if strict else low <= value) and (high is None or value <= high):
+                continue
+            bound = (">" if strict else ">=") + f" {low:,}" + ("" if high is None else f" and <= {high:,}")
+            raise ValueError(f"model config field {f.name} must be {bound}, got {value!r}")
 
     # ---- DeepNet (family "deepone") ----
     @property
@@ -129,14 +188,17 @@ def load_model_config(name_or_path: str, vocab_size: int | None = None) -> Model
                 f"or pass the path of a .json file"
             )
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"model config {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"model config {path} must hold a JSON object")
     if vocab_size is not None:
         data["vocab_size"] = int(vocab_size)
-    return ModelConfig.from_dict(data)
+    try:
+        return ModelConfig.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 # NOTE: the counts below read only Hugging Face field names, so they also take a transformers config, where

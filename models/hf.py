@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import configuration_deepone, modeling_deepone
@@ -221,25 +222,25 @@ def export_hf(
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return load_file(str(single))
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        tensors = {}
-        for shard in shards:
-            tensors.update(load_file(str(folder / shard)))
-        return tensors
-    raise ValueError(f"{folder} has no model.safetensors (or sharded index); only safetensors weights are loaded")
+    tensors = {}
+    for file in _weight_files(folder):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+HF_REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def model_config_from_hf(config: dict) -> ModelConfig:
     """A config.json dict of a llama / qwen3 / deepone model -> ModelConfig; unsupported features raise ValueError."""
+    if not isinstance(config, dict):
+        raise ValueError("config.json must hold a JSON object")
     model_type = config.get("model_type")
     if model_type not in ("llama", "qwen3", "deepone"):
         raise ValueError(f"model_type {model_type!r} is not supported; expected llama, qwen3 or deepone")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"config.json rope_parameters must be an object, got {rope!r}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise ValueError(
@@ -249,40 +250,86 @@ def model_config_from_hf(config: dict) -> ModelConfig:
         if config.get(flag):
             raise ValueError(f"config.json sets {flag}=true, which this model does not implement")
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    heads = config["num_attention_heads"]
-    return ModelConfig(
-        family=model_type,
-        vocab_size=config["vocab_size"],
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_hidden_layers=config["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        max_position_embeddings=config.get("max_position_embeddings", 4096),
-        rope_theta=float(theta),
-        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=config.get("tie_word_embeddings", False),
-        hidden_act=config.get("hidden_act", "silu"),
-        qk_norm=model_type == "qwen3" or (model_type == "deepone" and config.get("qk_norm", True)),
-        initializer_range=config.get("initializer_range", 0.02),
-    )
+    if isinstance(theta, int) and not isinstance(theta, bool):
+        theta = float(theta)
+    missing = [k for k in HF_REQUIRED_FIELDS if k not in config]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)}")
+    fields = {
+        "family": model_type,
+        "vocab_size": config["vocab_size"],
+        "hidden_size": config["hidden_size"],
+        "intermediate_size": config["intermediate_size"],
+        "num_hidden_layers": config["num_hidden_layers"],
+        "num_attention_heads": config["num_attention_heads"],
+        "num_key_value_heads": config.get("num_key_value_heads"),  # None: ModelConfig resolves both defaults
+        "head_dim": config.get("head_dim"),
+        "max_position_embeddings": config.get("max_position_embeddings", 4096),
+        "rope_theta": theta,
+        "rms_norm_eps": config.get("rms_norm_eps", 1e-6),
+        "tie_word_embeddings": config.get("tie_word_embeddings", False),
+        "hidden_act": config.get("hidden_act", "silu"),
+        "qk_norm": model_type == "qwen3" or (model_type == "deepone" and config.get("qk_norm", True)),
+        "initializer_range": config.get("initializer_range", 0.02),
+    }
+    return ModelConfig(**fields)  # checks every field's type and range (ValueError naming the field)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        raise ValueError(f"{folder} has no model.safetensors (or sharded index); only safetensors weights are loaded")
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
+
+
+def check_hf_folder(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face folder, after checking what a load needs without reading any tensor data.
+
+    Raises ValueError naming the file for: a missing or invalid config.json, a config field of the wrong type or
+    range, missing weight files, a damaged or truncated safetensors file (its header must cover the file exactly),
+    and weights whose names or shapes differ from what config.json describes.
+    """
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    try:
+        cfg = model_config_from_hf(json.loads(config_file.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{config_file}: {e}") from None
+    shapes = {}
+    for file in _weight_files(folder):
+        try:
+            with safe_open(str(file), "pt") as f:
+                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        except Exception as e:  # SafetensorError (damaged header, truncated data) or OSError (missing shard)
+            raise ValueError(f"{file} is damaged or truncated ({type(e).__name__}: {e})") from None
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Transformer(cfg).state_dict().items()}
+    found = from_hf_state_dict(shapes, cfg)
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"{folder}: weights do not match config.json (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
+    wrong = [f"{name} {found[name]} (config.json: {shape})" for name, shape in expected.items() if found[name] != shape]
+    if wrong:
+        raise ValueError(f"{folder}: weight shapes do not match config.json: {', '.join(wrong[:3])}")
+    return cfg
 
 
 def load_hf(path: str | Path, attn_implementation: str = "sdpa") -> tuple[Transformer, ModelConfig]:
     """Load a Hugging Face folder (llama, qwen3 or deepone) into our Transformer, in fp32, on the CPU."""
     folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    cfg = model_config_from_hf(json.loads(config_file.read_text()))
+    cfg = check_hf_folder(folder)
     state = from_hf_state_dict(_read_safetensors(folder), cfg)
     model = Transformer(cfg, attn_implementation)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{folder}: weights do not match config.json (missing {missing[:4]}, unexpected {unexpected[:4]})"
-        )
     model.load_state_dict({name: t.float() for name, t in state.items()})
     return model, cfg

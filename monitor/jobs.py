@@ -87,6 +87,7 @@ class JobControl:
         if not enabled:
             return
         directory = private_jobs_dir(jobs_dir, create=True)
+        list_jobs(directory)  # forget the registrations of jobs that died without unregistering
         self.socket_path = directory / f"{self.job_id}.sock"
         self.info_path = directory / f"{self.job_id}.json"
         if len(os.fsencode(self.socket_path)) > 100:
@@ -221,6 +222,8 @@ def list_jobs(jobs_dir: Path | None = None, *, clean: bool = True) -> list[dict]
 
 def find_job(job: str, jobs_dir: Path | None = None) -> dict:
     """The running job named by its id, a unique prefix of it, or its pid; ValueError if none or several match."""
+    if not job.strip():
+        raise ValueError("the job id is empty; `python -m monitor control list` shows the running jobs.")
     jobs = list_jobs(jobs_dir)
     exact = [info for info in jobs if job in (info["job_id"], str(info["pid"]))]
     matches = exact or [info for info in jobs if info["job_id"].startswith(job)]

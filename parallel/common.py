@@ -35,6 +35,7 @@ class Run:
     output_dir: Path
     resume_from: Path | None
     world_size: int
+    memory: dict[str, int]  # models.memory.estimate_memory for this layout, bytes per device
     lock: OutputDirLock | None = None  # held by the main process for the run's life
 
 

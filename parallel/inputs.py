@@ -1,0 +1,199 @@
+"""Checks of the user's input that need no data and no model: option ranges, the output dir, the jobs dir, memory.
+
+Every check raises UsageError (or argparse's one-line error), so train.py exits 2 with one line before any
+expensive work. Option ranges are declared where each option is defined: `type=bounded(int, 1)` parses the value and
+refuses NaN, infinities and values out of range at parse time, also under --dry-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from models.config import ModelConfig
+from models.memory import estimate_memory, format_memory
+from monitor.jobs import private_jobs_dir
+
+from .common import UsageError
+
+MAX_INT = 2**62
+RUN_FOLDERS = ("checkpoints", "runs", "tokenizer", "final")  # what a run writes inside its output dir
+
+
+def _show(x: float) -> str:
+    return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+
+def bounded(
+    kind: type, low: float | None = None, high: float | None = None, *, above: float | None = None, sentinel=None
+):
+    """An argparse `type`: `kind` (int or float) within [low, high] (or > `above`); `sentinel` is also accepted.
+
+    NaN, +-inf and (for int) anything that is not a whole number are refused with the range in the message.
+    """
+    parts = [f">= {_show(low)}" if low is not None else "", f"> {_show(above)}" if above is not None else ""]
+    parts.append(f"<= {_show(high)}" if high is not None else "")
+    bound = " and ".join(p for p in parts if p)
+    noun = "an integer" if kind is int else "a finite number"
+    wanted = f"{noun} {bound}".strip() + (f" (or {sentinel})" if sentinel is not None else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}; expected {wanted}") from None
+        if sentinel is not None and value == sentinel:
+            return value
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not finite; expected {wanted}")
+        too_low = (low is not None and value < low) or (above is not None and value <= above)
+        if too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; expected {wanted}")
+        if kind is int and abs(value) > MAX_INT:  # counts and steps end up in int64 tensors and JSON
+            raise argparse.ArgumentTypeError(f"{text} is too large (more than 2^62)")
+        return value
+
+    parse.__name__ = kind.__name__
+    parse.kind, parse.low, parse.high, parse.above, parse.wanted = kind, low, high, above, wanted  # for tests
+    return parse
+
+
+def backend(text: str) -> str:
+    """An argparse `type` for --dist-backend: a torch.distributed backend, or per-device ones ("cpu:gloo,cuda:nccl")."""
+    known = [b for b in torch.distributed.Backend.backend_list if b not in ("undefined", "fake")]
+    for part in text.split(","):
+        name = part.rpartition(":")[2].strip().lower()
+        if name not in known:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a backend; expected one of {', '.join(known)}")
+    return text
+
+
+def _writable(folder: Path) -> str | None:
+    """None when files can be created in `folder`, else why not (permission bits, a read-only file system)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "permission denied"
+    try:  # NOTE: os.access says yes to root and to read-only mounts; an anonymous temporary file leaves no trace
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """The output dir is a directory (or can be made one) that this process can write, with writable subfolders."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output-dir {output_dir} is a file, not a directory; choose another --output-dir")
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--output-dir {output_dir} cannot be created: {existing} is a file, not a directory")
+    for sub in RUN_FOLDERS:
+        if (output_dir / sub).exists() and not (output_dir / sub).is_dir():
+            raise UsageError(
+                f"{output_dir / sub} is a file, but a run keeps a folder there; move it or choose another --output-dir"
+            )
+    folders = [existing] + [output_dir / sub for sub in RUN_FOLDERS if existing == output_dir]
+    for folder in folders:
+        if folder.is_dir() and (why := _writable(folder)):
+            raise UsageError(
+                f"--output-dir {output_dir} is not writable ({folder}: {why}); choose another --output-dir"
+            )
+
+
+def check_jobs_dir() -> None:
+    """The job-control directory, when it exists, is private to this user (a run registers there at its start)."""
+    try:
+        private_jobs_dir()
+    except ValueError as e:
+        raise UsageError(str(e).rstrip(".")) from None
+
+
+def available_memory(device: str) -> tuple[int, str]:
+    """(bytes, description) of the memory one process may use: the GPU's total, or host RAM shared by local ranks."""
+    if device == "cuda":
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        props = torch.cuda.get_device_properties(index)
+        return props.total_memory, f"{props.name} (cuda:{index})"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total // local, "host RAM" + (f" shared by {local} local processes" if local > 1 else "")
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def planned_layout(args: argparse.Namespace, geometry, world_size: int) -> dict:
+    """The layout to estimate: a pipeline's stages, FSDP's shards (from Accelerate's environment) or DDP."""
+    if geometry is not None:  # GPipe runs every micro-batch forward before any backward; 1F1B at most one per stage
+        gpipe = "GPipe" in geometry.schedule
+        in_flight = geometry.micro_batches if gpipe else min(geometry.stages, geometry.micro_batches)
+        return {
+            "layout": "pipeline",
+            "stages": geometry.stages,
+            "micro_batch": geometry.micro_batch_size,
+            "in_flight": in_flight,
+        }
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        checkpointing = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() in ("1", "true")
+        return {"layout": "fsdp", "world": world_size, "checkpointing": checkpointing}
+    return {"layout": "ddp", "world": world_size}
+
+
+def run_memory(args: argparse.Namespace, cfg: ModelConfig, geometry, world_size: int) -> dict[str, int]:
+    """estimate_memory for the run train.py plans (precision as parallel.common.precision picks it on this machine)."""
+    layout = planned_layout(args, geometry, world_size)
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device_type() == "cuda")
+    pure_bf16 = bf16 and args.optimizer == "adafactor"
+    return estimate_memory(
+        cfg,
+        micro_batch=layout.get("micro_batch", args.batch_size),
+        seq_len=args.max_length,
+        optimizer=args.optimizer,
+        param_dtype="bf16" if pure_bf16 else "fp32",
+        compute_dtype="bf16" if bf16 else None,
+        layout=layout["layout"],
+        world=layout.get("world", 1),
+        stages=layout.get("stages", 1),
+        attn_implementation=args.attn_implementation,
+        checkpointing=layout.get("checkpointing", False),
+        in_flight=layout.get("in_flight"),
+    )
+
+
+def check_memory(estimate: dict[str, int]) -> None:
+    """Refuse a run whose estimated memory exceeds what the device (or host) has."""
+    try:
+        have, where = available_memory(device_type())
+    except (RuntimeError, AssertionError, ValueError, OSError):  # no device properties to compare with: no check
+        return
+    if estimate["total"] > have:
+        raise UsageError(
+            f"this run needs about {format_memory(estimate)}, more than the {have / 2**30:.1f} GiB of {where}; "
+            "lower --batch-size or --max-length (raise --gradient-accumulation-steps to keep the global batch), or "
+            "pass --skip-memory-check if the estimate is wrong"
+        )
+
+
+def model_mismatch(saved: dict, cfg: ModelConfig, output_dir: Path, tokenizer: str | None) -> str:
+    """Why a checkpoint's model differs from this run's, naming the fields; a vocabulary change is the tokenizer's."""
+    now = cfg.to_dict()
+    changed = [f"{k} {v} -> {now[k]}" for k, v in saved["model_config"].items() if v != now.get(k)]
+    if len(changed) == 1 and changed[0].startswith("vocab_size "):
+        was = saved.get("args", {}).get("tokenizer")
+        hint = f"pass the run's own --tokenizer {was}" if was and was != tokenizer else "use the run's own tokenizer"
+        return (
+            f"{output_dir} was trained with a {saved['model_config']['vocab_size']:,}-token vocabulary, but this run's "
+            f"tokenizer ({tokenizer or f'--vocab-size {cfg.vocab_size}'}) has {cfg.vocab_size:,}; {hint}"
+        )
+    return (
+        f"{output_dir} holds a different model ({saved['model_name']}: {', '.join(changed)}); use another "
+        "--output-dir, or --init-model --overwrite-output-dir to replace it"
+    )
