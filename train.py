@@ -355,9 +355,9 @@ def _resolve_run(args: argparse.Namespace) -> Run:
                 "stop JOB), or choose another --output-dir"
             ) from None
         recover_published(output_dir / "final")  # an export cut between its two renames
-    if changed:  # said once the start is known to be valid
-        say(f"resume: changed since the checkpoint: {'; '.join(changed)}", err=True)
-    return Run(args, plan, geometry, model_cfg, mix, tokenizer, output_dir, resume_from, world_size, memory, lock)
+    return Run(
+        args, plan, geometry, model_cfg, mix, tokenizer, output_dir, resume_from, world_size, memory, lock, changed
+    )
 
 
 # Options whose change on resume alters the training from there on: said in one line, not refused.
@@ -512,6 +512,8 @@ def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | To
         publish_tokenizer(run.output_dir)
         if args.init_model and args.overwrite_output_dir:
             ckpts.remove_all()
+    if run.resume_changes:
+        say(f"resume: changed since the checkpoint: {'; '.join(run.resume_changes)}", err=True)
     lay.barrier()
     logger, bar, control, signals, info = start_monitoring(run, state, lay.is_main, len(lay.tokenizer))
     meter = Meter(run.model_cfg, plan.tokens_per_step, lay.world, device_peak_flops(lay.device, lay.dtype), lay.device)

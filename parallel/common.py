@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ class Run:
     world_size: int
     memory: dict[str, int]  # models.memory.estimate_memory for this layout, bytes per device
     lock: OutputDirLock | None = None  # held by the main process for the run's life
+    resume_changes: list[str] = field(default_factory=list)  # settings changed since the checkpoint resumed
 
 
 @contextlib.contextmanager

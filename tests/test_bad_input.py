@@ -230,7 +230,6 @@ CASES = {
     "empty tokenizer.json": (["--tokenizer", "{f}/empty-tokenizer.json"], "cannot be read"),
     "data file as tokenizer": (["--tokenizer", "{corpus}"], "cannot be read"),
     # the real cause, not a symptom
-    "missing --tokenizer on resume": (["--tokenizer", None], "512-token vocabulary"),
     "different model": (["--model", "llama-30m"], "num_hidden_layers 4 -> 10"),
     # output dir
     "output dir is a file": (["--output-dir", "{f}/empty.txt"], "is a file, not a directory"),
@@ -336,6 +335,19 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, ws, capfd):
     code, _, err = _main(argv, capfd)
     _assert_one_line(code, err, CASES[case][1], (case, argv))
     assert _digest(ws["out"]) == before, case
+
+
+def test_a_run_without_its_own_tokenizer_needs_the_tokenizer_it_trained_with(ws, tmp_path, capfd):
+    # A run keeps its tokenizer in tokenizer/, so a resume needs no --tokenizer; a copy without that folder (or one
+    # saved before it was kept) gets the real cause, not "a different model".
+    out = tmp_path / "copy"
+    shutil.copytree(ws["out"], out)
+    shutil.rmtree(out / "tokenizer")
+    before = _digest(out)
+    argv = [*TINY, "--dataset", str(ws["corpus"]), "--max-steps", "6", "--output-dir", str(out)]
+    code, _, err = _main(argv, capfd)
+    _assert_one_line(code, err, "512-token vocabulary", argv)
+    assert _digest(out) == before
 
 
 def _numeric_options() -> list[argparse.Action]:
