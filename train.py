@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--dispatch-batches", action="store_true", help="rank 0 reads the data and sends each rank its rows")
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adamw"], help="update rule")
+    g.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adamw", "muon"], help="update rule")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto = bf16 on GPU, fp32 on CPU")
     g.add_argument("--no-stochastic-rounding", action="store_true", help="Adafactor on bf16 weights rounds to nearest")
     g.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay")

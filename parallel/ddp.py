@@ -42,6 +42,8 @@ class DataParallel:
                 "checkpoints are not supported with FSDP yet (sharded optimizer state); pass --save-strategy no, or "
                 "train with DDP or --pipeline"
             )
+        if self.fsdp and args.optimizer == "muon":  # Newton-Schulz needs each matrix whole
+            raise UsageError("--optimizer muon is not supported with FSDP; use DDP, --pipeline or another optimizer")
         if not cpu:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.tokenizer = build_tokenizer(run, self.is_main, self.barrier)
