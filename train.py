@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--attn-implementation", default="sdpa", choices=models.ATTN_IMPLEMENTATIONS, help="attention kernel"
     )
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each decoder block (slow first step)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="smollm", help="smollm (Hub), builtin (offline), paths or a mix")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json, folder or Hub name (None: train one)")
@@ -443,6 +443,7 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
     logger, bar, control, signals, info = start_monitoring(run, state, lay.is_main, len(lay.tokenizer))
     meter = Meter(run.model_cfg, plan.tokens_per_step, lay.world, device_peak_flops(lay.device, lay.dtype), lay.device)
     lr_spike = parse_lr_spike(args.inject_lr_spike)
+    compile_watch = models.CompileWatch(say, enabled=args.compile)
 
     def evaluate() -> float:
         loss = lay.evaluate()
@@ -490,7 +491,8 @@ def train(run: Run, lay: DataParallel | Pipeline) -> int:
             if "factor" in lr_spike and step == lr_spike["step"]:  # testing aid for the divergence guard: applied once
                 scheduler.lr_factor *= lr_spike.pop("factor")
                 scheduler.load_state_dict(scheduler.state_dict())  # re-apply the LR for this update
-            loss, grad_norm = lay.train_step(meter)
+            with compile_watch.step(step):  # reports the compile time and warns of recompiles
+                loss, grad_norm = lay.train_step(meter)
             scheduler.step()
             state.step, state.tokens = step, state.tokens + plan.tokens_per_step
             meter.add_step(loss)

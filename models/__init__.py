@@ -7,6 +7,7 @@ Importing this package registers the deepone classes with transformers' AutoConf
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .attention import ATTN_IMPLEMENTATIONS, check_attn_implementation
+from .compile import CompileWatch, compiled_graphs
 from .config import ModelConfig, available_configs, count_parameters, describe, load_model_config
 from .hf import export_hf, load_hf
 from .hf_deepone import DeepOneConfig, DeepOneForCausalLM
@@ -25,6 +26,7 @@ AutoModelForCausalLM.register(DeepOneConfig, DeepOneForCausalLM, exist_ok=True)
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
+    "CompileWatch",
     "DeepOneConfig",
     "DeepOneForCausalLM",
     "ModelConfig",
@@ -32,6 +34,7 @@ __all__ = [
     "available_configs",
     "check_attn_implementation",
     "chunked_cross_entropy",
+    "compiled_graphs",
     "count_parameters",
     "describe",
     "export_hf",
