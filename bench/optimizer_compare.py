@@ -1,7 +1,16 @@
-"""Optimizer comparison on TinyStories: pure-bf16 Adafactor (stochastic vs nearest rounding) against fp32 AdamW.
+"""Optimizer comparison on TinyStories: pure-bf16 Adafactor (stochastic vs nearest rounding) against fp32 AdamW,
+and a tokens-to-target race between AdamW, Adafactor and Muon.
 
     python bench/optimizer_compare.py                        # three runs of 1.6M tokens, 1.5-4 min each on 2 CPU cores
     python bench/optimizer_compare.py --tokens 0.0004 --json # shorter runs, one JSON object on stdout
+    python bench/optimizer_compare.py --mode tokens-to-target --tokens 0.00008 --batch-size 8 --max-length 128 \
+        --lrs 8e-4,1.6e-3,3.2e-3 --warmup-steps 5 --evals 10 --eval-batches 4     # 9 runs, ~2 min each on 2 cores
+
+Tokens-to-target mode: AdamW (fp32), Adafactor (bf16 weights, stochastic rounding) and Muon (fp32; Muon on the
+hidden matrices, AdamW on the rest) each train at three base LRs (--lrs) on the same data, tokenizer, seed and
+budget, evaluating about --evals times. Each optimizer is represented by its best LR (lowest final eval loss); the
+target is the best AdamW run's final eval loss, and the table gives the tokens each optimizer's best run needed to
+first evaluate at or below it (at eval granularity, so an upper bound), as a fraction of AdamW's budget.
 
 Runs `train.py` once per configuration, as a subprocess, on the same data, tokenizer, model, seed and token budget:
   1. adafactor / bf16 weights / stochastic rounding (the default update rule and dtype on GPU),
@@ -28,14 +37,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinystories" / "train_lowercase_4mb.txt"
-BATCH_SIZE = 16
-MAX_LENGTH = 256
+BATCH_SIZE = 16  # --batch-size
+MAX_LENGTH = 256  # --max-length
 
 # (name, optimizer, dtype, rounding): rounding is what Adafactor does when it writes bf16 weights ("-" for fp32).
 RUNS = [
     ("adafactor-bf16-sr", "adafactor", "bf16", "stochastic"),
     ("adamw-fp32", "adamw", "fp32", "-"),
     ("adafactor-bf16-rtn", "adafactor", "bf16", "nearest"),
+]
+# The tokens-to-target race: the reference first.
+RACE = [
+    ("adamw-fp32", "adamw", "fp32", "-"),
+    ("adafactor-bf16-sr", "adafactor", "bf16", "stochastic"),
+    ("muon-fp32", "muon", "fp32", "-"),
 ]
 NO_SR_FLAG = "--no-stochastic-rounding"
 
@@ -66,19 +81,28 @@ def step_cadence(tokens_b: float, evals: int) -> float:
     return max(steps / evals, 1.0) * BATCH_SIZE / 1000
 
 
-def last_eval_loss(output_dir: Path) -> tuple[float | None, int | None]:
-    """The loss and step of the last "eval" record in the run's trainer_logs.jsonl (None when there is none)."""
-    loss, step = None, None
+def eval_curve(output_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every "eval" record in the run's trainer_logs.jsonl, in order."""
+    curve = []
     for log in sorted(glob.glob(str(output_dir / "runs" / "*" / "trainer_logs.jsonl"))):
         for line in Path(log).read_text().splitlines():
             record = json.loads(line)
             if record.get("type") == "eval" and record.get("loss") is not None:
-                loss, step = float(record["loss"]), int(record["step"])
-    return loss, step
+                curve.append((int(record["step"]), float(record["loss"])))
+    return curve
 
 
-def run_one(name: str, optimizer: str, dtype: str, rounding: str, args, tokenizer: Path, work: Path) -> dict:
+def last_eval_loss(output_dir: Path) -> tuple[float | None, int | None]:
+    """The loss and step of the last "eval" record in the run's trainer_logs.jsonl (None when there is none)."""
+    curve = eval_curve(output_dir)
+    return (curve[-1][1], curve[-1][0]) if curve else (None, None)
+
+
+def run_one(
+    name: str, optimizer: str, dtype: str, rounding: str, args, tokenizer: Path, work: Path, lr: float | None = None
+) -> dict:
     """Train one configuration to the token budget; return its result row (status "ok", "unsupported" or "failed")."""
+    lr = args.learning_rate if lr is None else lr
     output_dir = work / name
     cmd = [
         sys.executable,
@@ -100,11 +124,11 @@ def run_one(name: str, optimizer: str, dtype: str, rounding: str, args, tokenize
         "--total-tokens",
         str(args.tokens),
         "--warmup-steps",
-        "30",
+        str(args.warmup_steps),
         "--min-cooldown-tokens",
         "0",
         "--learning-rate",
-        str(args.learning_rate),
+        str(lr),
         "--optimizer",
         optimizer,
         "--dtype",
@@ -116,7 +140,7 @@ def run_one(name: str, optimizer: str, dtype: str, rounding: str, args, tokenize
         "--save-strategy",
         "no",
         "--eval-batches",
-        "8",
+        str(args.eval_batches),
         "--step-cadence",
         f"{step_cadence(args.tokens, args.evals):.4g}",
     ]
@@ -127,6 +151,7 @@ def run_one(name: str, optimizer: str, dtype: str, rounding: str, args, tokenize
         "optimizer": optimizer,
         "dtype": dtype,
         "rounding": rounding,
+        "learning_rate": lr,
         "eval_loss": None,
         "eval_step": None,
         "ratio_to_adamw": None,
@@ -143,6 +168,7 @@ def run_one(name: str, optimizer: str, dtype: str, rounding: str, args, tokenize
         print(f"{name}: train.py does not accept {NO_SR_FLAG} yet; skipping the round-to-nearest run", file=sys.stderr)
         return row
     row["eval_loss"], row["eval_step"] = last_eval_loss(output_dir)
+    row["curve"] = eval_curve(output_dir)
     row["status"] = "ok" if proc.returncode == 0 and row["eval_loss"] is not None else "failed"
     if row["status"] == "failed":
         tail = "\n".join(output.splitlines()[-5:])
@@ -166,7 +192,62 @@ def print_table(rows: list[dict], args) -> None:
         )
 
 
+def tokens_to(curve: list[tuple[int, float]], target: float) -> int | None:
+    """Tokens at the first evaluation whose loss is at or below `target` (None when it never is)."""
+    return next((step * BATCH_SIZE * MAX_LENGTH for step, loss in curve if loss <= target), None)
+
+
+def race(args, tokenizer: Path, work: Path) -> dict:
+    """Every optimizer of RACE at every LR of --lrs; the best LR per optimizer; tokens to the best AdamW loss."""
+    lrs = [float(x) for x in args.lrs.split(",")]
+    rows = []
+    for name, optimizer, dtype, rounding in RACE:
+        for lr in lrs:
+            print(f"running {name} at LR {lr:g} ...", file=sys.stderr, flush=True)
+            rows.append(run_one(f"{name}-lr{lr:g}", optimizer, dtype, rounding, args, tokenizer, work, lr))
+    best = {}
+    for name, *_ in RACE:
+        done = [r for r in rows if r["name"].startswith(name + "-lr") and r["status"] == "ok"]
+        if done:
+            best[name] = min(done, key=lambda r: r["eval_loss"])
+    budget = args.tokens * 1e9
+    target = best["adamw-fp32"]["eval_loss"] if "adamw-fp32" in best else None
+    summary = []
+    for name, optimizer, dtype, rounding in RACE:
+        if name not in best:
+            continue
+        r = best[name]
+        tokens = tokens_to(r["curve"], target) if target is not None else None
+        summary.append({
+            "name": name, "optimizer": optimizer, "dtype": dtype, "rounding": rounding,
+            "best_learning_rate": r["learning_rate"], "eval_loss": r["eval_loss"],
+            "sweep": {f"{x['learning_rate']:g}": x["eval_loss"] for x in rows if x["name"].startswith(name + "-lr")},
+            "tokens_to_target": tokens,
+            "fraction_of_budget": None if tokens is None else round(tokens / budget, 3),
+        })  # fmt: skip
+    return {"target": target, "budget_tokens": int(budget), "runs": rows, "summary": summary}
+
+
+def print_race(result: dict, args) -> None:
+    print(
+        f"TinyStories 4MB, model tiny, {result['budget_tokens']:,} tokens per run, batch {BATCH_SIZE} x {MAX_LENGTH}, "
+        f"base LRs {args.lrs} (peak = x{BATCH_SIZE**0.5:.2f}), seed {args.seed}, CPU; "
+        f"target = best AdamW final eval loss {result['target']}"
+    )
+    head = f"{'optimizer':<10} {'dtype':<5} {'best LR':>8} {'eval loss':>9} {'tokens to target':>17} {'of budget':>9}"
+    print(head + "  sweep")
+    for r in result["summary"]:
+        tokens = f"{r['tokens_to_target']:,}" if r["tokens_to_target"] is not None else "not reached"
+        frac = f"{r['fraction_of_budget']:.0%}" if r["fraction_of_budget"] is not None else "-"
+        sweep = ", ".join(f"{lr}: {loss:.4f}" if loss is not None else f"{lr}: -" for lr, loss in r["sweep"].items())
+        print(
+            f"{r['optimizer']:<10} {r['dtype']:<5} {r['best_learning_rate']:>8g} {r['eval_loss']:>9.4f} "
+            f"{tokens:>17} {frac:>9}  {sweep}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
+    global BATCH_SIZE, MAX_LENGTH
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--data", type=Path, default=DEFAULT_DATA, help="training text file (documents split by blank lines)"
@@ -179,7 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default=",".join(r[0] for r in RUNS), help="comma-separated subset of the run names")
     p.add_argument("--work-dir", type=Path, default=None, help="keep run outputs and logs here (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--mode", default="rounding", choices=["rounding", "tokens-to-target"], help="which comparison")
+    p.add_argument("--lrs", default="4e-4,8e-4,1.6e-3", help="tokens-to-target: base LRs swept per optimizer")
+    p.add_argument("--warmup-steps", type=int, default=30, help="LR warmup steps of every run")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="sequences per step")
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="tokens per sequence")
+    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation")
     args = p.parse_args(argv)
+    BATCH_SIZE, MAX_LENGTH = args.batch_size, args.max_length
 
     if not args.data.is_file():
         print(f"error: {args.data} not found; pass --data with a TinyStories .txt file", file=sys.stderr)
@@ -195,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work_dir.resolve() if args.work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         tokenizer = args.tokenizer.resolve() if args.tokenizer else train_tokenizer(args.data, work / "tokenizer", 4096)
+        if args.mode == "tokens-to-target":
+            result = race(args, tokenizer, work)
+            if args.json:
+                print(json.dumps({"data": str(args.data), "tokens": args.tokens, "seed": args.seed, **result}))
+            else:
+                print_race(result, args)
+            return 0 if all(r["status"] == "ok" for r in result["runs"]) else 1
         rows = []
         for name, optimizer, dtype, rounding in RUNS:
             if name in wanted:

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .attention import ATTN_IMPLEMENTATIONS, check_attn_implementation
 from .card import RunSummary
+from .compile import CompileWatch, compiled_graphs
 from .config import ModelConfig, available_configs, count_parameters, describe, load_model_config
 from .configuration_deepone import DeepOneConfig
 from .hf import export_hf, load_hf
@@ -29,6 +30,7 @@ AutoModelForCausalLM.register(DeepOneConfig, DeepOneForCausalLM, exist_ok=True)
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
+    "CompileWatch",
     "DeepOneConfig",
     "DeepOneForCausalLM",
     "ModelConfig",
@@ -37,6 +39,7 @@ __all__ = [
     "available_configs",
     "check_attn_implementation",
     "chunked_cross_entropy",
+    "compiled_graphs",
     "count_parameters",
     "describe",
     "export_hf",

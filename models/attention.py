@@ -99,10 +99,22 @@ def _flex_block_mask(doc_ids: torch.Tensor | None, batch: int, seq_len: int, dev
 
 @torch.compiler.disable  # data-dependent (single-document check, max_seqlen): keep it out of compiled graphs
 def build_attention_mask(
-    implementation: str, doc_ids: torch.Tensor | None, batch: int, seq_len: int, device: torch.device
+    implementation: str,
+    doc_ids: torch.Tensor | None,
+    batch: int,
+    seq_len: int,
+    device: torch.device,
+    *,
+    same_form: bool = False,
 ) -> AttentionMask:
-    """Build the per-forward mask for `implementation` from doc_ids (B, T); None means one document per row."""
-    if doc_ids is not None and not bool(doc_ids.any()):
+    """Build the per-forward mask for `implementation` from doc_ids (B, T); None means one document per row.
+
+    same_form: always build the document mask, even when every row holds one document, so every batch yields a
+    mask of the same structure (compiled blocks then never recompile when a batch happens to be unpacked).
+    """
+    if same_form and doc_ids is None:
+        doc_ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    if doc_ids is not None and not same_form and not bool(doc_ids.any()):
         doc_ids = None  # every row starts at document 0 and never leaves it
     single = doc_ids is None
     if implementation in ("eager", "sdpa"):

@@ -220,6 +220,7 @@ class Transformer(nn.Module):
         self.norm = nn.Identity() if cfg.post_norm else RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.loss_chunk_size: int | None = None  # tokens per chunk of the head + loss; None = automatic
+        self.compiled_layers: list | None = None  # set by compile_blocks; a plain list, so no state_dict entries
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -263,6 +264,18 @@ class Transformer(nn.Module):
         if self.lm_head is not None:
             self.lm_head.weight.normal_(0.0, std)
 
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each decoder block (one graph per block, shared by all blocks of the same structure).
+
+        Only the loss path (`labels` given: training and evaluation) runs the compiled blocks; the logits path
+        (text samples, generation at every length) stays eager, so it never recompiles. The attention mask and the
+        rotary tables are built outside the graphs, once per forward, and the mask always has the same form
+        (`build_attention_mask(same_form=True)`), so batches with other document layouts reuse the same graphs.
+        Shapes are static (`dynamic=False`): training and evaluation batches share one (B, T).
+        """
+        options = {"dynamic": False, "fullgraph": True} | options
+        self.compiled_layers = [torch.compile(block, **options) for block in self.layers]
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -282,12 +295,13 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        compiled = self.compiled_layers is not None and labels is not None
         # NOTE: built first: under torch.compile the mask builder is the one (deliberate) graph break, and placing
         # it before any computation leaves the rest of the forward as a single graph.
-        attn_mask = build_attention_mask(self.attn_implementation, doc_ids, B, T, input_ids.device)
+        attn_mask = build_attention_mask(self.attn_implementation, doc_ids, B, T, input_ids.device, same_form=compiled)
         hidden = self.embed_tokens(input_ids)  # (B, T, C)
         rope = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, hidden.dtype)
-        for block in self.layers:
+        for block in self.compiled_layers if compiled else self.layers:
             hidden = block(hidden, position_ids, doc_ids, rope=rope, attn_mask=attn_mask)
         hidden = self.norm(hidden)
         if labels is None:

@@ -116,14 +116,15 @@ def build_model(run: Run, dtype: torch.dtype) -> models.Transformer:
 
 def build_optimizer(run: Run, module: torch.nn.Module) -> torch.optim.Optimizer:
     args = run.args
-    return schedule.build_optimizer(
-        args.optimizer,
-        module,
-        run.plan.max_lr,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        stochastic_rounding=not args.no_stochastic_rounding,
-    )
+    with bad_input():  # e.g. Muon on sharded parameters
+        return schedule.build_optimizer(
+            args.optimizer,
+            module,
+            run.plan.max_lr,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+            stochastic_rounding=not args.no_stochastic_rounding,
+        )
 
 
 def precision(args: argparse.Namespace, device_type: str) -> tuple[torch.dtype, bool]:

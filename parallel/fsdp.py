@@ -68,7 +68,7 @@ class FullyShardedDataParallel:
             fully_shard(block, mesh=self.mesh)
         fully_shard(model, mesh=self.mesh)
         say(f"fsdp: {len(model.layers)} blocks and the root sharded over {self.world} processes ({self.device.type})")
-        self.model = torch.compile(model) if args.compile else model
+        self.model = model
         self.sharded = model
         self.names = {p: name for name, p in model.named_parameters()}
         self.params = dict(model.named_parameters())

@@ -1,7 +1,7 @@
 """Token budget -> steps and learning rates (plan), the InfiniteLR schedule (lr), and the optimizers (optim)."""
 
 from schedule.lr import InfiniteLR, lr_at
-from schedule.optim import Adafactor, build_optimizer, resolve_dtype, stochastic_round_to_bf16
+from schedule.optim import Adafactor, MuonAdamW, build_optimizer, resolve_dtype, stochastic_round_to_bf16
 from schedule.plan import (
     PIPELINE_SCHEDULES,
     PipelineGeometry,
@@ -17,6 +17,7 @@ __all__ = [
     "Adafactor",
     "PipelineGeometry",
     "InfiniteLR",
+    "MuonAdamW",
     "Plan",
     "build_optimizer",
     "format_pipeline",

@@ -303,7 +303,7 @@ def test_build_optimizer_groups() -> None:
     assert not adamw.param_groups[0]["fused"]  # parameters on CPU
     adafactor = build_optimizer("adafactor", model, 1e-3, stochastic_rounding=False)
     assert isinstance(adafactor, Adafactor) and adafactor.param_groups[0]["stochastic_rounding"] is False
-    with pytest.raises(ValueError, match="adafactor or adamw"):
+    with pytest.raises(ValueError, match="adafactor, adamw or muon"):
         build_optimizer("sgd", model, 1e-3)
 
 
