@@ -36,7 +36,7 @@ from .model import Transformer
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 LAYOUTS = ("ddp", "fsdp", "pipeline")
-OPTIMIZERS = ("adamw", "adafactor")
+OPTIMIZERS = ("adamw", "adafactor", "muon")
 
 
 def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -48,7 +48,7 @@ def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def _optimizer_floats(shapes: list[tuple[int, ...]], optimizer: str) -> int:
     """Optimizer state elements for these parameters (Adafactor's are fp32; AdamW's take the weights' dtype)."""
-    if optimizer == "adamw":
+    if optimizer in ("adamw", "muon"):  # NOTE: Muon's matrices keep one buffer, not two: counted as AdamW (a bound)
         return sum(2 * _numel(s) for s in shapes)
     return sum((_numel(s[:-1]) + s[-1]) if len(s) >= 2 else _numel(s) for s in shapes)
 
@@ -105,7 +105,7 @@ def estimate_memory(
 
     micro_batch: sequences per forward pass on one device (`--batch-size`; a pipeline's micro-batch size).
     seq_len: tokens per sequence (`--max-length`).
-    optimizer: "adamw" or "adafactor". param_dtype: dtype of the stored weights ("fp32" or "bf16").
+    optimizer: "adamw", "adafactor" or "muon" (its state counted as AdamW's, an upper bound). param_dtype: dtype of the stored weights ("fp32" or "bf16").
     compute_dtype: dtype of the activations (None: param_dtype; "bf16" under autocast over fp32 weights).
     layout: "ddp", "fsdp" or "pipeline"; world: processes (FSDP shards over them); stages: pipeline stages.
     in_flight: micro-batches whose activations a pipeline's first stage holds at once (None: `stages`, as 1F1B does
@@ -123,7 +123,7 @@ def estimate_memory(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     p_bytes = DTYPE_BYTES[param_dtype]
     a_bytes = DTYPE_BYTES[compute_dtype or param_dtype]
-    state_bytes = p_bytes if optimizer == "adamw" else 4
+    state_bytes = p_bytes if optimizer in ("adamw", "muon") else 4
     shapes = parameter_shapes(cfg)
     layers = cfg.num_hidden_layers
     tokens = micro_batch * seq_len
