@@ -105,7 +105,8 @@ def estimate_memory(
 
     micro_batch: sequences per forward pass on one device (`--batch-size`; a pipeline's micro-batch size).
     seq_len: tokens per sequence (`--max-length`).
-    optimizer: "adamw", "adafactor" or "muon" (its state counted as AdamW's, an upper bound). param_dtype: dtype of the stored weights ("fp32" or "bf16").
+    optimizer: "adamw", "adafactor" or "muon" (its state counted as AdamW's, an upper bound).
+    param_dtype: dtype of the stored weights ("fp32" or "bf16").
     compute_dtype: dtype of the activations (None: param_dtype; "bf16" under autocast over fp32 weights).
     layout: "ddp", "fsdp" or "pipeline"; world: processes (FSDP shards over them); stages: pipeline stages.
     in_flight: micro-batches whose activations a pipeline's first stage holds at once (None: `stages`, as 1F1B does
