@@ -200,8 +200,8 @@ class Adafactor(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if torch.is_tensor(value):
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
-        if generator_state is not None:
-            self._sr_generator.set_state(generator_state)
+        if generator_state is not None:  # NOTE: Accelerate moves the whole state dict to the GPU; the RNG state is CPU
+            self._sr_generator.set_state(generator_state.to("cpu", torch.uint8))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
