@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU-only paths the CPU test suite cannot reach, as short real runs on one CUDA GPU:
-#   1. pure-bf16 Adafactor (stochastic rounding), flex_attention, --compile, then an exact resume
+#   1. pure-bf16 Adafactor (stochastic rounding) with flex_attention, then a resume; the same with --compile and sdpa
 #   2. bf16 autocast AdamW with SDPA on a larger config, and Muon when this version has it
 #   3. FSDP2 through Accelerate's FSDP config (1 process, nccl) with activation checkpointing, then a resume
 # Each step prints its last log lines; the script stops at the first failure.
@@ -19,10 +19,12 @@ step() { local name=$1; shift; echo "== $name: $*"; SECONDS=0
          "$@" > "$out/$name.log" 2>&1 || { tail -40 "$out/$name.log"; echo "== $name FAILED"; exit 1; }
          grep -E "^step|final eval|resumed|layout|compile|error" "$out/$name.log" | tail -6; echo "== $name ok in ${SECONDS}s"; }
 
-step flex-compile-bf16 $PY train.py --model tiny "${COMMON[@]}" --max-length 512 --batch-size 16 --max-steps 20 \
-    --attn-implementation flex_attention --compile --dtype bf16 --optimizer adafactor --output-dir /tmp/g1 --init-model
-step flex-compile-resume $PY train.py --model tiny "${COMMON[@]}" --max-length 512 --batch-size 16 --max-steps 30 \
-    --attn-implementation flex_attention --compile --dtype bf16 --optimizer adafactor --output-dir /tmp/g1
+step flex-bf16 $PY train.py --model tiny "${COMMON[@]}" --max-length 512 --batch-size 16 --max-steps 20 \
+    --attn-implementation flex_attention --dtype bf16 --optimizer adafactor --output-dir /tmp/g1 --init-model
+step flex-resume $PY train.py --model tiny "${COMMON[@]}" --max-length 512 --batch-size 16 --max-steps 30 \
+    --attn-implementation flex_attention --dtype bf16 --optimizer adafactor --output-dir /tmp/g1
+step compile-sdpa $PY train.py --model tiny "${COMMON[@]}" --max-length 512 --batch-size 16 --max-steps 20 \
+    --compile --dtype bf16 --optimizer adafactor --output-dir /tmp/g5 --init-model
 step adamw-autocast $PY train.py --model llama-30m "${COMMON[@]}" --max-length 1024 --batch-size 8 --max-steps 20 \
     --dtype bf16 --optimizer adamw --output-dir /tmp/g2 --init-model
 if $PY train.py --help | grep -q muon; then

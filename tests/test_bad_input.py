@@ -267,6 +267,10 @@ CASES |= {
     ),
     "pipeline stages not dividing the world": (["--pipeline", "--pipeline-stages", "2"], "does not divide"),
     "pipeline stages without pipeline": (["--pipeline-stages", "2"], "only applies to --pipeline"),
+    "compile around flex attention": (
+        ["--compile", "--attn-implementation", "flex_attention"],
+        "does not support --attn-implementation flex",
+    ),
     "compile with the pipeline": (["--pipeline", "--compile"], "--compile is not supported with --pipeline"),
     "pipeline outside a launcher": (["--pipeline"], "deepspeed --num_gpus"),
     "microbatch scale without pipeline": (["--microbatch-scale", "2"], "only applies to --pipeline"),
