@@ -114,7 +114,8 @@ def test_eval_bits_per_byte_equals_a_hand_computation(setup):
     # Windows shorter than the documents: every token is still scored once, each with less context.
     short = json.loads(run_eval(str(final), "--dataset", str(setup["fixed"]), "--split", "all", "--max-length", "8",
                                 "--json").stdout)  # fmt: skip
-    assert short["tokens"] == tokens and short["bits_per_byte"] != pytest.approx(expected["bits_per_byte"], rel=1e-3)
+    # (a 3-step model gains little from context: the two differ by ~3e-4 relative, far above float noise)
+    assert short["tokens"] == tokens and short["bits_per_byte"] != pytest.approx(expected["bits_per_byte"], rel=1e-6)
 
 
 def load_eval_module():
