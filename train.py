@@ -363,6 +363,8 @@ def _resolve_run(args: argparse.Namespace) -> Run:
                 f"{output_dir} is in use by another run ({e}); wait for it, stop it (python -m monitor.control "
                 "stop JOB), or choose another --output-dir"
             ) from None
+        if lock.unsupported:
+            say(f"warning: cannot lock {output_dir} ({lock.unsupported}); a second run could share it", err=True)
         recover_published(output_dir / "final")  # an export cut between its two renames
     return Run(
         args, plan, geometry, model_cfg, mix, tokenizer, output_dir, resume_from, world_size, memory, lock, changed

@@ -36,6 +36,7 @@ class OutputDirLock:
     def __init__(self, output_dir: Path) -> None:
         self.path = Path(output_dir) / LOCK_NAME
         self._fd: int | None = None
+        self.unsupported: str | None = None  # why the filesystem refused to lock, if it did
 
     def acquire(self) -> OutputDirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +46,8 @@ class OutputDirLock:
         except OSError as e:
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
+                self.unsupported = os.strerror(e.errno or 0)  # e.g. a network filesystem without locks
+                return self
             raise OutputDirBusy(self._holder_text()) from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         os.ftruncate(fd, 0)

@@ -309,3 +309,18 @@ def test_rollback_past_a_bad_checkpoint_and_never_resume_the_abandoned_history(d
     assert state["rollbacks"] == 2  # written after the second rollback, not the bad one kept
     tensors = load_file(out / "checkpoints" / "checkpoint-6" / "model-0.safetensors")
     assert max(float(t.abs().max()) for t in tensors.values()) < 1e3
+
+
+def test_a_filesystem_without_locks_is_used_unlocked_not_refused(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from monitor.outdir import OutputDirLock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # what some network filesystems answer
+    lock = OutputDirLock(tmp_path).acquire()
+    assert not lock.held and lock.unsupported == "No locks available"
+    lock.release()
