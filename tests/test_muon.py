@@ -196,7 +196,8 @@ def test_ddp_two_processes_match_one_process(setup, muon_reference):  # noqa: F8
         "6",
         launcher=[*ACCELERATE, "--main_process_port", str(free_port())],
     )
-    assert train_losses(ddp)[1] == train_losses(muon_reference)[1]  # the same start, before any orthogonalised step
+    # the same start, before any orthogonalised step (up to the order DDP sums the two halves of the batch in)
+    assert train_losses(ddp)[1] == pytest.approx(train_losses(muon_reference)[1], abs=1e-6)
     assert_close_run(ddp, muon_reference)
 
 
