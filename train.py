@@ -519,7 +519,7 @@ def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | To
             say("data: --no-restore-dataset-state given, restarting the data from the beginning")
         say(f"resumed from {run.resume_from} at step {state.step:,}")
     batches = lay.start_data()
-    if lay.is_main:  # everything is validated and the data reads: only now replace what the output dir held
+    if lay.is_main:  # everything is validated and the held-out data read: only now replace what the output dir held
         publish_tokenizer(run.output_dir)
         if args.init_model and args.overwrite_output_dir:
             ckpts.remove_all()
