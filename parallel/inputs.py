@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+import data
+import schedule
+from data.tokenizer import tokenizer_hash
 from models.config import ModelConfig
 from models.memory import estimate_memory, format_memory
 from monitor.jobs import private_jobs_dir
@@ -197,3 +200,88 @@ def model_mismatch(saved: dict, cfg: ModelConfig, output_dir: Path, tokenizer: s
         f"{output_dir} holds a different model ({saved['model_name']}: {', '.join(changed)}); use another "
         "--output-dir, or --init-model --overwrite-output-dir to replace it"
     )
+
+
+# -----------------------------------------------------------------------------
+# Checks across options, and what a resume may change
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Checks across options (each option's own range is checked when parsed; make_plan checks the budget)."""
+    if args.json and not args.dry_run:
+        raise UsageError("--json only applies to --dry-run")
+    if args.world_size is not None and not args.dry_run:
+        raise UsageError("--world-size only applies to --dry-run; launchers set the real world size")
+    parse_lr_spike(args.inject_lr_spike)
+    for flag, given in {
+        "--microbatch-scale": args.microbatch_scale != 1,
+        "--pipeline-engine": args.pipeline_engine is not None,
+        "--pipeline-stages": args.pipeline_stages is not None,
+    }.items():
+        if given and not args.pipeline:
+            raise UsageError(f"{flag} only applies to --pipeline; drop it or add --pipeline")
+    # NOTE: torch refuses a compiled stage module in the zero-bubble schedules (their split backward), and
+    # DeepSpeed's engine does not compile either: one rule for every pipeline.
+    for flag, given in {"--compile": args.compile, "--dispatch-batches": args.dispatch_batches}.items():
+        if given and args.pipeline:
+            raise UsageError(f"{flag} is not supported with --pipeline (either engine); drop it or use DDP")
+    if args.compile and args.attn_implementation == "flex_attention":
+        # NOTE: compiled blocks around flex_attention fail to trace on CPU, and on CUDA recompile at every batch (the
+        # document BlockMask is new each forward) until torch falls back to eager, unfused attention.
+        raise UsageError(
+            "--compile does not support --attn-implementation flex_attention yet (flex runs its own compiled "
+            "kernel already): drop --compile, or compile with sdpa"
+        )
+
+
+def parse_lr_spike(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        step, factor = text.split(",")
+        spike = {"step": int(step), "factor": float(factor)}
+    except ValueError:
+        raise UsageError(f"--inject-lr-spike {text!r} must be STEP,FACTOR, e.g. 100,50") from None
+    if spike["step"] < 1 or not 0 < spike["factor"] < math.inf:
+        raise UsageError(f"--inject-lr-spike {text!r} needs a STEP >= 1 and a finite FACTOR > 0, e.g. 100,50")
+    return spike
+
+
+# Options whose change on resume alters the training from there on: said in one line, not refused.
+RESUME_WATCHED = (
+    "batch_size", "gradient_accumulation_steps", "max_length", "learning_rate", "warmup_steps", "total_tokens",
+    "min_cooldown_tokens", "anneal_steps", "weight_decay", "max_grad_norm", "dtype", "dataset",
+)  # fmt: skip
+
+
+def check_resume(args: argparse.Namespace, saved: dict, tokenizer, plan: schedule.Plan, output_dir: Path) -> list[str]:
+    """Refuse what cannot continue the saved run (another optimizer, another tokenizer); returns what changed."""
+    before = saved.get("args") or {}
+    if before.get("optimizer", args.optimizer) != args.optimizer:
+        raise UsageError(
+            f"{output_dir} was trained with --optimizer {before['optimizer']}, whose state cannot continue as "
+            f"{args.optimizer}; resume with --optimizer {before['optimizer']}, or start over with --init-model"
+        )
+    trained_with = saved.get("tokenizer_hash") or ((saved.get("data_state") or {}).get("fingerprint") or {}).get(
+        "tokenizer"
+    )
+    own_missing = Path(tokenizer) == output_dir / "tokenizer" and not (output_dir / "tokenizer").is_dir()
+    if trained_with and not own_missing:  # runs saved before tokenizer/ was kept have nothing to compare
+        now = tokenizer_hash(data.load_tokenizer(tokenizer))
+        if now != trained_with and not args.allow_tokenizer_change:
+            raise UsageError(
+                f"the tokenizer {tokenizer} differs from the one {output_dir} was trained with; resume without "
+                "--tokenizer (the run keeps its own in tokenizer/), or add --allow-tokenizer-change to continue "
+                "with new token ids"
+            )
+    changed = [
+        f"--{k.replace('_', '-')} {before[k]} -> {getattr(args, k)}"
+        for k in RESUME_WATCHED
+        if k in before and before[k] != getattr(args, k)
+    ]
+    if saved.get("world_size") not in (None, plan.world_size):
+        changed.append(f"world size {saved['world_size']} -> {plan.world_size}")
+    old_lr = (saved.get("plan") or {}).get("max_lr")
+    if old_lr is not None and not math.isclose(old_lr, plan.max_lr, rel_tol=1e-9):
+        changed.append(f"peak LR {old_lr:.3g} -> {plan.max_lr:.3g}")
+    return changed
