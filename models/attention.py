@@ -5,7 +5,8 @@ attend to a key only if the key is not in the future AND belongs to the same doc
 rule in its own way:
 
 - eager:              explicit softmax(QK^T) with a boolean (B, 1, T, T) mask; the readable reference.
-- sdpa:               torch's scaled_dot_product_attention with the same boolean mask.
+- sdpa:               torch's scaled_dot_product_attention with the same boolean mask; on CPU, each document of a
+                      packed row instead runs as its own causal call, so no masked-out score is ever computed.
 - flex_attention:     torch's FlexAttention with a BlockMask, so blocks that cross documents are skipped entirely.
 - flash_attention_2:  flash-attn's varlen kernel; every document becomes its own sequence via cu_seqlens.
 
@@ -67,6 +68,7 @@ class AttentionMask:
     block_mask: object | None = None  # flex BlockMask
     cu_seqlens: torch.Tensor | None = None  # (num_segments + 1,) int32 offsets into the flattened B*T tokens
     max_seqlen: int = 0  # longest document segment (flash)
+    lengths: list[int] | None = None  # lengths of the documents of the flattened B*T tokens, in order (CPU sdpa)
 
 
 def _dense_document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -97,6 +99,21 @@ def _flex_block_mask(doc_ids: torch.Tensor | None, batch: int, seq_len: int, dev
     return create_block_mask(mask_mod, num_batches, None, seq_len, seq_len, device=device, _compile=compiled)
 
 
+def _segment_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B*T,) offsets of the flattened tokens where a document segment starts.
+
+    A segment starts at every row start and wherever the document id changes.
+    """
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts.flatten().nonzero().flatten()
+
+
+def _segment_lengths(doc_ids: torch.Tensor) -> list[int]:
+    offsets = [*_segment_starts(doc_ids).tolist(), doc_ids.numel()]
+    return torch.tensor(offsets).diff().tolist()
+
+
 @torch.compiler.disable  # data-dependent (single-document check, max_seqlen): keep it out of compiled graphs
 def build_attention_mask(
     implementation: str,
@@ -117,21 +134,27 @@ def build_attention_mask(
     if doc_ids is not None and not same_form and not bool(doc_ids.any()):
         doc_ids = None  # every row starts at document 0 and never leaves it
     single = doc_ids is None
+    # NOTE: on CPU, sdpa runs packed rows one document at a time (see _sdpa) unless the mask must keep one form for
+    # compiled blocks; a dense mask makes the kernel compute and discard every cross-document score.
+    by_document = device.type == "cpu" and not single and not same_form
+    if implementation == "sdpa" and by_document:
+        return AttentionMask(implementation, single, lengths=_segment_lengths(doc_ids))
     if implementation in ("eager", "sdpa"):
         return AttentionMask(implementation, single, dense=None if single else _dense_document_mask(doc_ids))
     if implementation == "flex_attention":
         mask = AttentionMask(implementation, single, block_mask=_flex_block_mask(doc_ids, batch, seq_len, device))
-        if device.type == "cpu" and torch.is_grad_enabled():
+        if device.type == "cpu" and torch.is_grad_enabled() and not single:
             # NOTE: FlexAttention has no backward on CPU (torch 2.13); training there falls back to sdpa with the
-            # same document mask (see _flex), so that mask is prepared here too.
-            mask.dense = None if single else _dense_document_mask(doc_ids)
+            # same document rule (see _flex), so its segments (or mask) are prepared here too.
+            if by_document:
+                mask.lengths = _segment_lengths(doc_ids)
+            else:
+                mask.dense = _dense_document_mask(doc_ids)
         return mask
     if implementation == "flash_attention_2":
         if doc_ids is None:
             doc_ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
-        starts = torch.ones(batch, seq_len, dtype=torch.bool, device=device)  # a segment starts at every row start
-        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # ... and wherever the document changes
-        offsets = starts.flatten().nonzero().flatten()
+        offsets = _segment_starts(doc_ids)
         end = torch.tensor([batch * seq_len], device=device)
         cu_seqlens = torch.cat([offsets, end]).to(torch.int32)
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
@@ -156,8 +179,29 @@ def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     return probs @ v
 
 
+def _sdpa_by_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Causal sdpa over each document segment of the flattened B*T tokens: the work of the unmasked scores only.
+
+    q (B, H, T, D) and k/v (B, KV, T, D) are views of (B, T, heads, D) tensors (Attention.forward), so flattening to
+    (B*T, heads, D) is free; split/cat keep autograd to one copy of each gradient (slicing per segment would
+    allocate a full-size zero gradient for every segment).
+    """
+    B, H, T, D = q.shape
+    gqa = H != k.shape[1]
+    qs, ks, vs = (x.transpose(1, 2).reshape(B * T, x.shape[1], D).split(lengths) for x in (q, k, v))
+    out = [
+        F.scaled_dot_product_attention(
+            qd.transpose(0, 1)[None], kd.transpose(0, 1)[None], vd.transpose(0, 1)[None], is_causal=True, enable_gqa=gqa
+        )[0].transpose(0, 1)  # (len, H, D)
+        for qd, kd, vd in zip(qs, ks, vs, strict=True)
+    ]
+    return torch.cat(out).view(B, T, H, D).transpose(1, 2)
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     n_rep = q.shape[1] // k.shape[1]
+    if mask.lengths is not None:
+        return _sdpa_by_document(q, k, v, mask.lengths)
     if mask.dense is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
     if n_rep > 1 and q.device.type == "cuda":
@@ -185,7 +229,7 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
         return flex(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         # NOTE: torch 2.13 implements no FlexAttention backward on CPU; train with the identical mask through sdpa.
-        if mask.dense is None and not mask.single_document:
+        if mask.dense is None and mask.lengths is None and not mask.single_document:
             raise RuntimeError("flex_attention on CPU needs gradients but the mask was built without grad mode")
         return _sdpa(q, k, v, mask)
     with warnings.catch_warnings():

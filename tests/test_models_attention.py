@@ -81,7 +81,30 @@ def test_single_document_rows_use_the_plain_causal_path():
     mask = build_attention_mask("sdpa", doc_ids, 2, 9, torch.device("cpu"))
     assert mask.single_document and mask.dense is None
     packed = build_attention_mask("sdpa", packed_batch(50)["doc_ids"], 3, 37, torch.device("cpu"))
-    assert not packed.single_document and packed.dense.shape == (3, 1, 37, 37)
+    assert not packed.single_document and packed.dense is None
+    # CPU sdpa attends one document at a time: the segments of the flattened rows, row boundaries included
+    assert packed.lengths == [end - start for _, start, end in segments()]
+    same_form = build_attention_mask("sdpa", packed_batch(50)["doc_ids"], 3, 37, torch.device("cpu"), same_form=True)
+    assert same_form.lengths is None and same_form.dense.shape == (3, 1, 37, 37)  # compiled blocks: one mask form
+
+
+def test_sdpa_by_document_equals_the_dense_mask_with_gradients():
+    """The per-document CPU path (views of (B, T, heads, D) tensors, as the model passes them) against sdpa with
+    the dense document mask: outputs and q/k/v gradients."""
+    g = torch.Generator().manual_seed(1)
+    doc_ids = packed_batch(50)["doc_ids"]
+    B, T = doc_ids.shape
+    q, k, v = (torch.randn(B, T, h, 8, generator=g).transpose(1, 2).requires_grad_() for h in (4, 2, 2))
+    by_doc = build_attention_mask("sdpa", doc_ids, B, T, q.device)
+    dense = build_attention_mask("sdpa", doc_ids, B, T, q.device, same_form=True)
+    assert by_doc.lengths is not None and len(by_doc.lengths) > B and dense.dense is not None
+    grad_out = torch.randn(B, 4, T, 8, generator=g)
+    results = []
+    for mask in (by_doc, dense):
+        out = attend(q, k, v, mask)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    for a, b in zip(*results, strict=True):
+        assert (a - b).abs().max().item() <= 1e-5
 
 
 def test_flash_cu_seqlens_follow_documents_and_rows():
