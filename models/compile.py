@@ -1,6 +1,6 @@
 """What compiling costs and whether it holds: the first step's compile time and recompiles during training.
 
-`Transformer.compile_blocks` compiles the decoder blocks; `CompileWatch` wraps each training step and reads
+`Transformer.compile_loss_path` compiles the model's loss path; `CompileWatch` wraps each training step and reads
 TorchDynamo's own counters (`torch._dynamo.utils.counters["stats"]["unique_graphs"]`, the graphs compiled so far in
 this process). Step 1 compiles the training graph (the first evaluation compiled the no-grad one); a graph compiled
 during a later step means something varies that should not (a shape, a dtype, a Python value the block reads), and

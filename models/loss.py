@@ -26,6 +26,23 @@ def _chunks(n: int, size: int):
         yield start, min(start + size, n)
 
 
+def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor):
+    """One chunk's elementwise tail: logits (n, V), labels (n,) -> (summed nats of the labelled positions,
+    d(loss)/d(logits) in the logits' dtype).
+
+    d(loss)/d(logits) = (softmax - one_hot) / normalizer on labelled positions, 0 elsewhere. Eagerly this is a few
+    passes over the chunk; under `--compile` (Transformer.compile_loss_path), fused with the head.
+    """
+    valid = labels != IGNORE_INDEX
+    target = torch.where(valid, labels, 0)[:, None]
+    logp = torch.log_softmax(logits.float(), dim=-1)  # one fused pass
+    nll = -torch.where(valid, logp.gather(1, target).squeeze(1), 0.0).sum()
+    grad = logp.exp_()  # softmax, in place
+    grad.scatter_add_(1, target, torch.full(target.shape, -1.0, device=target.device))
+    grad.mul_((valid.float() / normalizer)[:, None])
+    return nll, grad.to(logits.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_t CE(hidden_t @ W^T, label_t) / normalizer, with gradients computed during the forward pass."""
 
@@ -36,17 +53,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = None  # (V, C) fp32 accumulator, created by the first chunk
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start, end in _chunks(hidden.shape[0], chunk_size):
-            h, y = hidden[start:end], labels[start:end]
-            valid = y != IGNORE_INDEX
-            target = torch.where(valid, y, 0)[:, None]
-            # (n, V): the only full-vocabulary tensor, one chunk at a time; log_softmax is one fused pass
-            logp = torch.log_softmax((h @ weight.t()).float(), dim=-1)
-            total -= torch.where(valid, logp.gather(1, target).squeeze(1), 0.0).sum()
-            # d(loss)/d(logits) = (softmax - one_hot) / normalizer on labelled positions, 0 elsewhere
-            grad_logits = logp.exp_()  # softmax, in place
-            grad_logits.scatter_add_(1, target, torch.full(target.shape, -1.0, device=target.device))
-            grad_logits.mul_((valid.float() / normalizer)[:, None])
-            grad_logits = grad_logits.to(hidden.dtype)
+            h = hidden[start:end]
+            # (n, V): the only full-vocabulary tensor, one chunk at a time
+            nll, grad_logits = _loss_and_grad(h @ weight.t(), labels[start:end], normalizer)
+            total += nll
             grad_hidden[start:end] = grad_logits @ weight
             if grad_weight is None:
                 grad_weight = (grad_logits.t() @ h).float()

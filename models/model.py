@@ -220,7 +220,7 @@ class Transformer(nn.Module):
         self.norm = nn.Identity() if cfg.post_norm else RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.loss_chunk_size: int | None = None  # tokens per chunk of the head + loss; None = automatic
-        self.compiled_layers: list | None = None  # set by compile_blocks; a plain list, so no state_dict entries
+        self.compiled_forward = None  # set by compile_loss_path
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -264,17 +264,19 @@ class Transformer(nn.Module):
         if self.lm_head is not None:
             self.lm_head.weight.normal_(0.0, std)
 
-    def compile_blocks(self, **options) -> None:
-        """torch.compile each decoder block (one graph per block, shared by all blocks of the same structure).
+    def compile_loss_path(self, **options) -> None:
+        """torch.compile the loss path whole: embedding, every block, the final norm, the head and the chunked loss.
 
-        Only the loss path (`labels` given: training and evaluation) runs the compiled blocks; the logits path
-        (text samples, generation at every length) stays eager, so it never recompiles. The attention mask and the
-        rotary tables are built outside the graphs, once per forward, and the mask always has the same form
-        (`build_attention_mask(same_form=True)`), so batches with other document layouts reuse the same graphs.
-        Shapes are static (`dynamic=False`): training and evaluation batches share one (B, T).
+        Only the loss path (`labels` given: training and evaluation) runs compiled; the logits path (text samples,
+        generation at every length) stays eager, so it never recompiles. The attention mask is built eagerly before
+        the graph, always in the same form (`build_attention_mask(same_form=True)`), so batches with other document
+        layouts reuse the same graph; shapes are static (`dynamic=False`): training and evaluation batches share one
+        (B, T). Compiling the whole path rather than each block lets the compiler fuse the head and the loss too:
+        on an H200 (bf16, 8 x 2048 tokens) per-block compiling ran at 0.85x transformers' compiled model and this
+        at 1.14x (README, Throughput).
         """
         options = {"dynamic": False, "fullgraph": True} | options
-        self.compiled_layers = [torch.compile(block, **options) for block in self.layers]
+        self.compiled_forward = torch.compile(self._forward, **options)
 
     def forward(
         self,
@@ -295,14 +297,19 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        compiled = self.compiled_layers is not None and labels is not None
-        # NOTE: built first: under torch.compile the mask builder is the one (deliberate) graph break, and placing
-        # it before any computation leaves the rest of the forward as a single graph.
+        compiled = self.compiled_forward is not None and labels is not None
         attn_mask = build_attention_mask(self.attn_implementation, doc_ids, B, T, input_ids.device, same_form=compiled)
+        if not compiled:
+            return self._forward(input_ids, position_ids, attn_mask, labels, num_items, reduction)
+        if num_items is not None:  # a tensor, so that another divisor does not recompile the graph
+            num_items = torch.as_tensor(num_items, dtype=torch.float32, device=input_ids.device)
+        return self.compiled_forward(input_ids, position_ids, attn_mask, labels, num_items, reduction)
+
+    def _forward(self, input_ids, position_ids, attn_mask, labels, num_items, reduction) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # (B, T, C)
         rope = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, hidden.dtype)
-        for block in self.compiled_layers if compiled else self.layers:
-            hidden = block(hidden, position_ids, doc_ids, rope=rope, attn_mask=attn_mask)
+        for block in self.layers:
+            hidden = block(hidden, position_ids, rope=rope, attn_mask=attn_mask)
         hidden = self.norm(hidden)
         if labels is None:
             return F.linear(hidden, self.head_weight).float()

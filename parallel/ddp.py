@@ -42,8 +42,8 @@ class DataParallel:
         self.raw_model = build_model(run, torch.bfloat16 if pure_bf16 else torch.float32).to(self.device)
         self.names = {p: name for name, p in self.raw_model.named_parameters()}
         optimizer = build_optimizer(run, self.raw_model)
-        if args.compile:  # per block, in place: names, checkpoints and text samples stay as without it
-            self.raw_model.compile_blocks()
+        if args.compile:  # the loss path, in place: names, checkpoints and text samples stay as without it
+            self.raw_model.compile_loss_path()
         self.model, self.optimizer = acc.prepare(self.raw_model, optimizer)
         with bad_input():
             self.stream = data.PackedStream(

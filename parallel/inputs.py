@@ -226,8 +226,8 @@ def validate_args(args: argparse.Namespace) -> None:
         if given and args.pipeline:
             raise UsageError(f"{flag} is not supported with --pipeline (either engine); drop it or use DDP")
     if args.compile and args.attn_implementation == "flex_attention":
-        # NOTE: compiled blocks around flex_attention fail to trace on CPU, and on CUDA recompile at every batch (the
-        # document BlockMask is new each forward) until torch falls back to eager, unfused attention.
+        # NOTE: a compiled graph around flex_attention fails to trace on CPU, and on CUDA, in train.py, recompiled
+        # until torch's limit (the document BlockMask is new each forward); the benchmark's fixed batch did not.
         raise UsageError(
             "--compile does not support --attn-implementation flex_attention yet (flex runs its own compiled "
             "kernel already): drop --compile, or compile with sdpa"

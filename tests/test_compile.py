@@ -1,4 +1,4 @@
-"""--compile: compiled decoder blocks give eager's loss and gradients and never recompile for another layout."""
+"""--compile: the compiled loss path gives eager's loss and gradients and never recompile for another layout."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_compiled_blocks_match_eager_without_recompiling() -> None:
     eager = models.Transformer(cfg)
     eager.init_weights()
     compiled = copy.deepcopy(eager)
-    compiled.compile_blocks()
+    compiled.compile_loss_path()
     assert set(compiled.state_dict()) == set(eager.state_dict())  # checkpoints keep their names
     graphs = None
     for i, batch in enumerate(layouts(cfg.vocab_size)):
@@ -41,7 +41,7 @@ def test_compiled_blocks_match_eager_without_recompiling() -> None:
         compiled.zero_grad()
         eager.zero_grad()
         if graphs is None:
-            graphs = models.compiled_graphs()  # after the first batch: the training graph, once for all 4 blocks
+            graphs = models.compiled_graphs()  # after the first batch: the training graph
             assert graphs >= 1  # the compiled path ran
         assert models.compiled_graphs() == graphs, f"recompiled for layout {i}"
     with torch.no_grad():  # generation's logits path runs eagerly: no graph for each new length
