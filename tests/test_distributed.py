@@ -87,6 +87,18 @@ def test_ddp_two_processes_match_one_process(setup, reference):
     assert_same_run(ddp, reference["tiny"])
 
 
+def test_ddp_with_compile_matches_one_process(setup, reference):
+    """--compile under 2-process DDP: the compiled loss path inside DDP's wrapper gives the eager single process's
+    losses and clipped grad norms, and reports its compile without recompiling."""
+    root, common = setup
+    out = root / "ddp-compile"
+    result = train(*common, "--init-model", *TWO, "--max-steps", "6", "--compile", "--output-dir", str(out),
+                   launcher=ACCELERATE)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "compile: first step" in result.stdout and "recompiled" not in result.stdout + result.stderr
+    assert_same_run(out, reference["tiny"])
+
+
 @pytest.mark.parametrize("schedule,model", [("1F1B", "tiny"), ("GPipe", "untied")])
 def test_pipeline_two_stages_match_one_process(setup, reference, schedule, model):
     root, _ = setup

@@ -23,7 +23,22 @@ def _cfg(family: str, **change) -> ModelConfig:
 
 
 def _saved_activation_bytes(cfg: ModelConfig, batch: int, length: int, attn: str, documents: bool) -> int:
-    """Bytes of every distinct non-parameter storage autograd saves in one forward pass with the loss."""
+    """Bytes of every distinct non-parameter storage autograd saves in one forward pass with the loss.
+
+    Packed sdpa is measured in its dense-mask form, the one GPUs run and the estimate models: on CPU, sdpa attends one
+    document at a time unless the mask must keep one form (models/attention.py), so the form is forced here.
+    """
+    import models.model
+
+    build = models.model.build_attention_mask
+    models.model.build_attention_mask = lambda *a, **k: build(*a, **{**k, "same_form": attn == "sdpa" and documents})
+    try:
+        return _saved_bytes(cfg, batch, length, attn, documents)
+    finally:
+        models.model.build_attention_mask = build
+
+
+def _saved_bytes(cfg: ModelConfig, batch: int, length: int, attn: str, documents: bool) -> int:
     torch.manual_seed(0)
     model = models.Transformer(cfg, attn)
     model.init_weights()
