@@ -88,6 +88,17 @@ def test_single_document_rows_use_the_plain_causal_path():
     assert same_form.lengths is None and same_form.dense.shape == (3, 1, 37, 37)  # compiled blocks: one mask form
 
 
+def test_short_documents_keep_the_dense_mask():
+    """Below MIN_DOCUMENT_TOKENS per document on average, per-document calls cost more than the scores they skip."""
+    from models.attention import MIN_DOCUMENT_TOKENS
+
+    T = 4 * MIN_DOCUMENT_TOKENS
+    for length, by_document in ((MIN_DOCUMENT_TOKENS, True), (MIN_DOCUMENT_TOKENS - 1, False)):
+        doc_ids = (torch.arange(T) // length).expand(2, T)
+        mask = build_attention_mask("sdpa", doc_ids, 2, T, torch.device("cpu"))
+        assert (mask.lengths is not None) == by_document and (mask.dense is None) == by_document, length
+
+
 def test_sdpa_by_document_equals_the_dense_mask_with_gradients():
     """The per-document CPU path (views of (B, T, heads, D) tensors, as the model passes them) against sdpa with
     the dense document mask: outputs and q/k/v gradients."""
