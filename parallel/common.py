@@ -114,6 +114,33 @@ def build_model(run: Run, dtype: torch.dtype) -> models.Transformer:
     return model.to(dtype=dtype)
 
 
+def assemble_model(run: Run, parts, dtype: torch.dtype) -> models.Transformer:
+    """The whole model from the named weights each rank sent (None from ranks that hold none); where two parts hold
+    the same name (tied copies), the later part's tensor is kept."""
+    model = models.Transformer(run.model_cfg, run.args.attn_implementation)
+    model.load_state_dict({name: t for part in parts if part for name, t in part.items()})
+    return model.to(dtype)
+
+
+def data_streams(run: Run, tokenizer, rows: int, rank: int, world: int, train: bool = True):
+    """(training stream or None without `train`, held-out batches) of `rows` rows each, for shard `rank` of `world`.
+
+    Reading a bad file or line is one clear error (bad_input).
+    """
+    args = run.args
+    with bad_input():
+        stream = None
+        if train:
+            stream = data.PackedStream(
+                run.mix, tokenizer, args.max_length, rows, rank=rank, world_size=world, seed=args.seed,
+                dispatch=args.dispatch_batches,
+            )  # fmt: skip
+        evals = data.eval_batches(
+            run.mix, tokenizer, args.max_length, rows, args.eval_batches, rank=rank, world_size=world
+        )
+    return stream, evals
+
+
 def build_optimizer(run: Run, module: torch.nn.Module) -> torch.optim.Optimizer:
     args = run.args
     with bad_input():  # e.g. Muon on sharded parameters

@@ -12,7 +12,7 @@ from monitor import samples
 from monitor.meter import Meter
 from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
 
-from .common import Run, bad_input, build_model, build_optimizer, build_tokenizer, label_count, precision
+from .common import Run, build_model, build_optimizer, build_tokenizer, data_streams, label_count, precision
 
 
 class DataParallel:
@@ -45,15 +45,7 @@ class DataParallel:
         if args.compile:  # the loss path, in place: names, checkpoints and text samples stay as without it
             self.raw_model.compile_loss_path()
         self.model, self.optimizer = acc.prepare(self.raw_model, optimizer)
-        with bad_input():
-            self.stream = data.PackedStream(
-                run.mix, self.tokenizer, args.max_length, args.batch_size, rank=self.rank, world_size=self.world,
-                seed=args.seed, dispatch=args.dispatch_batches,
-            )  # fmt: skip
-            self.eval_set = data.eval_batches(
-                run.mix, self.tokenizer, args.max_length, args.batch_size, args.eval_batches, rank=self.rank,
-                world_size=self.world,
-            )  # fmt: skip
+        self.stream, self.eval_set = data_streams(run, self.tokenizer, args.batch_size, self.rank, self.world)
         self.byte_lengths = torch.as_tensor(data.token_byte_lengths(self.tokenizer))  # bits per byte at each eval
         self.batches = None
 

@@ -32,7 +32,7 @@ from monitor.meter import Meter
 from monitor.progress import say
 from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
 
-from .common import Run, bad_input, build_model, build_optimizer, build_tokenizer, label_count, precision
+from .common import Run, build_model, build_optimizer, build_tokenizer, data_streams, label_count, precision
 
 
 def fsdp_requested() -> bool:
@@ -73,15 +73,7 @@ class FullyShardedDataParallel:
         self.names = {p: name for name, p in model.named_parameters()}
         self.params = dict(model.named_parameters())
         self.optimizer = build_optimizer(run, model)
-        with bad_input():
-            self.stream = data.PackedStream(
-                run.mix, self.tokenizer, args.max_length, args.batch_size, rank=self.rank, world_size=self.world,
-                seed=args.seed, dispatch=args.dispatch_batches,
-            )  # fmt: skip
-            self.eval_set = data.eval_batches(
-                run.mix, self.tokenizer, args.max_length, args.batch_size, args.eval_batches, rank=self.rank,
-                world_size=self.world,
-            )  # fmt: skip
+        self.stream, self.eval_set = data_streams(run, self.tokenizer, args.batch_size, self.rank, self.world)
         self.batches = None
 
     def barrier(self) -> None:

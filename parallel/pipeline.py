@@ -16,7 +16,17 @@ from monitor.progress import say
 from monitor.samples import eval_metrics
 from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
 
-from .common import Run, bad_input, build_model, build_optimizer, build_tokenizer, label_count, micro_batches, precision
+from .common import (
+    Run,
+    assemble_model,
+    build_model,
+    build_optimizer,
+    build_tokenizer,
+    data_streams,
+    label_count,
+    micro_batches,
+    precision,
+)
 
 CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "pipeline.json"
 
@@ -85,20 +95,8 @@ class Pipeline:
         # (the rows DDP ranks replica * K .. replica * K + K - 1 would train on), cut into micro-batches.
         feeds = self.engine.is_first_stage() or self.engine.is_last_stage()
         rows, replicas = geo.ranks * args.batch_size, geo.replicas
-        with bad_input():
-            self.stream = (
-                data.PackedStream(
-                    run.mix, self.tokenizer, args.max_length, rows, rank=self.replica, world_size=replicas,
-                    seed=args.seed,
-                )
-                if feeds
-                else None
-            )  # fmt: skip
-            evals = data.eval_batches(
-                run.mix, self.tokenizer, args.max_length, rows, args.eval_batches, rank=self.replica,
-                world_size=replicas,
-            )  # fmt: skip
-            self.eval_set = micro_batches(evals, geo.micro_batch_size)
+        self.stream, evals = data_streams(run, self.tokenizer, rows, self.replica, replicas, train=feeds)
+        self.eval_set = micro_batches(evals, geo.micro_batch_size)
         self.byte_lengths = torch.as_tensor(data.token_byte_lengths(self.tokenizer))  # bits per byte at each eval
         self.batches = None
 
@@ -183,9 +181,7 @@ class Pipeline:
         torch.distributed.gather_object(self.model_part(), parts, dst=0)
         if not self.is_main:
             return None
-        model = models.Transformer(self.run.model_cfg, self.run.args.attn_implementation)
-        model.load_state_dict({name: t for part in reversed(parts) if part for name, t in part.items()})
-        return model.to(self.param_dtype)
+        return assemble_model(self.run, reversed(parts), self.param_dtype)  # stage 0's tied copies kept
 
     def sample_model(self) -> models.Transformer | None:
         return self.gather_model()  # the main rank samples alone

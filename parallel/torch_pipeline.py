@@ -35,7 +35,17 @@ from monitor.progress import say
 from monitor.samples import eval_metrics, eval_sums
 from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
 
-from .common import Run, bad_input, build_model, build_optimizer, build_tokenizer, label_count, micro_batches, precision
+from .common import (
+    Run,
+    assemble_model,
+    build_model,
+    build_optimizer,
+    build_tokenizer,
+    data_streams,
+    label_count,
+    micro_batches,
+    precision,
+)
 
 V_SHAPED = {"ScheduleZBVZeroBubble"}  # schedules whose rank r holds stages r and 2K - 1 - r
 
@@ -179,16 +189,8 @@ class TorchPipeline:
         self.eval_micro_batches = args.eval_batches * rows // geo.micro_batch_size  # per replica
         self.stream, self.eval_set = None, None
         if self.first:
-            with bad_input():
-                self.stream = data.PackedStream(
-                    run.mix, self.tokenizer, args.max_length, rows, rank=self.replica, world_size=replicas,
-                    seed=args.seed,
-                )  # fmt: skip
-                evals = data.eval_batches(
-                    run.mix, self.tokenizer, args.max_length, rows, args.eval_batches, rank=self.replica,
-                    world_size=replicas,
-                )  # fmt: skip
-                self.eval_set = micro_batches(evals, geo.micro_batch_size)
+            self.stream, evals = data_streams(run, self.tokenizer, rows, self.replica, replicas)
+            self.eval_set = micro_batches(evals, geo.micro_batch_size)
         self.batches = None
 
     def _shapes(self, stage: int, length: int) -> dict:
@@ -376,9 +378,7 @@ class TorchPipeline:
         dist.gather_object(self.model_part(), parts, dst=0)
         if not self.is_main:
             return None
-        model = models.Transformer(self.run.model_cfg, self.run.args.attn_implementation)
-        model.load_state_dict({name: t for part in parts if part for name, t in part.items()})
-        return model.to(self.param_dtype)
+        return assemble_model(self.run, parts, self.param_dtype)
 
     def sample_model(self) -> models.Transformer | None:
         return self.gather_model()  # the main rank samples alone
