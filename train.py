@@ -56,6 +56,7 @@ from monitor import (
     samples,
     steering,
 )
+from monitor import checkpoint as ckpt
 from monitor.checkpoint import Checkpointer, capture_rng, checkpoint_dirs, latest_checkpoint, restore_rng
 from monitor.meter import Meter
 from monitor.outdir import OutputDirBusy, OutputDirLock, publish_dir, recover_published
@@ -72,7 +73,7 @@ from parallel import (
     fsdp_requested,
     pipeline_engine,
 )
-from parallel.common import publish_tokenizer
+from parallel.common import publish_tokenizer, staged_tokenizer
 from parallel.inputs import (
     backend,
     bounded,
@@ -328,6 +329,8 @@ def _resolve_run(args: argparse.Namespace) -> Run:
         if lock.unsupported:
             say(f"warning: cannot lock {output_dir} ({lock.unsupported}); a second run could share it", err=True)
         recover_published(output_dir / "final")  # an export cut between its two renames
+        if problem := ckpt.settle_replaced(output_dir):  # an --overwrite-output-dir start cut short
+            raise UsageError(problem)
     return Run(
         args, plan, geometry, model_cfg, mix, tokenizer, output_dir, resume_from, world_size, memory, lock, changed
     )
@@ -441,10 +444,13 @@ def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | To
             say("data: --no-restore-dataset-state given, restarting the data from the beginning")
         say(f"resumed from {run.resume_from} at step {state.step:,}")
     batches = lay.start_data()
-    if lay.is_main:  # everything is validated and the held-out data read: only now replace what the output dir held
+    # Everything is validated and the held-out data read: only now replace what the output dir held. The replaced
+    # run is set aside until this run's first checkpoint, and put back if this run ends before it.
+    replacing = lay.is_main and args.init_model and args.overwrite_output_dir
+    if replacing:
+        ckpt.set_aside(run.output_dir, ["checkpoints"] + (["tokenizer"] if staged_tokenizer(run.output_dir) else []))
+    if lay.is_main:
         publish_tokenizer(run.output_dir)
-        if args.init_model and args.overwrite_output_dir:
-            ckpts.remove_all()
     if run.resume_changes:
         say(f"resume: changed since the checkpoint: {'; '.join(run.resume_changes)}", err=True)
     lay.barrier()
@@ -490,6 +496,10 @@ def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | To
             rank_state={"rng": capture_rng()},
         )
         say(f"saved {path}" + (f" (removed {len(pruned)} older)" if pruned else ""))
+        nonlocal replacing
+        if replacing:
+            ckpt.drop_replaced(run.output_dir)
+            replacing = False
 
     try:
         if state.step == 0:
@@ -594,7 +604,12 @@ def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | To
                     else ""
                 )
                 say(f"final eval loss {eval_loss:.4f}\nsample: {text}\nHugging Face model: {export_dir}")
+            if replacing:  # finished and exported without a checkpoint (--save-strategy no): the old run is gone
+                ckpt.drop_replaced(run.output_dir)
+                replacing = False
     finally:  # also on a second stop signal or an error: the job is unregistered and the logs are flushed
+        if replacing and ckpt.put_back(run.output_dir):
+            say(f"the run this one replaced is back in {run.output_dir} (this run ended before its first checkpoint)")
         bar.close()
         logger.close()
         control.close()

@@ -372,12 +372,60 @@ def prune_checkpoints(root: Path, limit: int, keep_best: int = 2) -> list[Path]:
     return deleted
 
 
-def remove_checkpoints(root: Path) -> None:
-    """Delete every checkpoint under root (only on an explicit --init-model --overwrite-output-dir)."""
-    for _, path in checkpoint_dirs(root):
-        shutil.rmtree(path)
-    for leftover in root.glob(".tmp-checkpoint-*") if root.is_dir() else []:
-        shutil.rmtree(leftover)
+# --init-model --overwrite-output-dir replaces a run in two moves: `set_aside` moves the old run's checkpoints (and its
+# tokenizer when the new run brings another) into <output_dir>/.replaced/ once the new start is valid; the new run's
+# first complete checkpoint deletes them (`drop_replaced`), and a run that ends before that puts them back
+# (`put_back`). A kill in between leaves them in .replaced/, which the next start refuses to ignore (train.py).
+REPLACED = ".replaced"
+
+
+def set_aside(output_dir: Path, names: list[str]) -> None:
+    """Move output_dir/<name> for each name (those that exist) into output_dir/.replaced/."""
+    aside = output_dir / REPLACED
+    aside.mkdir(exist_ok=True)
+    for name in names:
+        if (output_dir / name).exists():
+            os.rename(output_dir / name, aside / name)
+    _fsync_dir(aside)
+    _fsync_dir(output_dir)
+
+
+def put_back(output_dir: Path) -> bool:
+    """Undo set_aside (the replacing run ended before its first checkpoint); False when nothing was set aside."""
+    aside = output_dir / REPLACED
+    if not aside.is_dir():
+        return False
+    for item in sorted(aside.iterdir()):
+        target = output_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)  # what the replacing run wrote: no complete checkpoint
+        os.rename(item, target)
+    aside.rmdir()
+    _fsync_dir(output_dir)
+    return True
+
+
+def settle_replaced(output_dir: Path) -> str | None:
+    """At start, on the main process holding the run's lock: what a replacing start killed midway left behind.
+
+    After the replacing run's first complete checkpoint, the old run's deletion was cut short: finish it. Before it,
+    return why this start must not go on (a new start would delete the old run at its own first checkpoint).
+    """
+    aside = output_dir / REPLACED
+    if not aside.is_dir():
+        return None
+    if latest_checkpoint(output_dir / "checkpoints", warn=lambda _: None) is not None:
+        drop_replaced(output_dir)
+        return None
+    return (
+        f"{aside} holds the run that an --init-model --overwrite-output-dir start replaced, but that start was killed "
+        f"before its first checkpoint; move its folders back into {output_dir} to keep the old run, or delete {aside}"
+    )
+
+
+def drop_replaced(output_dir: Path) -> None:
+    """Delete what set_aside kept (the replacing run has a complete checkpoint of its own)."""
+    shutil.rmtree(output_dir / REPLACED, ignore_errors=True)
 
 
 class Checkpointer:
@@ -423,6 +471,3 @@ class Checkpointer:
             _fsync_dir(self.root)
         self.barrier()
         return gone
-
-    def remove_all(self) -> None:
-        remove_checkpoints(self.root)

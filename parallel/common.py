@@ -90,6 +90,11 @@ def _same_tokenizer(tok, folder: Path) -> bool:
         return False
 
 
+def staged_tokenizer(output_dir: Path) -> bool:
+    """True when this start trained or brought a tokenizer that `publish_tokenizer` will move into place."""
+    return (output_dir / STAGING / "tokenizer").is_dir()
+
+
 def publish_tokenizer(output_dir: Path) -> None:
     """Move a staged tokenizer into `tokenizer/` (atomically); call on the main process once the start is valid."""
     staged = output_dir / STAGING / "tokenizer"

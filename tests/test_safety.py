@@ -131,6 +131,73 @@ def test_init_model_overwrite_trains_a_fresh_tokenizer(data_args, tmp_path):
     state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["model_config"]["vocab_size"] == 300
     assert not (out / ".tmp-start").exists()
+    assert not (out / ".replaced").exists()  # the first checkpoint of the new run deleted the old one
+
+
+def test_a_replacement_failing_before_its_first_checkpoint_puts_the_old_run_back(data_args, six_step_dir, tmp_path):
+    # The replacement passes every check at start, then fails in training (here: it diverges at step 2, before the
+    # first save at step 3), as a bad record deep in a streamed corpus would. The old run and its tokenizer come back.
+    out = _copy(six_step_dir, tmp_path)
+    before = _files(out / "checkpoints") | _files(out / "tokenizer")
+    args = [a for i, a in enumerate(data_args) if "--tokenizer" not in data_args[max(i - 1, 0) : i + 1]]
+    spike = ["--inject-lr-spike", "1,1e30", "--divergence-action", "stop", "--vocab-size", "300"]
+    run = train(*args, *spike, "--init-model", "--overwrite-output-dir", "--max-steps", "6", "--output-dir", str(out))
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert "stop at step 2" in run.stdout and "the run this one replaced is back" in run.stdout  # before any save
+    assert _files(out / "checkpoints") | _files(out / "tokenizer") == before
+    assert not (out / ".replaced").exists()
+    resumed = train(*data_args, "--max-steps", "9", "--output-dir", str(out))  # the old run goes on as before
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+
+
+def test_a_kill_before_the_replacements_first_checkpoint_keeps_the_old_run(data_args, six_step_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers import PYTHON, ROOT
+
+    out = _copy(six_step_dir, tmp_path)
+    before = _files(out / "checkpoints")
+    env = os.environ | {"OMP_NUM_THREADS": "1", "SMALL_LLM_JOBS_DIR": str(tmp_path / "jobs")}
+    late_saves = ["--step-cadence", "1", "--max-steps", "100000"]  # the first save is thousands of steps away
+    cmd = [PYTHON, str(ROOT / "train.py"), *data_args, *late_saves, "--init-model", "--overwrite-output-dir"]
+    proc = subprocess.Popen(
+        [*cmd, "--output-dir", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        for line in proc.stdout:  # the step-0 eval: the old run is set aside, training begins
+            if line.startswith("step 0 | eval loss"):
+                break
+            assert time.time() < deadline
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("checkpoint-*"))
+    assert _files(out / ".replaced" / "checkpoints") == before  # the kill landed in the window
+
+    for again in ([], ["--init-model", "--overwrite-output-dir"]):  # neither a resume nor a new start goes on
+        refused = train(*data_args, "--max-steps", "9", *again, "--output-dir", str(out))
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+        assert refused.stderr.count("\n") == 1 and ".replaced holds the run" in refused.stderr
+        assert _files(out / ".replaced" / "checkpoints") == before
+
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # as the message says: move the old run back
+    os.rename(out / ".replaced" / "checkpoints", out / "checkpoints")
+    shutil.rmtree(out / ".replaced")
+    resumed = train(*data_args, "--max-steps", "9", "--output-dir", str(out))
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+
+
+def test_a_kill_after_the_replacements_first_checkpoint_finishes_the_deletion(data_args, six_step_dir, tmp_path):
+    out = _copy(six_step_dir, tmp_path)  # as a kill between the first save and deleting the set-aside run leaves it
+    (out / ".replaced" / "checkpoints" / "checkpoint-40").mkdir(parents=True)
+    resumed = train(*data_args, "--max-steps", "9", "--output-dir", str(out))
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+    assert not (out / ".replaced").exists()
 
 
 def test_one_run_per_output_dir_and_a_dead_holder_is_taken_over(data_args, six_step_dir, tmp_path):
