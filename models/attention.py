@@ -1,7 +1,9 @@
 """Attention backends that keep every token inside its own document in packed rows.
 
 A packed row holds several documents back to back; `doc_ids` (B, T) numbers them 0, 0, 0, 1, 1, 2, ... A query may
-attend to a key only if the key is not in the future AND belongs to the same document. Each backend expresses that
+attend to a key only if the key is not in the future AND belongs to the same document. Each document's tokens are one
+contiguous run of its row, as data/packing writes them: the dense and flex masks compare ids, while CPU sdpa and
+flash cut each row where the id changes, and the two agree only under that contract. Each backend expresses that
 rule in its own way:
 
 - eager:              explicit softmax(QK^T) with a boolean (B, 1, T, T) mask; the readable reference.
@@ -140,7 +142,10 @@ def build_attention_mask(
     # NOTE: on CPU, sdpa runs packed rows one document at a time (see _sdpa) unless the mask must keep one form for
     # a compiled graph: a dense mask makes the kernel compute and discard every cross-document score. Each call costs
     # ~60 us (forward and backward), so documents shorter than MIN_DOCUMENT_TOKENS on average keep the dense mask.
-    lengths = _segment_lengths(doc_ids) if device.type == "cpu" and not single and not same_form else None
+    by_segments = implementation == "sdpa" or (implementation == "flex_attention" and torch.is_grad_enabled())
+    lengths = None
+    if by_segments and device.type == "cpu" and not single and not same_form:
+        lengths = _segment_lengths(doc_ids)
     by_document = lengths is not None and len(lengths) * MIN_DOCUMENT_TOKENS <= batch * seq_len
     if implementation == "sdpa" and by_document:
         return AttentionMask(implementation, single, lengths=lengths)

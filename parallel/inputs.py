@@ -232,6 +232,13 @@ def validate_args(args: argparse.Namespace) -> None:
             "--compile does not support --attn-implementation flex_attention yet (flex runs its own compiled "
             "kernel already): drop --compile, or compile with sdpa"
         )
+    if args.compile and args.attn_implementation == "flash_attention_2":
+        # NOTE: the varlen kernel takes the cumulative document lengths (one entry per document) and the longest
+        # document as a Python int: both change with every batch's packing, so the graph would recompile each step.
+        raise UsageError(
+            "--compile does not support --attn-implementation flash_attention_2 (its per-batch document lengths "
+            "recompile the graph every step): drop --compile, or compile with sdpa"
+        )
 
 
 def parse_lr_spike(text: str | None) -> dict:

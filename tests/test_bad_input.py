@@ -271,6 +271,10 @@ CASES |= {
         ["--compile", "--attn-implementation", "flex_attention"],
         "does not support --attn-implementation flex",
     ),
+    "compile around flash attention": (
+        ["--compile", "--attn-implementation", "flash_attention_2"],
+        "does not support --attn-implementation flash_attention_2",
+    ),
     "compile with the pipeline": (["--pipeline", "--compile"], "--compile is not supported with --pipeline"),
     "pipeline outside a launcher": (["--pipeline"], "deepspeed --num_gpus"),
     "microbatch scale without pipeline": (["--microbatch-scale", "2"], "only applies to --pipeline"),

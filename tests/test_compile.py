@@ -21,7 +21,7 @@ def layouts(vocab: int) -> list[dict]:
     return batches
 
 
-def test_compiled_blocks_match_eager_without_recompiling() -> None:
+def test_compiled_loss_path_matches_eager_without_recompiling() -> None:
     cfg = models.load_model_config("tiny", vocab_size=256)
     torch.manual_seed(0)
     eager = models.Transformer(cfg)
