@@ -448,7 +448,8 @@ def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | To
     # run is set aside until this run's first checkpoint, and put back if this run ends before it.
     replacing = lay.is_main and args.init_model and args.overwrite_output_dir
     if replacing:
-        ckpt.set_aside(run.output_dir, ["checkpoints"] + (["tokenizer"] if staged_tokenizer(run.output_dir) else []))
+        replaced = ["checkpoints"] + (["tokenizer"] if staged_tokenizer(run.output_dir) else [])
+        replacing = ckpt.set_aside(run.output_dir, replaced)
     if lay.is_main:
         publish_tokenizer(run.output_dir)
     if run.resume_changes:

@@ -379,15 +379,22 @@ def prune_checkpoints(root: Path, limit: int, keep_best: int = 2) -> list[Path]:
 REPLACED = ".replaced"
 
 
-def set_aside(output_dir: Path, names: list[str]) -> None:
-    """Move output_dir/<name> for each name (those that exist) into output_dir/.replaced/."""
+def set_aside(output_dir: Path, names: list[str]) -> bool:
+    """Move output_dir/<name>, for each name that exists, into output_dir/.replaced/; False when none exists.
+
+    "checkpoints" goes first: a kill after it leaves nothing to resume from but .replaced/, which the next start
+    reports (settle_replaced).
+    """
+    present = sorted((n for n in names if (output_dir / n).exists()), key=lambda n: n != "checkpoints")
+    if not present:
+        return False
     aside = output_dir / REPLACED
     aside.mkdir(exist_ok=True)
-    for name in names:
-        if (output_dir / name).exists():
-            os.rename(output_dir / name, aside / name)
+    for name in present:
+        os.rename(output_dir / name, aside / name)
     _fsync_dir(aside)
     _fsync_dir(output_dir)
+    return True
 
 
 def put_back(output_dir: Path) -> bool:
@@ -395,7 +402,8 @@ def put_back(output_dir: Path) -> bool:
     aside = output_dir / REPLACED
     if not aside.is_dir():
         return False
-    for item in sorted(aside.iterdir()):
+    # "checkpoints" comes back last: once it is back, whatever .replaced/ still holds may be deleted (settle_replaced)
+    for item in sorted(aside.iterdir(), key=lambda p: p.name == "checkpoints"):
         target = output_dir / item.name
         if target.is_dir():
             shutil.rmtree(target)  # what the replacing run wrote: no complete checkpoint
@@ -414,12 +422,16 @@ def settle_replaced(output_dir: Path) -> str | None:
     aside = output_dir / REPLACED
     if not aside.is_dir():
         return None
+    if not any(aside.iterdir()):  # killed before set_aside moved anything
+        aside.rmdir()
+        return None
     if latest_checkpoint(output_dir / "checkpoints", warn=lambda _: None) is not None:
         drop_replaced(output_dir)
         return None
     return (
         f"{aside} holds the run that an --init-model --overwrite-output-dir start replaced, but that start was killed "
-        f"before its first checkpoint; move its folders back into {output_dir} to keep the old run, or delete {aside}"
+        f"before its first checkpoint; to keep the old run, move its folders back into {output_dir} in place of the "
+        f"ones there; to keep neither, delete {aside}"
     )
 
 

@@ -156,3 +156,96 @@ def test_rng_state_round_trips(tmp_path):
     expected = torch.rand(3)
     ckpt.restore_rng(state)
     assert torch.equal(torch.rand(3), expected)
+
+
+# -----------------------------------------------------------------------------
+# --init-model --overwrite-output-dir: the old run set aside, then put back or deleted, cut short at every move
+
+
+def _old_run(out: Path) -> dict[str, bytes]:
+    _save(out / "checkpoints", 3)
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / "tokenizer.json").write_text('{"old": true}')
+    return _tree(out)
+
+
+def _tree(out: Path) -> dict[str, bytes]:
+    """Every file of the run, relative to where it belongs (.replaced/ counted as its place)."""
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(out).as_posix()
+            files[rel.removeprefix(ckpt.REPLACED + "/")] = p.read_bytes()
+    return files
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_after(monkeypatch, renames: int) -> None:
+    real, count = ckpt.os.rename, [0]
+
+    def rename(src, dst):
+        if count[0] == renames:
+            raise _Killed
+        count[0] += 1
+        real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", rename)
+
+
+def test_a_new_folder_sets_nothing_aside(tmp_path):
+    assert not ckpt.set_aside(tmp_path, ["checkpoints", "tokenizer"])
+    assert not (tmp_path / ckpt.REPLACED).exists() and ckpt.settle_replaced(tmp_path) is None
+
+
+@pytest.mark.parametrize("renames", [0, 1])
+def test_a_kill_while_setting_aside_never_loses_the_old_run(tmp_path, monkeypatch, renames):
+    old = _old_run(tmp_path)
+    _kill_after(monkeypatch, renames)
+    with pytest.raises(_Killed):
+        ckpt.set_aside(tmp_path, ["tokenizer", "checkpoints"])
+    monkeypatch.undo()
+    problem = ckpt.settle_replaced(tmp_path)
+    assert _tree(tmp_path) == old  # every file still there, in place or in .replaced/
+    if renames == 0:  # nothing moved yet: the run is whole where it was
+        assert problem is None and not (tmp_path / ckpt.REPLACED).exists()
+    else:  # the checkpoints moved first: refused, naming .replaced/
+        assert ckpt.REPLACED in problem and (tmp_path / ckpt.REPLACED / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("renames", [0, 1, 2])
+def test_a_kill_while_putting_back_never_loses_the_old_run(tmp_path, monkeypatch, renames):
+    old = _old_run(tmp_path)
+    assert ckpt.set_aside(tmp_path, ["checkpoints", "tokenizer"])
+    (tmp_path / "tokenizer").mkdir()  # the new run's tokenizer and its unfinished first save
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text('{"new": true}')
+    (tmp_path / "checkpoints" / ".tmp-checkpoint-3").mkdir(parents=True)
+    _kill_after(monkeypatch, renames)
+    if renames < 2:
+        with pytest.raises(_Killed):
+            ckpt.put_back(tmp_path)
+    else:
+        assert ckpt.put_back(tmp_path)
+    monkeypatch.undo()
+    problem = ckpt.settle_replaced(tmp_path)
+    if problem is None:  # settled: the old run is whole in place, the new tokenizer gone
+        assert _tree(tmp_path) == old and not (tmp_path / ckpt.REPLACED).exists()
+    else:  # the old checkpoints are still aside: nothing of the old run deleted
+        assert renames < 2 and (tmp_path / ckpt.REPLACED / "checkpoints" / "checkpoint-3").is_dir()
+        assert {k: v for k, v in _tree(tmp_path).items() if k.startswith("checkpoints/")} == {
+            k: v for k, v in old.items() if k.startswith("checkpoints/")
+        }
+        assert (tmp_path / ckpt.REPLACED / "tokenizer").exists() or _tree(tmp_path)["tokenizer/tokenizer.json"] == (
+            old["tokenizer/tokenizer.json"]
+        )
+
+
+def test_after_the_new_runs_first_checkpoint_the_old_run_is_deleted(tmp_path):
+    _old_run(tmp_path)
+    assert ckpt.set_aside(tmp_path, ["checkpoints", "tokenizer"])
+    _save(tmp_path / "checkpoints", 1)  # the new run's first checkpoint; killed before it dropped .replaced/
+    assert ckpt.settle_replaced(tmp_path) is None
+    assert not (tmp_path / ckpt.REPLACED).exists()
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "checkpoint-1"
