@@ -444,17 +444,9 @@ def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | To
             say("data: --no-restore-dataset-state given, restarting the data from the beginning")
         say(f"resumed from {run.resume_from} at step {state.step:,}")
     batches = lay.start_data()
-    # Everything is validated and the held-out data read: only now replace what the output dir held. The replaced
-    # run is set aside until this run's first checkpoint, and put back if this run ends before it.
-    replacing = lay.is_main and args.init_model and args.overwrite_output_dir
-    if replacing:
-        replaced = ["checkpoints"] + (["tokenizer"] if staged_tokenizer(run.output_dir) else [])
-        replacing = ckpt.set_aside(run.output_dir, replaced)
-    if lay.is_main:
-        publish_tokenizer(run.output_dir)
     if run.resume_changes:
         say(f"resume: changed since the checkpoint: {'; '.join(run.resume_changes)}", err=True)
-    lay.barrier()
+    lay.barrier()  # every rank has validated its inputs and read its held-out data
     logger, bar, control, signals, info = start_monitoring(run, state, lay.is_main, len(lay.tokenizer))
     meter = Meter(run.model_cfg, plan.tokens_per_step, lay.world, device_peak_flops(lay.device, lay.dtype), lay.device)
     lr_spike = parse_lr_spike(args.inject_lr_spike)
@@ -502,7 +494,15 @@ def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | To
             ckpt.drop_replaced(run.output_dir)
             replacing = False
 
+    replacing = False
     try:
+        # Only now replace what the output dir held: the old run is set aside until this run's first checkpoint (or
+        # finished export), and put back (finally, below) if this run ends before it.
+        if lay.is_main and args.init_model and args.overwrite_output_dir:
+            replaced = ["checkpoints"] + (["tokenizer"] if staged_tokenizer(run.output_dir) else [])
+            replacing = ckpt.set_aside(run.output_dir, replaced)
+        if lay.is_main:
+            publish_tokenizer(run.output_dir)
         if state.step == 0:
             evaluate()
         exit_code, eval_loss, loss, rollback_floor = 0, None, 0.0, None
@@ -584,8 +584,10 @@ def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | To
             logger.summary(state.step, tokens=state.tokens, loss=eval_loss)
             bar.close()
             model = lay.gather_model()
-            if model is not None:
-                export_dir = run.output_dir / "final"
+            export_dir = run.output_dir / "final"
+            if model is not None and not math.isfinite(eval_loss):  # --divergence-action none: never export NaNs
+                say(f"final eval loss {eval_loss}: not exporting non-finite weights; {export_dir} left as it was")
+            elif model is not None:
                 summary = models.RunSummary(
                     model_name=args.model_config or args.model,
                     dataset=args.dataset,
@@ -599,18 +601,17 @@ def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | To
                         model, run.model_cfg, folder, tokenizer=lay.tokenizer, max_length=args.max_length,
                         summary=summary,
                     )  # fmt: skip
-                text = (
-                    sample_text(model, lay.tokenizer, args, max(args.sample_tokens, 32))
-                    if math.isfinite(eval_loss)
-                    else ""
-                )
+                if replacing:  # finished and exported without a checkpoint (--save-strategy no): the old run goes
+                    ckpt.drop_replaced(run.output_dir)
+                    replacing = False
+                text = sample_text(model, lay.tokenizer, args, max(args.sample_tokens, 32))
                 say(f"final eval loss {eval_loss:.4f}\nsample: {text}\nHugging Face model: {export_dir}")
-            if replacing:  # finished and exported without a checkpoint (--save-strategy no): the old run is gone
-                ckpt.drop_replaced(run.output_dir)
-                replacing = False
     finally:  # also on a second stop signal or an error: the job is unregistered and the logs are flushed
-        if replacing and ckpt.put_back(run.output_dir):
-            say(f"the run this one replaced is back in {run.output_dir} (this run ended before its first checkpoint)")
+        try:
+            if replacing and ckpt.put_back(run.output_dir):
+                say(f"the run this one replaced is back in {run.output_dir} (this ended before its first checkpoint)")
+        except OSError as e:  # e.g. another rank still writing into checkpoints/: the next start names .replaced/
+            say(f"warning: the replaced run stays in {run.output_dir / ckpt.REPLACED} ({e})", err=True)
         bar.close()
         logger.close()
         control.close()

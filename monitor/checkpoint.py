@@ -398,9 +398,16 @@ def set_aside(output_dir: Path, names: list[str]) -> bool:
 
 
 def put_back(output_dir: Path) -> bool:
-    """Undo set_aside (the replacing run ended before its first checkpoint); False when nothing was set aside."""
+    """Undo set_aside (the replacing run ended before its first checkpoint); False when nothing was put back.
+
+    When the replacing run did complete a checkpoint (it failed after writing it, before dropping .replaced/), that
+    run stands: the old one is deleted instead, as settle_replaced would at the next start.
+    """
     aside = output_dir / REPLACED
     if not aside.is_dir():
+        return False
+    if latest_checkpoint(output_dir / "checkpoints", warn=lambda _: None) is not None:
+        drop_replaced(output_dir)
         return False
     # "checkpoints" comes back last: once it is back, whatever .replaced/ still holds may be deleted (settle_replaced)
     for item in sorted(aside.iterdir(), key=lambda p: p.name == "checkpoints"):
@@ -430,8 +437,8 @@ def settle_replaced(output_dir: Path) -> str | None:
         return None
     return (
         f"{aside} holds the run that an --init-model --overwrite-output-dir start replaced, but that start was killed "
-        f"before its first checkpoint; to keep the old run, move its folders back into {output_dir} in place of the "
-        f"ones there; to keep neither, delete {aside}"
+        f"before its first checkpoint; to keep the old run, move everything in it back into {output_dir} in place of "
+        f"what is there (checkpoints/ last); to keep neither, delete {aside}"
     )
 
 

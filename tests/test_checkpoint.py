@@ -249,3 +249,11 @@ def test_after_the_new_runs_first_checkpoint_the_old_run_is_deleted(tmp_path):
     assert ckpt.settle_replaced(tmp_path) is None
     assert not (tmp_path / ckpt.REPLACED).exists()
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "checkpoint-1"
+
+
+def test_a_failure_after_the_new_runs_first_checkpoint_keeps_the_new_run(tmp_path):
+    _old_run(tmp_path)
+    assert ckpt.set_aside(tmp_path, ["checkpoints", "tokenizer"])
+    new = _save(tmp_path / "checkpoints", 1)  # complete; the run then failed before dropping .replaced/
+    assert not ckpt.put_back(tmp_path)  # nothing put back over the new run's checkpoint
+    assert not (tmp_path / ckpt.REPLACED).exists() and ckpt.latest_checkpoint(tmp_path / "checkpoints") == new

@@ -134,17 +134,26 @@ def test_init_model_overwrite_trains_a_fresh_tokenizer(data_args, tmp_path):
     assert not (out / ".replaced").exists()  # the first checkpoint of the new run deleted the old one
 
 
-def test_a_replacement_failing_before_its_first_checkpoint_puts_the_old_run_back(data_args, six_step_dir, tmp_path):
-    # The replacement passes every check at start, then fails in training (here: it diverges at step 2, before the
-    # first save at step 3), as a bad record deep in a streamed corpus would. The old run and its tokenizer come back.
+@pytest.mark.parametrize("action", ["stop", "none"])
+def test_a_replacement_failing_before_its_first_checkpoint_puts_the_old_run_back(
+    data_args, six_step_dir, tmp_path, action
+):
+    # The replacement passes every check at start, then fails in training, as a bad record deep in a streamed corpus
+    # would: here it diverges at step 2, before the first save at step 3, and either stops or (action none) trains
+    # on in NaNs to the end, where nothing may be saved or exported. The old run, its export and tokenizer stay.
     out = _copy(six_step_dir, tmp_path)
-    before = _files(out / "checkpoints") | _files(out / "tokenizer")
+    before = _files(out / "checkpoints") | _files(out / "tokenizer") | _files(out / "final")
     args = [a for i, a in enumerate(data_args) if "--tokenizer" not in data_args[max(i - 1, 0) : i + 1]]
-    spike = ["--inject-lr-spike", "1,1e30", "--divergence-action", "stop", "--vocab-size", "300"]
+    spike = ["--inject-lr-spike", "1,1e30", "--divergence-action", action, "--vocab-size", "300"]
     run = train(*args, *spike, "--init-model", "--overwrite-output-dir", "--max-steps", "6", "--output-dir", str(out))
-    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
-    assert "stop at step 2" in run.stdout and "the run this one replaced is back" in run.stdout  # before any save
-    assert _files(out / "checkpoints") | _files(out / "tokenizer") == before
+    assert "Traceback" not in run.stderr, run.stderr[-2000:]
+    if action == "stop":
+        assert run.returncode == 1 and "stop at step 2" in run.stdout  # before any save
+    else:
+        assert run.returncode == 0 and "not saving non-finite weights" in run.stdout
+        assert "not exporting non-finite weights" in run.stdout
+    assert "the run this one replaced is back" in run.stdout
+    assert _files(out / "checkpoints") | _files(out / "tokenizer") | _files(out / "final") == before
     assert not (out / ".replaced").exists()
     resumed = train(*data_args, "--max-steps", "9", "--output-dir", str(out))  # the old run goes on as before
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
