@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import secrets
 import threading
 import traceback
 from dataclasses import asdict, dataclass, fields
@@ -212,11 +213,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_run(args: argparse.Namespace) -> Run:
-    with bad_input():
-        return _resolve_run(args)
+    held: list[OutputDirLock] = []
+    try:
+        with bad_input():
+            return _resolve_run(args, held)
+    except BaseException:  # a refused start lets go of the output dir at once (tests start many in one process)
+        for lock in held:
+            lock.release()
+        raise
 
 
-def _resolve_run(args: argparse.Namespace) -> Run:
+def _resolve_run(args: argparse.Namespace, held: list[OutputDirLock]) -> Run:
     validate_args(args)
     if args.compile and fsdp_requested():
         raise UsageError("--compile is not supported with FSDP yet (untested with sharded blocks); drop --compile")
@@ -255,6 +262,17 @@ def _resolve_run(args: argparse.Namespace) -> Run:
     if not args.dry_run:
         check_output_dir(output_dir)  # a file, or a folder this process cannot write: refused before any work
         check_jobs_dir()
+    lock = None
+    if not args.dry_run and output_dir.is_dir():  # before anything in it is read: no other run is changing it
+        lock = take_output_dir(output_dir, held)
+    if args.init_model and args.overwrite_output_dir and not args.dry_run:
+        for name in ("checkpoints", "final", "tokenizer"):
+            if (output_dir / name).is_symlink() or os.path.ismount(output_dir / name):
+                raise UsageError(
+                    f"{output_dir / name} is a {'link' if (output_dir / name).is_symlink() else 'mount point'}: "
+                    "--overwrite-output-dir sets the old run aside by renaming it, which would leave its files "
+                    "where the link or mount points; delete them yourself, then start without --overwrite-output-dir"
+                )
     resume_from, changed = None, []
     if not args.init_model and not args.dry_run:
         resume_from = latest_checkpoint(checkpoints, warn=lambda m: say(m, err=True))
@@ -317,23 +335,32 @@ def _resolve_run(args: argparse.Namespace) -> Run:
             "--pipeline runs one process per stage: launch it with `deepspeed --num_gpus N train.py --pipeline ...` "
             "(or torchrun --nproc_per_node N), or add --dry-run to see its plan"
         )
-    lock = None
-    if not args.dry_run and int(os.environ.get("RANK", "0")) == 0:  # one run per output dir, for its whole life
-        try:
-            lock = OutputDirLock(output_dir).acquire()
-        except OutputDirBusy as e:
-            raise UsageError(
-                f"{output_dir} is in use by another run ({e}); wait for it, stop it (python -m monitor.control "
-                "stop JOB), or choose another --output-dir"
-            ) from None
-        if lock.unsupported:
-            say(f"warning: cannot lock {output_dir} ({lock.unsupported}); a second run could share it", err=True)
-        recover_published(output_dir / "final")  # an export cut between its two renames
-        if problem := ckpt.settle_replaced(output_dir):  # an --overwrite-output-dir start cut short
-            raise UsageError(problem)
+    if lock is None and not args.dry_run:  # a new output dir: created only now that the start is valid
+        lock = take_output_dir(output_dir, held)
     return Run(
         args, plan, geometry, model_cfg, mix, tokenizer, output_dir, resume_from, world_size, memory, lock, changed
     )
+
+
+def take_output_dir(output_dir: Path, held: list[OutputDirLock]) -> OutputDirLock | None:
+    """On the main process: hold the output dir's lock for the run's life (added to `held`), and repair what a
+    killed start left."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    try:
+        lock = OutputDirLock(output_dir).acquire()
+    except OutputDirBusy as e:
+        raise UsageError(
+            f"{output_dir} is in use by another run ({e}); wait for it, stop it (python -m monitor.control "
+            "stop JOB), or choose another --output-dir"
+        ) from None
+    held.append(lock)
+    if lock.unsupported:
+        say(f"warning: cannot lock {output_dir} ({lock.unsupported}); a second run could share it", err=True)
+    recover_published(output_dir / "final")  # an export cut between its two renames
+    if problem := ckpt.settle_replaced(output_dir):  # an --overwrite-output-dir start cut short
+        raise UsageError(problem)
+    return lock
 
 
 def print_plan(run: Run) -> None:
@@ -480,6 +507,7 @@ def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | To
             "args": vars(args),
             "data_state": batches.state_dict() if lay.is_main else None,
             "run_info": info,
+            "start_id": start_id,  # tells this start's checkpoints from a replaced run's (monitor/checkpoint.py)
         }
         path, pruned = ckpts.save(
             state.step,
@@ -494,13 +522,13 @@ def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | To
             ckpt.drop_replaced(run.output_dir)
             replacing = False
 
-    replacing = False
+    replacing, start_id = False, secrets.token_hex(8)
     try:
         # Only now replace what the output dir held: the old run is set aside until this run's first checkpoint (or
         # finished export), and put back (finally, below) if this run ends before it.
         if lay.is_main and args.init_model and args.overwrite_output_dir:
-            replaced = ["checkpoints"] + (["tokenizer"] if staged_tokenizer(run.output_dir) else [])
-            replacing = ckpt.set_aside(run.output_dir, replaced)
+            replaced = ["checkpoints", "final"] + (["tokenizer"] if staged_tokenizer(run.output_dir) else [])
+            replacing = ckpt.set_aside(run.output_dir, replaced, start_id)
         if lay.is_main:
             publish_tokenizer(run.output_dir)
         if state.step == 0:
@@ -608,7 +636,7 @@ def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | To
                 say(f"final eval loss {eval_loss:.4f}\nsample: {text}\nHugging Face model: {export_dir}")
     finally:  # also on a second stop signal or an error: the job is unregistered and the logs are flushed
         try:
-            if replacing and ckpt.put_back(run.output_dir):
+            if replacing and ckpt.put_back(run.output_dir, start_id):
                 say(f"the run this one replaced is back in {run.output_dir} (this ended before its first checkpoint)")
         except OSError as e:  # e.g. another rank still writing into checkpoints/: the next start names .replaced/
             say(f"warning: the replaced run stays in {run.output_dir / ckpt.REPLACED} ({e})", err=True)

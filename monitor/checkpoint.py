@@ -372,14 +372,17 @@ def prune_checkpoints(root: Path, limit: int, keep_best: int = 2) -> list[Path]:
     return deleted
 
 
-# --init-model --overwrite-output-dir replaces a run in two moves: `set_aside` moves the old run's checkpoints (and its
-# tokenizer when the new run brings another) into <output_dir>/.replaced/ once the new start is valid; the new run's
-# first complete checkpoint deletes them (`drop_replaced`), and a run that ends before that puts them back
-# (`put_back`). A kill in between leaves them in .replaced/, which the next start refuses to ignore (train.py).
+# --init-model --overwrite-output-dir replaces a run in two moves: `set_aside` moves the old run's checkpoints, final
+# export (and its tokenizer when the new run brings another) into <output_dir>/.replaced/ once the new start is valid;
+# the new run's first complete checkpoint or finished export deletes them (`drop_replaced`), and a run that ends
+# before that puts them back (`put_back`). A kill in between leaves them in .replaced/, which the next start refuses to
+# ignore (settle_replaced). .replaced/replaced-by.json names the start that set them aside; that start's checkpoints
+# carry the same `start_id` in trainer_state.json, which is how a later start tells its checkpoint from the old run's.
 REPLACED = ".replaced"
+REPLACED_BY = "replaced-by.json"
 
 
-def set_aside(output_dir: Path, names: list[str]) -> bool:
+def set_aside(output_dir: Path, names: list[str], start_id: str) -> bool:
     """Move output_dir/<name>, for each name that exists, into output_dir/.replaced/; False when none exists.
 
     "checkpoints" goes first: a kill after it leaves nothing to resume from but .replaced/, which the next start
@@ -390,6 +393,7 @@ def set_aside(output_dir: Path, names: list[str]) -> bool:
         return False
     aside = output_dir / REPLACED
     aside.mkdir(exist_ok=True)
+    _write_json(aside / REPLACED_BY, {"start_id": start_id})  # before anything moves in
     for name in present:
         os.rename(output_dir / name, aside / name)
     _fsync_dir(aside)
@@ -397,7 +401,25 @@ def set_aside(output_dir: Path, names: list[str]) -> bool:
     return True
 
 
-def put_back(output_dir: Path) -> bool:
+def _replacing_start(aside: Path) -> str | None:
+    try:
+        return json.loads((aside / REPLACED_BY).read_text())["start_id"]
+    except (OSError, ValueError, KeyError, TypeError):  # absent, or cut short by a kill while it was written
+        return None
+
+
+def _replacement_done(output_dir: Path, start_id: str | None) -> bool:
+    """True when checkpoints/ holds a complete checkpoint written by the start that set .replaced/ aside."""
+    latest = latest_checkpoint(output_dir / "checkpoints", warn=lambda _: None)
+    if latest is None or start_id is None:
+        return False
+    try:
+        return json.loads((latest / "trainer_state.json").read_text()).get("start_id") == start_id
+    except (OSError, ValueError):
+        return False
+
+
+def put_back(output_dir: Path, start_id: str) -> bool:
     """Undo set_aside (the replacing run ended before its first checkpoint); False when nothing was put back.
 
     When the replacing run did complete a checkpoint (it failed after writing it, before dropping .replaced/), that
@@ -406,45 +428,66 @@ def put_back(output_dir: Path) -> bool:
     aside = output_dir / REPLACED
     if not aside.is_dir():
         return False
-    if latest_checkpoint(output_dir / "checkpoints", warn=lambda _: None) is not None:
+    if _replacement_done(output_dir, start_id):
         drop_replaced(output_dir)
         return False
-    # "checkpoints" comes back last: once it is back, whatever .replaced/ still holds may be deleted (settle_replaced)
+    # "checkpoints" comes back last: once it is back, .replaced/ holds at most replaced-by.json (settle_replaced)
     for item in sorted(aside.iterdir(), key=lambda p: p.name == "checkpoints"):
+        if item.name == REPLACED_BY:
+            continue
         target = output_dir / item.name
         if target.is_dir():
             shutil.rmtree(target)  # what the replacing run wrote: no complete checkpoint
         os.rename(item, target)
-    aside.rmdir()
     _fsync_dir(output_dir)
+    shutil.rmtree(aside)
     return True
 
 
 def settle_replaced(output_dir: Path) -> str | None:
-    """At start, on the main process holding the run's lock: what a replacing start killed midway left behind.
+    """At start, on the main process holding the run's lock, before anything in the output dir is read: what a
+    replacing start killed midway left behind.
 
     After the replacing run's first complete checkpoint, the old run's deletion was cut short: finish it. Before it,
     return why this start must not go on (a new start would delete the old run at its own first checkpoint).
     """
+    if (output_dir / (REPLACED + ".dropping")).exists():  # a deletion cut short
+        shutil.rmtree(output_dir / (REPLACED + ".dropping"), ignore_errors=True)
     aside = output_dir / REPLACED
-    if not aside.is_dir():
+    if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
+        return f"{aside} is not a folder this project made, but runs keep one there; move it out of {output_dir}"
+    if not aside.exists():
         return None
-    if not any(aside.iterdir()):  # killed before set_aside moved anything
-        aside.rmdir()
+    start_id = _replacing_start(aside)
+    if not [p for p in aside.iterdir() if p.name != REPLACED_BY]:  # nothing moved yet, or everything moved back
+        shutil.rmtree(aside)
         return None
-    if latest_checkpoint(output_dir / "checkpoints", warn=lambda _: None) is not None:
+    if start_id is None:
+        return (
+            f"{aside} holds files that no start of this project set aside there; move them out of {output_dir} "
+            "and start again"
+        )
+    if _replacement_done(output_dir, start_id):
         drop_replaced(output_dir)
         return None
     return (
         f"{aside} holds the run that an --init-model --overwrite-output-dir start replaced, but that start was killed "
-        f"before its first checkpoint; to keep the old run, move everything in it back into {output_dir} in place of "
-        f"what is there (checkpoints/ last); to keep neither, delete {aside}"
+        f"before its first checkpoint; to keep the old run, move everything in it but {REPLACED_BY} back into "
+        f"{output_dir} in place of what is there (checkpoints/ last); to keep neither, delete {aside}"
     )
 
 
 def drop_replaced(output_dir: Path) -> None:
-    """Delete what set_aside kept (the replacing run has a complete checkpoint of its own)."""
-    shutil.rmtree(output_dir / REPLACED, ignore_errors=True)
+    """Delete what set_aside kept (the replacing run has a complete checkpoint or export of its own).
+
+    Renamed out of the way first: a kill during the deletion cannot leave a half-deleted .replaced/ behind.
+    """
+    aside, doomed = output_dir / REPLACED, output_dir / (REPLACED + ".dropping")
+    if aside.is_dir():
+        if doomed.exists():
+            shutil.rmtree(doomed, ignore_errors=True)
+        os.rename(aside, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 class Checkpointer:

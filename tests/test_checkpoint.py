@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +19,9 @@ def _state() -> dict[str, torch.Tensor]:
     return {"embed.weight": weight, "head.weight": weight, "norm.weight": torch.randn(3)}  # head tied to embed
 
 
-def _save(root: Path, step: int, eval_loss: float | None = None, state: dict | None = None) -> Path:
+def _save(
+    root: Path, step: int, eval_loss: float | None = None, state: dict | None = None, start_id: str | None = None
+) -> Path:
     return ckpt.save_checkpoint(
         root,
         step,
@@ -26,7 +29,7 @@ def _save(root: Path, step: int, eval_loss: float | None = None, state: dict | N
         barrier=lambda: None,
         model_part=state or _state(),
         optimizer_part={"state": {"norm.weight": {"step": torch.tensor(3.0)}}, "extra": {}},
-        trainer_state={"step": step, "eval_loss": eval_loss},
+        trainer_state={"step": step, "eval_loss": eval_loss, "start_id": start_id},
         rank_state={"rng": ckpt.capture_rng()},
     )
 
@@ -163,17 +166,18 @@ def test_rng_state_round_trips(tmp_path):
 
 
 def _old_run(out: Path) -> dict[str, bytes]:
-    _save(out / "checkpoints", 3)
-    (out / "tokenizer").mkdir(parents=True)
-    (out / "tokenizer" / "tokenizer.json").write_text('{"old": true}')
+    _save(out / "checkpoints", 3, start_id="old")
+    for name in ("tokenizer", "final"):
+        (out / name).mkdir(parents=True)
+        (out / name / "tokenizer.json").write_text('{"old": true}')
     return _tree(out)
 
 
 def _tree(out: Path) -> dict[str, bytes]:
-    """Every file of the run, relative to where it belongs (.replaced/ counted as its place)."""
+    """Every file of the run, relative to where it belongs (.replaced/ counted as its place, its record left out)."""
     files = {}
     for p in sorted(out.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.name != ckpt.REPLACED_BY:
             rel = p.relative_to(out).as_posix()
             files[rel.removeprefix(ckpt.REPLACED + "/")] = p.read_bytes()
     return files
@@ -195,17 +199,20 @@ def _kill_after(monkeypatch, renames: int) -> None:
     monkeypatch.setattr(ckpt.os, "rename", rename)
 
 
+NAMES = ["checkpoints", "final", "tokenizer"]
+
+
 def test_a_new_folder_sets_nothing_aside(tmp_path):
-    assert not ckpt.set_aside(tmp_path, ["checkpoints", "tokenizer"])
+    assert not ckpt.set_aside(tmp_path, NAMES, "new")
     assert not (tmp_path / ckpt.REPLACED).exists() and ckpt.settle_replaced(tmp_path) is None
 
 
-@pytest.mark.parametrize("renames", [0, 1])
+@pytest.mark.parametrize("renames", [0, 1, 2])
 def test_a_kill_while_setting_aside_never_loses_the_old_run(tmp_path, monkeypatch, renames):
     old = _old_run(tmp_path)
     _kill_after(monkeypatch, renames)
     with pytest.raises(_Killed):
-        ckpt.set_aside(tmp_path, ["tokenizer", "checkpoints"])
+        ckpt.set_aside(tmp_path, ["tokenizer", "final", "checkpoints"], "new")
     monkeypatch.undo()
     problem = ckpt.settle_replaced(tmp_path)
     assert _tree(tmp_path) == old  # every file still there, in place or in .replaced/
@@ -215,37 +222,35 @@ def test_a_kill_while_setting_aside_never_loses_the_old_run(tmp_path, monkeypatc
         assert ckpt.REPLACED in problem and (tmp_path / ckpt.REPLACED / "checkpoints").is_dir()
 
 
-@pytest.mark.parametrize("renames", [0, 1, 2])
+@pytest.mark.parametrize("renames", [0, 1, 2, 3])
 def test_a_kill_while_putting_back_never_loses_the_old_run(tmp_path, monkeypatch, renames):
     old = _old_run(tmp_path)
-    assert ckpt.set_aside(tmp_path, ["checkpoints", "tokenizer"])
-    (tmp_path / "tokenizer").mkdir()  # the new run's tokenizer and its unfinished first save
-    (tmp_path / "tokenizer" / "tokenizer.json").write_text('{"new": true}')
+    assert ckpt.set_aside(tmp_path, NAMES, "new")
+    for name in ("tokenizer", "final"):  # the new run's tokenizer and export, and its unfinished first save
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text('{"new": true}')
     (tmp_path / "checkpoints" / ".tmp-checkpoint-3").mkdir(parents=True)
     _kill_after(monkeypatch, renames)
-    if renames < 2:
+    if renames < 3:
         with pytest.raises(_Killed):
-            ckpt.put_back(tmp_path)
+            ckpt.put_back(tmp_path, "new")
     else:
-        assert ckpt.put_back(tmp_path)
+        assert ckpt.put_back(tmp_path, "new")
     monkeypatch.undo()
     problem = ckpt.settle_replaced(tmp_path)
-    if problem is None:  # settled: the old run is whole in place, the new tokenizer gone
-        assert _tree(tmp_path) == old and not (tmp_path / ckpt.REPLACED).exists()
+    if problem is None:  # settled: the old run is whole in place, the new tokenizer and export gone
+        assert renames == 3 and _tree(tmp_path) == old and not (tmp_path / ckpt.REPLACED).exists()
     else:  # the old checkpoints are still aside: nothing of the old run deleted
-        assert renames < 2 and (tmp_path / ckpt.REPLACED / "checkpoints" / "checkpoint-3").is_dir()
-        assert {k: v for k, v in _tree(tmp_path).items() if k.startswith("checkpoints/")} == {
-            k: v for k, v in old.items() if k.startswith("checkpoints/")
-        }
-        assert (tmp_path / ckpt.REPLACED / "tokenizer").exists() or _tree(tmp_path)["tokenizer/tokenizer.json"] == (
-            old["tokenizer/tokenizer.json"]
-        )
+        assert (tmp_path / ckpt.REPLACED / "checkpoints" / "checkpoint-3").is_dir()
+        for name in ("tokenizer", "final"):
+            aside = tmp_path / ckpt.REPLACED / name / "tokenizer.json"
+            assert (aside if aside.exists() else tmp_path / name / "tokenizer.json").read_text() == '{"old": true}'
 
 
 def test_after_the_new_runs_first_checkpoint_the_old_run_is_deleted(tmp_path):
     _old_run(tmp_path)
-    assert ckpt.set_aside(tmp_path, ["checkpoints", "tokenizer"])
-    _save(tmp_path / "checkpoints", 1)  # the new run's first checkpoint; killed before it dropped .replaced/
+    assert ckpt.set_aside(tmp_path, NAMES, "new")
+    _save(tmp_path / "checkpoints", 1, start_id="new")  # the new run's first checkpoint; killed before the drop
     assert ckpt.settle_replaced(tmp_path) is None
     assert not (tmp_path / ckpt.REPLACED).exists()
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "checkpoint-1"
@@ -253,7 +258,48 @@ def test_after_the_new_runs_first_checkpoint_the_old_run_is_deleted(tmp_path):
 
 def test_a_failure_after_the_new_runs_first_checkpoint_keeps_the_new_run(tmp_path):
     _old_run(tmp_path)
-    assert ckpt.set_aside(tmp_path, ["checkpoints", "tokenizer"])
-    new = _save(tmp_path / "checkpoints", 1)  # complete; the run then failed before dropping .replaced/
-    assert not ckpt.put_back(tmp_path)  # nothing put back over the new run's checkpoint
+    assert ckpt.set_aside(tmp_path, NAMES, "new")
+    new = _save(tmp_path / "checkpoints", 1, start_id="new")  # complete; the run then failed before the drop
+    assert not ckpt.put_back(tmp_path, "new")  # nothing put back over the new run's checkpoint
     assert not (tmp_path / ckpt.REPLACED).exists() and ckpt.latest_checkpoint(tmp_path / "checkpoints") == new
+
+
+def test_only_the_replacing_starts_checkpoint_lets_a_start_delete_what_was_set_aside(tmp_path):
+    old = _old_run(tmp_path)
+    assert ckpt.set_aside(tmp_path, NAMES, "new")
+    os.rename(tmp_path / ckpt.REPLACED / "checkpoints", tmp_path / "checkpoints")  # the old checkpoints moved back
+    assert ckpt.REPLACED in ckpt.settle_replaced(tmp_path)  # by hand; the old tokenizer and export are still aside
+    assert ckpt.put_back(tmp_path, "new") and _tree(tmp_path) == old  # its own start puts the rest back
+    assert ckpt.set_aside(tmp_path, NAMES, "new")
+    _save(tmp_path / "checkpoints", 1, start_id="another start")  # a complete checkpoint, but not the replacer's
+    assert ckpt.REPLACED in ckpt.settle_replaced(tmp_path)
+    assert {k: v for k, v in _tree(tmp_path).items() if "checkpoint-1" not in k} == old
+
+
+def test_a_replaced_folder_this_project_did_not_make_is_refused_and_kept(tmp_path):
+    _old_run(tmp_path)
+    (tmp_path / ckpt.REPLACED).mkdir()
+    (tmp_path / ckpt.REPLACED / "notes.txt").write_text("mine")
+    assert "no start of this project" in ckpt.settle_replaced(tmp_path)
+    assert (tmp_path / ckpt.REPLACED / "notes.txt").read_text() == "mine"
+    (tmp_path / ckpt.REPLACED / "notes.txt").unlink()
+    (tmp_path / ckpt.REPLACED).rmdir()
+    (tmp_path / ckpt.REPLACED).write_text("a file")
+    assert "not a folder this project made" in ckpt.settle_replaced(tmp_path)
+    (tmp_path / ckpt.REPLACED).unlink()
+    (tmp_path / ckpt.REPLACED).symlink_to(tmp_path / "checkpoints")
+    assert "not a folder this project made" in ckpt.settle_replaced(tmp_path)
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints") is not None
+
+
+def test_a_kill_while_dropping_leaves_nothing_half_deleted(tmp_path, monkeypatch):
+    _old_run(tmp_path)
+    assert ckpt.set_aside(tmp_path, NAMES, "new")
+    new = _save(tmp_path / "checkpoints", 1, start_id="new")
+    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+    with pytest.raises(_Killed):
+        ckpt.drop_replaced(tmp_path)
+    monkeypatch.undo()
+    assert not (tmp_path / ckpt.REPLACED).exists()  # renamed out of the way before any file went
+    assert ckpt.settle_replaced(tmp_path) is None and not (tmp_path / (ckpt.REPLACED + ".dropping")).exists()
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints") == new

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -194,8 +195,17 @@ def test_a_kill_before_the_replacements_first_checkpoint_keeps_the_old_run(data_
         assert refused.stderr.count("\n") == 1 and ".replaced holds the run" in refused.stderr
         assert _files(out / ".replaced" / "checkpoints") == before
 
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # as the message says: move the old run back
-    os.rename(out / ".replaced" / "checkpoints", out / "checkpoints")
+    assert (out / ".replaced" / "final" / "model.safetensors").is_file()  # the old export is aside too
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    os.rename(out / ".replaced" / "checkpoints", out / "checkpoints")  # half a repair: the export is still aside
+    refused = train(*data_args, "--max-steps", "9", "--output-dir", str(out))
+    assert refused.returncode == 2 and ".replaced holds the run" in refused.stderr, refused.stderr[-2000:]
+    assert (out / ".replaced" / "final" / "model.safetensors").is_file()  # a refused start deletes nothing
+
+    for item in (out / ".replaced").iterdir():  # the rest of the repair, as the message says
+        if item.name != "replaced-by.json":
+            shutil.rmtree(out / item.name, ignore_errors=True)
+            os.rename(item, out / item.name)
     shutil.rmtree(out / ".replaced")
     resumed = train(*data_args, "--max-steps", "9", "--output-dir", str(out))
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
@@ -204,9 +214,27 @@ def test_a_kill_before_the_replacements_first_checkpoint_keeps_the_old_run(data_
 def test_a_kill_after_the_replacements_first_checkpoint_finishes_the_deletion(data_args, six_step_dir, tmp_path):
     out = _copy(six_step_dir, tmp_path)  # as a kill between the first save and deleting the set-aside run leaves it
     (out / ".replaced" / "checkpoints" / "checkpoint-40").mkdir(parents=True)
+    start = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())["start_id"]
+    (out / ".replaced" / "replaced-by.json").write_text(json.dumps({"start_id": "another start"}))
+    refused = train(*data_args, "--max-steps", "9", "--output-dir", str(out))  # not the replacer's checkpoint
+    assert refused.returncode == 2 and ".replaced holds the run" in refused.stderr, refused.stderr[-2000:]
+    assert (out / ".replaced" / "checkpoints" / "checkpoint-40").is_dir()
+    (out / ".replaced" / "replaced-by.json").write_text(json.dumps({"start_id": start}))
     resumed = train(*data_args, "--max-steps", "9", "--output-dir", str(out))
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
     assert not (out / ".replaced").exists()
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "final"])
+def test_a_linked_run_folder_is_not_replaced(data_args, six_step_dir, tmp_path, name):
+    out = _copy(six_step_dir, tmp_path)
+    elsewhere = tmp_path / f"big-volume-{name}"
+    os.rename(out / name, elsewhere)
+    (out / name).symlink_to(elsewhere)
+    before = _files(elsewhere)
+    run = train(*data_args, "--init-model", "--overwrite-output-dir", "--max-steps", "3", "--output-dir", str(out))
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "is a link" in run.stderr, run.stderr[-2000:]
+    assert (out / name).is_symlink() and _files(elsewhere) == before and not (out / ".replaced").exists()
 
 
 def test_one_run_per_output_dir_and_a_dead_holder_is_taken_over(data_args, six_step_dir, tmp_path):
