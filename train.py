@@ -528,6 +528,7 @@ def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | To
         # finished export), and put back (finally, below) if this run ends before it.
         if lay.is_main and args.init_model and args.overwrite_output_dir:
             replaced = ["checkpoints", "final"] + (["tokenizer"] if staged_tokenizer(run.output_dir) else [])
+            replacing = True  # a second signal inside set_aside still puts back what it had moved
             replacing = ckpt.set_aside(run.output_dir, replaced, start_id)
         if lay.is_main:
             publish_tokenizer(run.output_dir)

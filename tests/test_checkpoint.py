@@ -222,6 +222,17 @@ def test_a_kill_while_setting_aside_never_loses_the_old_run(tmp_path, monkeypatc
         assert ckpt.REPLACED in problem and (tmp_path / ckpt.REPLACED / "checkpoints").is_dir()
 
 
+@pytest.mark.parametrize("renames", [0, 1, 2])
+def test_an_error_while_setting_aside_is_put_back_whole(tmp_path, monkeypatch, renames):
+    old = _old_run(tmp_path)  # e.g. a second stop signal between two renames: train.py's finally puts back
+    _kill_after(monkeypatch, renames)
+    with pytest.raises(_Killed):
+        ckpt.set_aside(tmp_path, NAMES, "new")
+    monkeypatch.undo()
+    assert ckpt.put_back(tmp_path, "new")
+    assert not (tmp_path / ckpt.REPLACED).exists() and _tree(tmp_path) == old
+
+
 @pytest.mark.parametrize("renames", [0, 1, 2, 3])
 def test_a_kill_while_putting_back_never_loses_the_old_run(tmp_path, monkeypatch, renames):
     old = _old_run(tmp_path)
