@@ -271,7 +271,8 @@ def _resolve_run(args: argparse.Namespace, held: list[OutputDirLock]) -> Run:
                 raise UsageError(
                     f"{output_dir / name} is a {'link' if (output_dir / name).is_symlink() else 'mount point'}: "
                     "--overwrite-output-dir sets the old run aside by renaming it, which would leave its files "
-                    "where the link or mount points; delete them yourself, then start without --overwrite-output-dir"
+                    "where the link or mount points; delete the old files in it yourself and put an empty folder "
+                    "(not a link) there, then start again"
                 )
     resume_from, changed = None, []
     if not args.init_model and not args.dry_run:
@@ -630,6 +631,8 @@ def train(run: Run, lay: DataParallel | FullyShardedDataParallel | Pipeline | To
                         model, run.model_cfg, folder, tokenizer=lay.tokenizer, max_length=args.max_length,
                         summary=summary,
                     )  # fmt: skip
+                    if replacing:  # a kill between publishing and dropping: the next start knows the export is new
+                        ckpt.mark_export(run.output_dir, start_id, folder / "model.safetensors")
                 if replacing:  # finished and exported without a checkpoint (--save-strategy no): the old run goes
                     ckpt.drop_replaced(run.output_dir)
                     replacing = False

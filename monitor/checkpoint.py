@@ -30,6 +30,7 @@ checkpoint with a warning. Nothing is ever unpickled beyond plain tensors (``tor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -377,7 +378,8 @@ def prune_checkpoints(root: Path, limit: int, keep_best: int = 2) -> list[Path]:
 # the new run's first complete checkpoint or finished export deletes them (`drop_replaced`), and a run that ends
 # before that puts them back (`put_back`). A kill in between leaves them in .replaced/, which the next start refuses to
 # ignore (settle_replaced). .replaced/replaced-by.json names the start that set them aside; that start's checkpoints
-# carry the same `start_id` in trainer_state.json, which is how a later start tells its checkpoint from the old run's.
+# carry the same `start_id` in trainer_state.json, which is how a later start tells its checkpoint from the old run's;
+# before publishing an export without a checkpoint (--save-strategy no), the record also names its weight file.
 REPLACED = ".replaced"
 REPLACED_BY = "replaced-by.json"
 
@@ -401,17 +403,39 @@ def set_aside(output_dir: Path, names: list[str], start_id: str) -> bool:
     return True
 
 
-def _replacing_start(aside: Path) -> str | None:
+def _record(aside: Path) -> dict:
     try:
-        return json.loads((aside / REPLACED_BY).read_text())["start_id"]
-    except (OSError, ValueError, KeyError, TypeError):  # absent, or cut short by a kill while it was written
-        return None
+        record = json.loads((aside / REPLACED_BY).read_text())
+        return record if isinstance(record, dict) and isinstance(record.get("start_id"), str) else {}
+    except (OSError, ValueError):  # absent, or cut short by a kill while it was written
+        return {}
 
 
-def _replacement_done(output_dir: Path, start_id: str | None) -> bool:
-    """True when checkpoints/ holds a complete checkpoint written by the start that set .replaced/ aside."""
+def _identity(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def mark_export(output_dir: Path, start_id: str, weights: Path) -> None:
+    """Before the replacing run publishes its export (--save-strategy no): record which file will prove it done."""
+    aside = output_dir / REPLACED
+    if aside.is_dir():
+        tmp = aside / (REPLACED_BY + ".tmp")
+        _write_json(tmp, {"start_id": start_id, "export": _identity(weights)})
+        os.replace(tmp, aside / REPLACED_BY)
+
+
+def _replacement_done(output_dir: Path, record: dict) -> bool:
+    """True when the start that set .replaced/ aside has a complete checkpoint in checkpoints/, or its finished export
+    is final/ (the same file, renamed into place)."""
+    start_id = record.get("start_id")
+    if start_id is None:
+        return False
+    with contextlib.suppress(OSError):
+        if record.get("export") == _identity(output_dir / "final" / "model.safetensors"):
+            return True
     latest = latest_checkpoint(output_dir / "checkpoints", warn=lambda _: None)
-    if latest is None or start_id is None:
+    if latest is None:
         return False
     try:
         return json.loads((latest / "trainer_state.json").read_text()).get("start_id") == start_id
@@ -428,12 +452,12 @@ def put_back(output_dir: Path, start_id: str) -> bool:
     aside = output_dir / REPLACED
     if not aside.is_dir():
         return False
-    if _replacement_done(output_dir, start_id):
+    if _replacement_done(output_dir, {"start_id": start_id} | _record(aside)):
         drop_replaced(output_dir)
         return False
     # "checkpoints" comes back last: once it is back, .replaced/ holds at most replaced-by.json (settle_replaced)
     for item in sorted(aside.iterdir(), key=lambda p: p.name == "checkpoints"):
-        if item.name == REPLACED_BY:
+        if item.name in (REPLACED_BY, REPLACED_BY + ".tmp"):
             continue
         target = output_dir / item.name
         if target.is_dir():
@@ -451,23 +475,24 @@ def settle_replaced(output_dir: Path) -> str | None:
     After the replacing run's first complete checkpoint, the old run's deletion was cut short: finish it. Before it,
     return why this start must not go on (a new start would delete the old run at its own first checkpoint).
     """
-    if (output_dir / (REPLACED + ".dropping")).exists():  # a deletion cut short
-        shutil.rmtree(output_dir / (REPLACED + ".dropping"), ignore_errors=True)
-    aside = output_dir / REPLACED
-    if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
-        return f"{aside} is not a folder this project made, but runs keep one there; move it out of {output_dir}"
+    aside, doomed = output_dir / REPLACED, output_dir / (REPLACED + ".dropping")
+    for path in (aside, doomed):
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            return f"{path} is not a folder this project made, but runs keep one there; move it out of {output_dir}"
+    if doomed.exists():  # a deletion cut short
+        shutil.rmtree(doomed)
     if not aside.exists():
         return None
-    start_id = _replacing_start(aside)
-    if not [p for p in aside.iterdir() if p.name != REPLACED_BY]:  # nothing moved yet, or everything moved back
-        shutil.rmtree(aside)
+    record = _record(aside)
+    if not [p for p in aside.iterdir() if p.name not in (REPLACED_BY, REPLACED_BY + ".tmp")]:  # nothing moved yet,
+        shutil.rmtree(aside)  # or everything moved back
         return None
-    if start_id is None:
+    if not record:
         return (
             f"{aside} holds files that no start of this project set aside there; move them out of {output_dir} "
             "and start again"
         )
-    if _replacement_done(output_dir, start_id):
+    if _replacement_done(output_dir, record):
         drop_replaced(output_dir)
         return None
     return (
@@ -483,10 +508,14 @@ def drop_replaced(output_dir: Path) -> None:
     Renamed out of the way first: a kill during the deletion cannot leave a half-deleted .replaced/ behind.
     """
     aside, doomed = output_dir / REPLACED, output_dir / (REPLACED + ".dropping")
-    if aside.is_dir():
-        if doomed.exists():
-            shutil.rmtree(doomed, ignore_errors=True)
-        os.rename(aside, doomed)
+    if not aside.is_dir():
+        return
+    if doomed.is_symlink() or doomed.is_file():  # not ours (the next start names it): delete in place instead
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    if doomed.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(aside, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
 

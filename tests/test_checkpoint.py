@@ -314,3 +314,34 @@ def test_a_kill_while_dropping_leaves_nothing_half_deleted(tmp_path, monkeypatch
     assert not (tmp_path / ckpt.REPLACED).exists()  # renamed out of the way before any file went
     assert ckpt.settle_replaced(tmp_path) is None and not (tmp_path / (ckpt.REPLACED + ".dropping")).exists()
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints") == new
+
+
+@pytest.mark.parametrize("published", [False, True])
+def test_an_export_without_a_checkpoint_completes_the_replacement_once_published(tmp_path, published):
+    old = _old_run(tmp_path)  # --save-strategy no: the export is the new run's only proof
+    assert ckpt.set_aside(tmp_path, NAMES, "new")
+    staging = tmp_path / ".tmp-final"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"new weights")
+    ckpt.mark_export(tmp_path, "new", staging / "model.safetensors")
+    if published:  # killed after publish_dir renamed it into place, before the drop
+        os.rename(staging, tmp_path / "final")
+        assert ckpt.settle_replaced(tmp_path) is None and not (tmp_path / ckpt.REPLACED).exists()
+        assert (tmp_path / "final" / "model.safetensors").read_bytes() == b"new weights"
+    else:  # killed before: the old run, its export included, is still whole in .replaced/
+        assert ckpt.REPLACED in ckpt.settle_replaced(tmp_path)
+        assert {k: v for k, v in _tree(tmp_path).items() if not k.startswith(".tmp-final")} == old
+        (tmp_path / "final").mkdir()  # an unrelated file of the same name and size is no proof
+        (tmp_path / "final" / "model.safetensors").write_bytes(b"new weights")
+        assert ckpt.REPLACED in ckpt.settle_replaced(tmp_path)
+
+
+def test_a_dropping_folder_that_is_not_ours_is_refused_and_kept(tmp_path):
+    _old_run(tmp_path)
+    doomed = tmp_path / (ckpt.REPLACED + ".dropping")
+    doomed.write_text("mine")
+    assert "not a folder this project made" in ckpt.settle_replaced(tmp_path)
+    assert ckpt.set_aside(tmp_path, NAMES, "new")
+    _save(tmp_path / "checkpoints", 1, start_id="new")
+    ckpt.drop_replaced(tmp_path)  # deletes what it set aside in place, leaves the stranger alone
+    assert not (tmp_path / ckpt.REPLACED).exists() and doomed.read_text() == "mine"
