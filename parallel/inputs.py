@@ -21,6 +21,7 @@ from data.tokenizer import tokenizer_hash
 from models.config import ModelConfig
 from models.memory import estimate_memory, format_memory
 from monitor.jobs import private_jobs_dir
+from monitor.outdir import LOCK_NAME
 
 from .common import UsageError
 
@@ -102,6 +103,11 @@ def check_output_dir(output_dir: Path) -> None:
             raise UsageError(
                 f"{output_dir / sub} is a file, but a run keeps a folder there; move it or choose another --output-dir"
             )
+    lock = output_dir / LOCK_NAME
+    if lock.exists() and not lock.is_file():
+        raise UsageError(
+            f"{lock} is not a file, but a run keeps its lock there; move it or choose another --output-dir"
+        )
     folders = [existing] + [output_dir / sub for sub in RUN_FOLDERS if existing == output_dir]
     for folder in folders:
         if folder.is_dir() and (why := _writable(folder)):

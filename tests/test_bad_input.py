@@ -88,6 +88,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     (f / "a-dir.jsonl").mkdir()
     (f / "checkpoints-file").mkdir()
     (f / "checkpoints-file" / "checkpoints").write_text("not a folder")
+    (f / "lock-folder" / "run.lock").mkdir(parents=True)
     return {"corpus": corpus, "tok": tok_dir, "out": out, "f": f, "root": root}
 
 
@@ -236,6 +237,7 @@ CASES = {
     "output dir below a file": (["--output-dir", "{f}/empty.txt/run"], "cannot be created"),
     "output dir read-only": (["--output-dir", "/sys/small-llm-run"], "is not writable"),
     "checkpoints is a file": (["--output-dir", "{f}/checkpoints-file"], "checkpoints is a file"),
+    "run.lock is a folder": (["--output-dir", "{f}/lock-folder"], "run.lock is not a file"),
     "data is a device": (["--dataset", "/dev/zero"], "neither a file nor a folder"),
     "tokenizer is a device": (["--tokenizer", "/dev/null"], "neither a file nor a folder"),
 }
