@@ -60,7 +60,7 @@ from monitor import (
 from monitor import checkpoint as ckpt
 from monitor.checkpoint import Checkpointer, capture_rng, checkpoint_dirs, latest_checkpoint, restore_rng
 from monitor.meter import Meter
-from monitor.outdir import OutputDirBusy, OutputDirLock, publish_dir, recover_published
+from monitor.outdir import OutputDirLock, publish_dir
 from monitor.progress import say
 from parallel import (
     PIPELINE_ENGINES,
@@ -81,10 +81,12 @@ from parallel.inputs import (
     check_jobs_dir,
     check_memory,
     check_output_dir,
+    check_replaceable,
     check_resume,
     model_mismatch,
     parse_lr_spike,
     run_memory,
+    take_output_dir,
     validate_args,
 )
 
@@ -266,14 +268,7 @@ def _resolve_run(args: argparse.Namespace, held: list[OutputDirLock]) -> Run:
     if not args.dry_run and output_dir.is_dir():  # before anything in it is read: no other run is changing it
         lock = take_output_dir(output_dir, held)
     if args.init_model and args.overwrite_output_dir and not args.dry_run:
-        for name in ("checkpoints", "final", "tokenizer"):
-            if (output_dir / name).is_symlink() or os.path.ismount(output_dir / name):
-                raise UsageError(
-                    f"{output_dir / name} is a {'link' if (output_dir / name).is_symlink() else 'mount point'}: "
-                    "--overwrite-output-dir sets the old run aside by renaming it, which would leave its files "
-                    "where the link or mount points; delete the old files in it yourself and put an empty folder "
-                    "(not a link) there, then start again"
-                )
+        check_replaceable(output_dir)
     resume_from, changed = None, []
     if not args.init_model and not args.dry_run:
         resume_from = latest_checkpoint(checkpoints, warn=lambda m: say(m, err=True))
@@ -341,27 +336,6 @@ def _resolve_run(args: argparse.Namespace, held: list[OutputDirLock]) -> Run:
     return Run(
         args, plan, geometry, model_cfg, mix, tokenizer, output_dir, resume_from, world_size, memory, lock, changed
     )
-
-
-def take_output_dir(output_dir: Path, held: list[OutputDirLock]) -> OutputDirLock | None:
-    """On the main process: hold the output dir's lock for the run's life (added to `held`), and repair what a
-    killed start left."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None
-    try:
-        lock = OutputDirLock(output_dir).acquire()
-    except OutputDirBusy as e:
-        raise UsageError(
-            f"{output_dir} is in use by another run ({e}); wait for it, stop it (python -m monitor.control "
-            "stop JOB), or choose another --output-dir"
-        ) from None
-    held.append(lock)
-    if lock.unsupported:
-        say(f"warning: cannot lock {output_dir} ({lock.unsupported}); a second run could share it", err=True)
-    recover_published(output_dir / "final")  # an export cut between its two renames
-    if problem := ckpt.settle_replaced(output_dir):  # an --overwrite-output-dir start cut short
-        raise UsageError(problem)
-    return lock
 
 
 def print_plan(run: Run) -> None:

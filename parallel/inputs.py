@@ -20,8 +20,10 @@ import schedule
 from data.tokenizer import tokenizer_hash
 from models.config import ModelConfig
 from models.memory import estimate_memory, format_memory
+from monitor import checkpoint as ckpt
 from monitor.jobs import private_jobs_dir
-from monitor.outdir import LOCK_NAME
+from monitor.outdir import LOCK_NAME, OutputDirBusy, OutputDirLock, recover_published
+from monitor.progress import say
 
 from .common import UsageError
 
@@ -114,6 +116,40 @@ def check_output_dir(output_dir: Path) -> None:
             raise UsageError(
                 f"--output-dir {output_dir} is not writable ({folder}: {why}); choose another --output-dir"
             )
+
+
+def check_replaceable(output_dir: Path) -> None:
+    """--overwrite-output-dir renames the old run's folders aside (monitor/checkpoint.py set_aside): none may be a link
+    or a mount point, whose files would stay where it points."""
+    for name in ("checkpoints", "final", "tokenizer"):
+        if (output_dir / name).is_symlink() or os.path.ismount(output_dir / name):
+            raise UsageError(
+                f"{output_dir / name} is a {'link' if (output_dir / name).is_symlink() else 'mount point'}: "
+                "--overwrite-output-dir sets the old run aside by renaming it, which would leave its files "
+                "where the link or mount points; delete the old files in it yourself and put an empty folder "
+                "(not a link) there, then start again"
+            )
+
+
+def take_output_dir(output_dir: Path, held: list[OutputDirLock]) -> OutputDirLock | None:
+    """On the main process: hold the output dir's lock for the run's life (added to `held`), and repair what a
+    killed start left."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    try:
+        lock = OutputDirLock(output_dir).acquire()
+    except OutputDirBusy as e:
+        raise UsageError(
+            f"{output_dir} is in use by another run ({e}); wait for it, stop it (python -m monitor.control "
+            "stop JOB), or choose another --output-dir"
+        ) from None
+    held.append(lock)
+    if lock.unsupported:
+        say(f"warning: cannot lock {output_dir} ({lock.unsupported}); a second run could share it", err=True)
+    recover_published(output_dir / "final")  # an export cut between its two renames
+    if problem := ckpt.settle_replaced(output_dir):  # an --overwrite-output-dir start cut short
+        raise UsageError(problem)
+    return lock
 
 
 def check_jobs_dir() -> None:
