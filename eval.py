@@ -33,7 +33,7 @@ import torch
 
 import data
 import models
-from monitor.checkpoint import load_checkpoint, verify
+from lifecycle.checkpoint import load_checkpoint, verify
 from parallel import UsageError, bad_input
 
 ROOT = Path(__file__).resolve().parent

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from monitor import checkpoint as ckpt  # noqa: E402
+from lifecycle import checkpoint as ckpt  # noqa: E402
 from tests.helpers import TINY  # noqa: E402
 
 # Saves, evaluates and logs every step: kills land in checkpoint writes as often as in training steps.

@@ -31,7 +31,7 @@ class RunSummary:
 
     @classmethod
     def from_trainer_state(cls, state: dict) -> RunSummary:
-        """From a checkpoint's trainer_state.json (monitor/checkpoint.py; written by train.py's save)."""
+        """From a checkpoint's trainer_state.json (lifecycle/checkpoint.py; written by train.py's save)."""
         args = state["args"]
         return cls(
             model_name=state["model_name"],

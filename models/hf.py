@@ -167,7 +167,7 @@ def export_hf(
     `rope_parameters`, so transformers 4.x (which reads only the former) and 5.x read the same model.
 
     The files are written straight into `out_dir`; callers that replace an earlier export write through
-    `monitor.outdir.publish_dir`, which swaps the complete folder into place (train.py, models.export).
+    `lifecycle.outdir.publish_dir`, which swaps the complete folder into place (train.py, models.export).
 
     Args:
         model: our Transformer, or its state dict (tensors by Transformer name, e.g. from a checkpoint).

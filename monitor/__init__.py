@@ -1,7 +1,6 @@
-"""Monitoring for training runs: logs, progress, MFU, divergence detection and job control."""
+"""What observes a run: JSON-lines and TensorBoard logs, the progress display, MFU and memory, text samples and the
+held-out evaluation, run info, and `python -m monitor` (summary, plot, compare, tb, control)."""
 
-from monitor.divergence import DivergenceDetector
-from monitor.jobs import JobControl
 from monitor.logs import RunLogger, find_run_dirs, new_run_dir, read_logs
 
 # NOTE: this rebinds `monitor.mfu` to the function; import the module's other names with `from monitor.mfu import`.
@@ -9,8 +8,6 @@ from monitor.mfu import PeakMemory, device_peak_flops, flops_per_token, mean_att
 from monitor.progress import Progress
 
 __all__ = [
-    "DivergenceDetector",
-    "JobControl",
     "PeakMemory",
     "Progress",
     "RunLogger",

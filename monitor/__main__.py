@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from monitor import control
+from lifecycle import control
 from monitor.logs import read_logs, resolve_log_file
 from monitor.progress import format_duration, human
 

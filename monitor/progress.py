@@ -1,29 +1,13 @@
 """Training progress on the console: a live ``rich`` bar in a terminal, plain log lines everywhere else."""
 
-import os
-import sys
 import time
 
 from rich.console import Console
 from rich.progress import BarColumn, TextColumn
 from rich.progress import Progress as RichProgress
 
-_ACTIVE: "Progress | None" = None  # the live display, if any: `say` writes above it
-
-
-def is_main_process() -> bool:
-    """Rank 0, or no launcher at all (every launcher we support sets RANK before the script starts)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def say(text: str, *, err: bool = False) -> None:
-    """The one way a run prints: on the main process only, above the live progress display when one is shown."""
-    if not is_main_process():
-        return
-    if _ACTIVE is not None and not err:
-        _ACTIVE.print(text)
-    else:
-        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+from console import print_through, stop_printing_through
+from console import say as say  # re-exported: the rank-0 print of every package lives in console.py
 
 
 def human(n: float, unit: str = "") -> str:
@@ -82,8 +66,7 @@ class Progress:
             )
             self._live.start()
         if enabled:
-            global _ACTIVE
-            _ACTIVE = self
+            print_through(self.print)
 
     def _describe(self, step: int, tokens: int, metrics: dict) -> tuple[str, str, str]:
         loss = metrics.get("loss")
@@ -137,9 +120,7 @@ class Progress:
             print(msg, file=self.console.file, flush=True)
 
     def close(self) -> None:
-        global _ACTIVE
-        if _ACTIVE is self:
-            _ACTIVE = None
+        stop_printing_through(self.print)
         if self._live is not None:
             self._live.stop()
             self._live = None

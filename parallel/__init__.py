@@ -1,21 +1,19 @@
-"""Layouts: how the processes of a run share the model. train.py's one loop drives any of them.
+"""Layouts: how the processes of a run share the model. train.py's one loop drives any of them (`Layout` in
+layout.py is the contract; `start_process` the set-up they share).
 
-Each layout sets device, rank, world, is_main, tokenizer, optimizer and stream (None where a rank reads no
-data) and implements: barrier(), start_data(), train_step(meter) -> (global loss, pre-clip global grad norm),
-evaluate() -> {loss, bits_per_byte} over the held-out set, model_part() / optimizer_part() (this rank's share of a
-checkpoint, by Transformer parameter name), place (None, or how a sharded layout receives a sharded checkpoint: see
-monitor.checkpoint.load_checkpoint), load(model_state, optimizer_state), gather_model() (the whole model on the
-main rank), sample_model() (the model this rank runs to sample text; None: it does not take part), close().
+    DataParallel              one process or DDP through Accelerate (ddp.py)
+    FullyShardedDataParallel  FSDP2 fully_shard, launched by Accelerate with an FSDP config (fsdp.py)
+    Pipeline                  DeepSpeed PipelineModule, one stage per process (pipeline.py, deepspeed_engine.py)
+    TorchPipeline             torch.distributed.pipelining, every schedule of the spec (torch_pipeline.py)
 
-    DataParallel              one process or DDP through Accelerate (parallel/ddp.py)
-    FullyShardedDataParallel  FSDP2 fully_shard, launched by Accelerate with an FSDP config (parallel/fsdp.py)
-    Pipeline                  DeepSpeed PipelineModule, one stage per process (parallel/pipeline.py)
-    TorchPipeline             torch.distributed.pipelining, every schedule of the spec (parallel/torch_pipeline.py)
+geometry.py turns a batch into micro-batches and stages and picks a schedule's engine; build.py builds the seeded
+model, the optimizer and the data streams every layout starts from.
 """
 
-from .common import PIPELINE_ENGINES, Run, UsageError, bad_input, pipeline_engine
 from .ddp import DataParallel
 from .fsdp import FullyShardedDataParallel, fsdp_requested
+from .geometry import PIPELINE_ENGINES, PipelineGeometry, format_pipeline, pipeline_engine, pipeline_geometry
+from .layout import Layout, Process, Run, start_process
 from .pipeline import Pipeline
 from .torch_pipeline import TorchPipeline
 
@@ -23,11 +21,15 @@ __all__ = [
     "PIPELINE_ENGINES",
     "DataParallel",
     "FullyShardedDataParallel",
+    "Layout",
     "Pipeline",
+    "PipelineGeometry",
+    "Process",
     "Run",
     "TorchPipeline",
-    "UsageError",
-    "bad_input",
+    "format_pipeline",
     "fsdp_requested",
     "pipeline_engine",
+    "pipeline_geometry",
+    "start_process",
 ]

@@ -7,7 +7,7 @@ optimizer state are split over the ranks by their first dimension; a block's wei
 and its backward only. Accelerate's own FSDP plugin is not used: it cannot shard on CPU, and a second code path on
 GPUs would be one the tests never run.
 
-Checkpoints: every rank writes its shards through torch.distributed.checkpoint (monitor/checkpoint.py), and reads
+Checkpoints: every rank writes its shards through torch.distributed.checkpoint (lifecycle/checkpoint.py), and reads
 back the slices it holds, whatever the number of processes that wrote them; a checkpoint of any other layout is
 read by name and split here.
 """
@@ -27,12 +27,14 @@ from torch.distributed.tensor import empty as dtensor_empty
 
 import data
 import models
+from lifecycle.staging import build_tokenizer
 from monitor import samples
 from monitor.meter import Meter
 from monitor.progress import say
-from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
+from optim import load_optimizer_state_by_name, optimizer_state_by_name
 
-from .common import Run, build_model, build_optimizer, build_tokenizer, data_streams, label_count, precision
+from .build import build_model, build_optimizer, data_streams, label_count, start_batches
+from .layout import Run, start_process
 
 
 def fsdp_requested() -> bool:
@@ -45,47 +47,40 @@ class FullyShardedDataParallel:
 
     def __init__(self, run: Run):
         args, self.run = run.args, run
-        cpu = not torch.cuda.is_available()
-        if not dist.is_initialized():
-            dist.init_process_group(args.dist_backend or ("gloo" if cpu else "nccl"))
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device("cpu") if cpu else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if not cpu:
-            torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        self.is_main, self.can_checkpoint = self.rank == 0, True
-        self.dtype, pure_bf16 = precision(args, self.device.type)
-        self.tokenizer = build_tokenizer(run, self.is_main, self.barrier)
+        self.process = start_process(args, dist.init_process_group)
+        self.tokenizer = build_tokenizer(run, self.process.is_main, self.barrier)
         self.byte_lengths = torch.as_tensor(data.token_byte_lengths(self.tokenizer))  # bits per byte at each eval
         # The same seeded initial weights as every other layout, built whole on the CPU, then sharded block by block
         # (each block moves to the device only as its shard).
-        self.param_dtype = torch.bfloat16 if pure_bf16 else torch.float32
-        model = build_model(run, self.param_dtype)
-        if self.dtype == torch.bfloat16 and not pure_bf16:  # mixed precision as on DDP: bf16 autocast, fp32 weights
-            model.forward = torch.autocast(self.device.type, dtype=torch.bfloat16)(model.forward)
-        self.mesh = init_device_mesh(self.device.type, (self.world,))
+        model = build_model(run, self.process.param_dtype)
+        if self.process.autocast:  # mixed precision as on DDP: bf16 autocast over fp32 weights
+            model.forward = torch.autocast(self.process.device.type, dtype=torch.bfloat16)(model.forward)
+        self.mesh = init_device_mesh(self.process.device.type, (self.process.world,))
         for block in model.layers:
             fully_shard(block, mesh=self.mesh)
         fully_shard(model, mesh=self.mesh)
-        say(f"fsdp: {len(model.layers)} blocks and the root sharded over {self.world} processes ({self.device.type})")
+        where = f"{self.process.world} processes ({self.process.device.type})"
+        say(f"fsdp: {len(model.layers)} blocks and the root sharded over {where}")
         self.model = model
         self.sharded = model
         self.names = {p: name for name, p in model.named_parameters()}
         self.params = dict(model.named_parameters())
         self.optimizer = build_optimizer(run, model)
-        self.stream, self.eval_set = data_streams(run, self.tokenizer, args.batch_size, self.rank, self.world)
+        self.stream, self.eval_set = data_streams(
+            run, self.tokenizer, args.batch_size, self.process.rank, self.process.world
+        )
         self.batches = None
 
     def barrier(self) -> None:
         dist.barrier()
 
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
+        if self.process.world > 1:
             dist.all_reduce(t)
         return t
 
-    def start_data(self):
-        self.batches = self.stream if self.stream.dispatch else data.Prefetcher(self.stream)
+    def start_data(self, data_state: dict | None):
+        self.batches = start_batches(self.stream, data_state)
         return self.batches
 
     def train_step(self, meter: Meter) -> tuple[float, float]:
@@ -93,19 +88,19 @@ class FullyShardedDataParallel:
         # NOTE: normalised by the label count of the whole global batch; FSDP averages gradients over the ranks
         # (hence the world factor), and each micro-batch is reduce-scattered as it ends, so no rank ever holds a
         # whole unsharded gradient.
-        labels = self.reduce_sum(torch.tensor(label_count(batches), device=self.device))
-        num_items = labels / self.world
-        step_loss = torch.zeros((), device=self.device)
+        labels = self.reduce_sum(torch.tensor(label_count(batches), device=self.process.device))
+        num_items = labels / self.process.world
+        step_loss = torch.zeros((), device=self.process.device)
         for batch in batches:
             meter.add_micro_batch(batch["doc_ids"])
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: v.to(self.process.device, non_blocking=True) for k, v in batch.items()}
             loss = self.model(**batch, num_items=num_items)
             loss.backward()
             step_loss += loss.detach()
         grad_norm = self.clip_gradients(self.run.args.max_grad_norm or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(self.reduce_sum(step_loss)) / self.world, grad_norm
+        return float(self.reduce_sum(step_loss)) / self.process.world, grad_norm
 
     def clip_gradients(self, max_norm: float) -> float:
         """Clip to the global norm over every shard; returns the pre-clip norm (inf max_norm only measures it)."""
@@ -117,19 +112,16 @@ class FullyShardedDataParallel:
         return float(norm)
 
     def evaluate(self) -> dict:
-        return samples.evaluate(self.model, self.eval_set, self.device, self.byte_lengths, self.reduce_sum)
+        return samples.evaluate(self.model, self.eval_set, self.process.device, self.byte_lengths, self.reduce_sum)
 
     def sample_model(self) -> torch.nn.Module:
         """Every rank runs the sampling forward (each one gathers the blocks' weights); the main rank prints."""
         return self.model
 
-    # ---- checkpoints: DTensor shards keyed by Transformer name (monitor/checkpoint.py writes them with DCP) ----
+    # ---- checkpoints: DTensor shards keyed by Transformer name (lifecycle/checkpoint.py writes them with DCP) ----
 
-    def model_part(self) -> dict:
-        return self.sharded.state_dict()
-
-    def optimizer_part(self) -> dict:
-        return optimizer_state_by_name(self.optimizer, self.names)
+    def checkpoint_parts(self) -> tuple[dict, dict]:
+        return self.sharded.state_dict(), optimizer_state_by_name(self.optimizer, self.names)
 
     def place(self, kind: str, name: str, key: str | None, shape: torch.Size, dtype: torch.dtype):
         """Where a sharded checkpoint's tensor is read to: an empty DTensor holding this rank's share (see load)."""
@@ -156,11 +148,11 @@ class FullyShardedDataParallel:
         """The whole model on the main rank's CPU, gathered one tensor at a time (no full copy on other ranks)."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(self.sharded, options=options)  # every rank takes part; only rank 0 keeps it
-        if not self.is_main:
+        if not self.process.is_main:
             return None
         model = models.Transformer(self.run.model_cfg, self.run.args.attn_implementation)
         model.load_state_dict(full)
-        return model.to(self.param_dtype)
+        return model.to(self.process.param_dtype)
 
     def close(self) -> None:
         if self.batches is not None and self.batches is not self.stream:

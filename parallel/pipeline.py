@@ -4,29 +4,20 @@ data-parallel replicas of the pipeline (``--pipeline-stages``)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 import data
 import models
+from lifecycle.staging import build_tokenizer
 from monitor.meter import Meter
 from monitor.progress import say
 from monitor.samples import eval_metrics
-from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
+from optim import load_optimizer_state_by_name, optimizer_state_by_name
 
-from .common import (
-    Run,
-    assemble_model,
-    build_model,
-    build_optimizer,
-    build_tokenizer,
-    data_streams,
-    label_count,
-    micro_batches,
-    precision,
-)
+from .build import assemble_model, build_model, build_optimizer, data_streams, label_count, micro_batches, start_batches
+from .layout import Run, start_process
 
 CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "pipeline.json"
 
@@ -39,24 +30,17 @@ class Pipeline:
     gradients across replicas before the optimizer step.
     """
 
-    place = None  # checkpoints are read whole (see monitor.checkpoint.load_checkpoint)
+    place = None  # checkpoints are read whole (see lifecycle.checkpoint.load_checkpoint)
 
     def __init__(self, run: Run):
         import deepspeed
         from deepspeed.pipe import PipelineModule
 
-        from models.pipe_engine import clip_over_all_stages, deepspeed_config, use_gpipe
+        from .deepspeed_engine import clip_over_all_stages, deepspeed_config, use_gpipe  # deepspeed: only here
 
         args, self.run, geo = run.args, run, run.pipeline
-        cpu = not torch.cuda.is_available()
-        deepspeed.init_distributed(dist_backend=args.dist_backend or ("gloo" if cpu else "nccl"))
-        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        self.device = torch.device("cpu") if cpu else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if not cpu:
-            torch.cuda.set_device(self.device)
-        self.is_main, self.can_checkpoint = self.rank == 0, True
-        self.dtype, pure_bf16 = precision(args, self.device.type)
-        self.tokenizer = build_tokenizer(run, self.is_main, self.barrier)
+        self.process = start_process(args, lambda backend: deepspeed.init_distributed(dist_backend=backend))
+        self.tokenizer = build_tokenizer(run, self.process.is_main, self.barrier)
         ds_config, pipe_options = deepspeed_config(
             CONFIG,
             micro_batch=geo.micro_batch_size,
@@ -70,10 +54,9 @@ class Pipeline:
             **pipe_options,
         )
         models.load_pipeline_state(net, build_model(run, torch.float32).state_dict(), run.model_cfg)  # same init
-        self.param_dtype = torch.bfloat16 if pure_bf16 else torch.float32
-        net.to(device=self.device, dtype=self.param_dtype)
-        if self.dtype == torch.bfloat16 and not pure_bf16:  # mixed precision as on DDP: bf16 autocast, fp32 weights
-            net.forward = torch.autocast(self.device.type, dtype=torch.bfloat16)(net.forward)
+        net.to(device=self.process.device, dtype=self.process.param_dtype)
+        if self.process.autocast:  # mixed precision as on DDP: bf16 autocast over fp32 weights
+            net.forward = torch.autocast(self.process.device.type, dtype=torch.bfloat16)(net.forward)
         # This stage's parameter names -> the Transformer's, by which checkpoints store weights and optimizer state.
         pipe_names = {n: n for n, _ in net.named_parameters()}
         self.to_model_name = {v: k for k, v in models.from_pipeline_state_dict(pipe_names, run.model_cfg).items()}
@@ -103,8 +86,8 @@ class Pipeline:
     def barrier(self) -> None:
         torch.distributed.barrier()
 
-    def start_data(self):
-        self.batches = None if self.stream is None else data.Prefetcher(self.stream)
+    def start_data(self, data_state: dict | None):
+        self.batches = start_batches(self.stream, data_state)
         return self.batches
 
     def _items(self, batches: list[dict], byte_lengths: torch.Tensor | None = None):
@@ -115,7 +98,7 @@ class Pipeline:
         global batch) / (micro-batches x replicas) turns that into sum / label count of the global batch. Every rank
         of a data-parallel group calls this at the same point (all of them read data or none).
         """
-        labels = torch.tensor(label_count(batches), dtype=torch.float64, device=self.device)
+        labels = torch.tensor(label_count(batches), dtype=torch.float64, device=self.process.device)
         if self.run.pipeline.replicas > 1:
             torch.distributed.all_reduce(labels, group=self.dp_group)
         num_items = (labels / (len(batches) * self.run.pipeline.replicas)).float().cpu()
@@ -152,9 +135,11 @@ class Pipeline:
                 self._items(self.eval_set, self.byte_lengths), num_micro_batches=len(self.eval_set), bcast_loss=False
             )
         self.engine.train()
-        last = self.world - 1  # NOTE: a last stage (ranks are stage-major); its output is averaged over replicas
-        sums = out.detach().to(self.device, torch.float64) if self.rank == last else None
-        sums = sums if sums is not None else torch.zeros(3, dtype=torch.float64, device=self.device)
+        last = (
+            self.process.world - 1
+        )  # NOTE: a last stage (ranks are stage-major); its output is averaged over replicas
+        sums = out.detach().to(self.process.device, torch.float64) if self.process.rank == last else None
+        sums = sums if sums is not None else torch.zeros(3, dtype=torch.float64, device=self.process.device)
         torch.distributed.broadcast(sums, src=last)
         loss, text_nats, num_bytes = sums.tolist()
         bpb = eval_metrics(torch.tensor([0.0, 1.0, text_nats, num_bytes]))["bits_per_byte"]
@@ -171,17 +156,20 @@ class Pipeline:
     def optimizer_part(self) -> dict | None:
         return optimizer_state_by_name(self.optimizer, self.names) if self.replica == 0 else None
 
+    def checkpoint_parts(self) -> tuple[dict | None, dict | None]:
+        return self.model_part(), self.optimizer_part()
+
     def load(self, model_state: dict, optimizer_state: dict) -> None:
         models.load_pipeline_state(self.net, model_state, self.run.model_cfg)
         load_optimizer_state_by_name(self.optimizer, optimizer_state, self.names)
 
     def gather_model(self) -> models.Transformer | None:
         """Every stage sends its weights to the main rank, which assembles the whole model on the CPU."""
-        parts = [None] * self.world if self.is_main else None
+        parts = [None] * self.process.world if self.process.is_main else None
         torch.distributed.gather_object(self.model_part(), parts, dst=0)
-        if not self.is_main:
+        if not self.process.is_main:
             return None
-        return assemble_model(self.run, reversed(parts), self.param_dtype)  # stage 0's tied copies kept
+        return assemble_model(self.run, reversed(parts), self.process.param_dtype)  # stage 0's tied copies kept
 
     def sample_model(self) -> models.Transformer | None:
         return self.gather_model()  # the main rank samples alone

@@ -18,8 +18,6 @@ FSDP2's gradient reduction itself at the end of each step.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 import torch.distributed.pipelining as pipelining
@@ -30,22 +28,14 @@ from torch.distributed.tensor import DTensor
 
 import data
 import models
+from lifecycle.staging import build_tokenizer
 from monitor.meter import Meter
 from monitor.progress import say
 from monitor.samples import eval_metrics, eval_sums
-from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
+from optim import load_optimizer_state_by_name, optimizer_state_by_name
 
-from .common import (
-    Run,
-    assemble_model,
-    build_model,
-    build_optimizer,
-    build_tokenizer,
-    data_streams,
-    label_count,
-    micro_batches,
-    precision,
-)
+from .build import assemble_model, build_model, build_optimizer, data_streams, label_count, micro_batches, start_batches
+from .layout import Run, start_process
 
 V_SHAPED = {"ScheduleZBVZeroBubble"}  # schedules whose rank r holds stages r and 2K - 1 - r
 
@@ -107,24 +97,17 @@ class StageModule(nn.Module):
 class TorchPipeline:
     """torch.distributed.pipelining: each rank holds 1 or 2 stages of one of ``replicas`` pipeline copies."""
 
-    place = None  # checkpoints are read whole (see monitor.checkpoint.load_checkpoint)
+    place = None  # checkpoints are read whole (see lifecycle.checkpoint.load_checkpoint)
 
     def __init__(self, run: Run):
         args, self.run, geo = run.args, run, run.pipeline
-        cpu = not torch.cuda.is_available()
-        dist.init_process_group(backend=args.dist_backend or ("gloo" if cpu else "nccl"))
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device("cpu") if cpu else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if not cpu:
-            torch.cuda.set_device(self.device)
-        self.is_main, self.can_checkpoint = self.rank == 0, True
-        self.dtype, pure_bf16 = precision(args, self.device.type)
-        self.tokenizer = build_tokenizer(run, self.is_main, self.barrier)
+        self.process = start_process(args, lambda backend: dist.init_process_group(backend=backend))
+        self.tokenizer = build_tokenizer(run, self.process.is_main, self.barrier)
         self.byte_lengths = torch.as_tensor(data.token_byte_lengths(self.tokenizer))  # bits per byte at each eval
 
         # The mesh: pipeline ranks x replicas.
         ranks, replicas = geo.ranks, geo.replicas
-        mesh = init_device_mesh(self.device.type, (ranks, replicas), mesh_dim_names=("pp", "dp"))
+        mesh = init_device_mesh(self.process.device.type, (ranks, replicas), mesh_dim_names=("pp", "dp"))
         self.pp_rank, self.replica = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
         self.pp_group = mesh["pp"].get_group()
         v_shape = geo.schedule in V_SHAPED
@@ -137,14 +120,13 @@ class TorchPipeline:
         specs = models.pipeline_layers(cfg, args.attn_implementation, args.activation_checkpointing)
         layers = stage_layers(cfg.num_hidden_layers, geo.stages)
         full = build_model(run, torch.float32).state_dict()
-        self.param_dtype = torch.bfloat16 if pure_bf16 else torch.float32
         self.modules: dict[int, StageModule] = {}
         for s in self.stage_ids:
             module = StageModule(specs, layers[s])
             models.load_pipeline_state(module, full, cfg)
-            module.to(device=self.device, dtype=self.param_dtype)
-            if self.dtype == torch.bfloat16 and not pure_bf16:  # bf16 autocast over fp32 weights, as on DDP
-                module.forward = torch.autocast(self.device.type, dtype=torch.bfloat16)(module.forward)
+            module.to(device=self.process.device, dtype=self.process.param_dtype)
+            if self.process.autocast:  # bf16 autocast over fp32 weights, as on DDP
+                module.forward = torch.autocast(self.process.device.type, dtype=torch.bfloat16)(module.forward)
             if replicas > 1:
                 replicate(module, mesh=mesh["dp"])
                 module.set_gradient_divide_factor(1.0)  # the loss is already normalised by the global label count
@@ -165,22 +147,27 @@ class TorchPipeline:
 
         stages = [
             pipelining.PipelineStage(
-                self.modules[s], s, geo.stages, self.device, group=self.pp_group, **self._shapes(s, args.max_length)
+                self.modules[s],
+                s,
+                geo.stages,
+                self.process.device,
+                group=self.pp_group,
+                **self._shapes(s, args.max_length),
             )
             for s in self.stage_ids
         ]
         schedule_class = getattr(pipelining, geo.schedule)
         options = dict(n_microbatches=geo.micro_batches, loss_fn=self._loss, scale_grads=False)
         self.schedule = schedule_class(stages[0] if geo.stages_per_rank == 1 else stages, **options)
-        self.normalizer = torch.ones((), device=self.device)
+        self.normalizer = torch.ones((), device=self.process.device)
         # The schedule hands the loss function one target per micro-batch; the labels travel with the activations,
         # so the target is only the micro-batch's index.
-        self.targets = torch.arange(geo.micro_batches, device=self.device)
+        self.targets = torch.arange(geo.micro_batches, device=self.process.device)
         say(
             f"pipeline: {geo.stages} stages x {replicas} replicas{' (FSDP2 replicate)' if replicas > 1 else ''} on "
             f"torch.distributed.pipelining, {geo.schedule}, "
             f"{geo.micro_batches} micro-batches of {geo.micro_batch_size} sequences per step and replica; rank "
-            f"{self.rank} holds stages {self.stage_ids} of replica {self.replica}"
+            f"{self.process.rank} holds stages {self.stage_ids} of replica {self.replica}"
         )
 
         # The rank holding stage 0 feeds its replica's rows of each global batch (as DDP ranks replica * K ..
@@ -200,12 +187,12 @@ class TorchPipeline:
         Float examples must require grad, or no gradient is planned for them.
         """
         rows, cfg, geo = self.run.pipeline.micro_batch_size, self.run.model_cfg, self.run.pipeline
-        ids = torch.zeros(rows, length, dtype=torch.long, device=self.device)
-        hidden = torch.zeros(rows, length, cfg.hidden_size, dtype=self.param_dtype, device=self.device)
+        ids = torch.zeros(rows, length, dtype=torch.long, device=self.process.device)
+        hidden = torch.zeros(rows, length, cfg.hidden_size, dtype=self.process.param_dtype, device=self.process.device)
         hidden.requires_grad_()
         inputs = (ids if stage == 0 else hidden, ids, ids, ids)
         last = stage == geo.stages - 1
-        outputs = torch.zeros((), device=self.device, requires_grad=True) if last else (hidden, ids, ids, ids)
+        outputs = torch.zeros((), device=self.process.device, requires_grad=True) if last else (hidden, ids, ids, ids)
         return {"input_args": inputs, "output_args": outputs}
 
     def _tied_group(self, ranks: int, replicas: int, v_shape: bool):
@@ -238,12 +225,12 @@ class TorchPipeline:
     def barrier(self) -> None:
         dist.barrier()
 
-    def start_data(self):
-        self.batches = None if self.stream is None else data.Prefetcher(self.stream)
+    def start_data(self, data_state: dict | None):
+        self.batches = start_batches(self.stream, data_state)
         return self.batches
 
     def _inputs(self, batches: list[dict]) -> tuple[torch.Tensor, ...]:
-        rows = {k: torch.cat([b[k] for b in batches]).to(self.device) for k in batches[0]}
+        rows = {k: torch.cat([b[k] for b in batches]).to(self.process.device) for k in batches[0]}
         return rows["input_ids"], rows["position_ids"], rows["doc_ids"], rows["labels"]
 
     def _run(self, batches: list[dict] | None) -> torch.Tensor:
@@ -252,7 +239,7 @@ class TorchPipeline:
         target = {"target": self.targets} if self.last else {}
         losses: list[torch.Tensor] = []
         self.schedule.step(*inputs, losses=losses, return_outputs=False, **target)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.process.device)
         for loss in losses:
             total += loss.detach().double()
         return total
@@ -282,11 +269,11 @@ class TorchPipeline:
             if s < geo.stages - 1 and owner[s + 1] != self.pp_rank:
                 for t in x:
                     dist.send(t.contiguous(), dst=owner[s + 1] * replicas + self.replica)
-        return torch.zeros(4, dtype=torch.float64, device=self.device)  # this rank holds no last stage
+        return torch.zeros(4, dtype=torch.float64, device=self.process.device)  # this rank holds no last stage
 
     def train_step(self, meter: Meter) -> tuple[float, float]:
         geo, accum = self.run.pipeline, self.run.args.gradient_accumulation_steps
-        labels, batches = torch.zeros((), dtype=torch.float64, device=self.device), None
+        labels, batches = torch.zeros((), dtype=torch.float64, device=self.process.device), None
         if self.batches is not None:
             batches = [next(self.batches) for _ in range(accum)]
             for mb in micro_batches(batches, geo.micro_batch_size):
@@ -316,7 +303,7 @@ class TorchPipeline:
                 local(p.grad).copy_(total)
         elif tied and self.tied_group is not None:
             dist.all_reduce(local(tied[0][1].grad), group=self.tied_group)
-        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        squares = torch.zeros((), dtype=torch.float32, device=self.process.device)
         grads = []
         for s, module in self.modules.items():
             for name, p in module.named_parameters():
@@ -336,7 +323,7 @@ class TorchPipeline:
 
     def evaluate(self) -> dict:
         """Loss and bits per byte over the held-out rows of every replica, forward passes only."""
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        totals = torch.zeros(4, dtype=torch.float64, device=self.process.device)
         for batch in self.eval_set if self.eval_set is not None else [None] * self.eval_micro_batches:
             totals += self._forward(batch).double()  # _forward runs without gradients
         dist.all_reduce(totals)  # the sums are held by the ranks with the last stage, one per replica
@@ -358,6 +345,9 @@ class TorchPipeline:
             return None
         return optimizer_state_by_name(self.optimizer, self.names)
 
+    def checkpoint_parts(self) -> tuple[dict | None, dict | None]:
+        return self.model_part(), self.optimizer_part()
+
     def load(self, model_state: dict, optimizer_state: dict) -> None:
         converted = models.to_pipeline_state_dict(model_state, self.run.model_cfg)
         with torch.no_grad():
@@ -374,11 +364,11 @@ class TorchPipeline:
 
     def gather_model(self) -> models.Transformer | None:
         """Every rank sends its stages' weights to the main rank, which assembles the whole model on the CPU."""
-        parts = [None] * self.world if self.is_main else None
+        parts = [None] * self.process.world if self.process.is_main else None
         dist.gather_object(self.model_part(), parts, dst=0)
-        if not self.is_main:
+        if not self.process.is_main:
             return None
-        return assemble_model(self.run, parts, self.param_dtype)
+        return assemble_model(self.run, parts, self.process.param_dtype)
 
     def sample_model(self) -> models.Transformer | None:
         return self.gather_model()  # the main rank samples alone

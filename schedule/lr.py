@@ -12,13 +12,26 @@ constant phase has no end, a run trained to its budget can be continued with a l
 variants by resuming with `--max-steps S+N --anneal-steps N`, without re-warming.
 """
 
+from __future__ import annotations
+
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from schedule.plan import Plan
+from console import UsageError
+
+
+class Plan(Protocol):
+    """The fields of schedule.plan.Plan that the schedule reads."""
+
+    max_lr: float
+    constant_lr: float
+    min_lr: float
+    warmup_steps: int
+    cooldown_steps: int
+    total_steps: int
+    anneal_steps: int
 
 
 def _cosine(start: float, end: float, progress: float) -> float:
@@ -26,7 +39,7 @@ def _cosine(start: float, end: float, progress: float) -> float:
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _base_lr_at(step: int, plan: "Plan") -> float:
+def _base_lr_at(step: int, plan: Plan) -> float:
     """Warmup -> cosine cooldown -> constant: the schedule without its anneal."""
     if plan.warmup_steps and step <= plan.warmup_steps:
         return plan.max_lr * step / plan.warmup_steps
@@ -36,7 +49,7 @@ def _base_lr_at(step: int, plan: "Plan") -> float:
     return _cosine(plan.max_lr, plan.constant_lr, into_cooldown / max(1, plan.cooldown_steps))
 
 
-def lr_at(step: int, plan: "Plan") -> float:
+def lr_at(step: int, plan: Plan) -> float:
     """The LR for optimizer update number `step` (1-based: the first update uses step 1).
 
     Phases, for a plan with warmup W, cooldown C, total T and anneal A steps:
@@ -74,15 +87,23 @@ class InfiniteLR:
     process per update (it assumes per-process schedules), which would run this one world_size times too fast.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, plan: "Plan", last_step: int = 0) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, plan: Plan, last_step: int = 0, spike: dict | None = None
+    ) -> None:
         self.optimizer = optimizer
         self.plan = plan
         self.last_step = last_step  # optimizer updates made so far
         # Multiplies the scheduled LR; lowered by the divergence guard's rollback and saved by the trainer, not here.
         self.lr_factor = 1.0
+        # --inject-lr-spike, a testing aid for the divergence guard: lr_factor x factor once the next update is
+        # `step`, applied once (a rollback's new lr_factor replaces it; a resume past the step never sees it).
+        self.spike = dict(spike or {})
         self._apply()
 
     def _apply(self) -> None:
+        if self.spike and self.last_step + 1 == self.spike["step"]:
+            self.lr_factor *= self.spike.pop("factor")
+            self.spike.clear()
         lr = lr_at(self.last_step + 1, self.plan) * self.lr_factor
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -107,3 +128,22 @@ class InfiniteLR:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = int(state_dict["step"])
         self._apply()
+
+    def restore(self, step: int, lr_factor: float) -> None:
+        """Continue from `step` updates with `lr_factor` (a resume, or a rollback's lowered factor)."""
+        self.lr_factor = lr_factor
+        self.load_state_dict({"step": step})
+
+
+def parse_lr_spike(text: str | None) -> dict:
+    """--inject-lr-spike STEP,FACTOR -> {"step", "factor"} ({} when not given); UsageError when malformed."""
+    if not text:
+        return {}
+    try:
+        step, factor = text.split(",")
+        spike = {"step": int(step), "factor": float(factor)}
+    except ValueError:
+        raise UsageError(f"--inject-lr-spike {text!r} must be STEP,FACTOR, e.g. 100,50") from None
+    if spike["step"] < 1 or not 0 < spike["factor"] < math.inf:
+        raise UsageError(f"--inject-lr-spike {text!r} needs a STEP >= 1 and a finite FACTOR > 0, e.g. 100,50")
+    return spike

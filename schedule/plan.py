@@ -75,7 +75,7 @@ class Plan:
         return asdict(self)
 
 
-def _check_int(value: Any, flag: str, minimum: int, hint: str) -> None:
+def check_int(value: Any, flag: str, minimum: int, hint: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{flag} {value!r} must be an integer >= {minimum}; {hint}")
 
@@ -114,12 +114,12 @@ def make_plan(
     token budget, so a `--max-steps` run follows exactly the LR of the full-budget run up to where it stops, and a run
     resumed with `--max-steps S+N --anneal-steps N` anneals from where the first run left off without any jump.
     """
-    _check_int(batch_size, "--batch-size", 1, "pass the number of sequences per device, e.g. --batch-size 4")
-    _check_int(grad_accum, "--gradient-accumulation-steps", 1, "pass the micro-batches per optimizer step, e.g. 1")
-    _check_int(world_size, "--world-size", 1, "pass the number of data-parallel processes, e.g. --world-size 4")
-    _check_int(max_length, "--max-length", 1, "pass the sequence length in tokens, e.g. --max-length 4096")
-    _check_int(warmup_steps, "--warmup-steps", 0, "pass 0 to disable warmup")
-    _check_int(anneal_steps, "--anneal-steps", 0, "pass 0 to disable the anneal")
+    check_int(batch_size, "--batch-size", 1, "pass the number of sequences per device, e.g. --batch-size 4")
+    check_int(grad_accum, "--gradient-accumulation-steps", 1, "pass the micro-batches per optimizer step, e.g. 1")
+    check_int(world_size, "--world-size", 1, "pass the number of data-parallel processes, e.g. --world-size 4")
+    check_int(max_length, "--max-length", 1, "pass the sequence length in tokens, e.g. --max-length 4096")
+    check_int(warmup_steps, "--warmup-steps", 0, "pass 0 to disable warmup")
+    check_int(anneal_steps, "--anneal-steps", 0, "pass 0 to disable the anneal")
     _check_float(total_tokens, "--total-tokens", "pass the budget in billions of tokens, e.g. --total-tokens 3")
     _check_float(base_lr, "--learning-rate", "pass the peak LR for batch size 1, e.g. --learning-rate 1.4e-5")
     _check_float(min_cooldown_tokens, "--min-cooldown-tokens", "pass billions of tokens, e.g. 100", allow_zero=True)
@@ -127,7 +127,7 @@ def make_plan(
     if max_steps == -1:
         max_steps = None
     if max_steps is not None:
-        _check_int(max_steps, "--max-steps", 1, "omit it (or pass -1) to train to the --total-tokens budget")
+        check_int(max_steps, "--max-steps", 1, "omit it (or pass -1) to train to the --total-tokens budget")
 
     global_batch_size = batch_size * grad_accum * world_size
     tokens_per_step = max_length * global_batch_size
@@ -222,106 +222,3 @@ def format_plan(plan: Plan) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-# -----------------------------------------------------------------------------
-# Pipeline geometry
-
-# Schedule name -> (canonical name, stages per rank). The short forms are accepted too ("1F1B", "Interleaved1F1B"...).
-PIPELINE_SCHEDULES = {
-    "ScheduleGPipe": 1,
-    "Schedule1F1B": 1,
-    "ScheduleInterleaved1F1B": 2,
-    "ScheduleLoopedBFS": 2,
-    "ScheduleInterleavedZeroBubble": 2,
-    "ScheduleZBVZeroBubble": 2,
-}
-
-
-def pipeline_schedule_name(name: str) -> str:
-    """The spec's class name for `name` (``1F1B`` -> ``Schedule1F1B``); ValueError naming the choices."""
-    full = name if name.startswith("Schedule") else f"Schedule{name}"
-    if full not in PIPELINE_SCHEDULES:
-        choices = ", ".join(PIPELINE_SCHEDULES)
-        raise ValueError(f"--pipeline-schedule {name} is not a schedule; choose one of {choices} (or drop 'Schedule')")
-    return full
-
-
-@dataclass(frozen=True)
-class PipelineGeometry:
-    """How one global batch flows through the pipelines (the spec's formulas, per optimizer step):
-
-    n_microbatches       = ranks * stages_per_rank * microbatch_scale          (per replica and accumulation step)
-    per_stage_batch_size = batch_size // (stages_per_rank * microbatch_scale)   (rows per micro-batch)
-    pipeline batch       = n_microbatches * per_stage_batch_size = ranks * batch_size
-
-    `ranks` processes form one pipeline and `replicas = world_size / ranks` pipelines train side by side on their
-    own rows (data parallel), so the global batch is world_size * batch_size (x accumulation) and the sqrt LR scale
-    equals DDP's on the same number of processes.
-    """
-
-    schedule: str
-    ranks: int  # processes in one pipeline
-    replicas: int  # data-parallel copies of the pipeline
-    stages: int  # ranks * stages_per_rank
-    stages_per_rank: int
-    microbatch_scale: int
-    micro_batch_size: int  # rows per micro-batch
-    micro_batches: int  # per replica and optimizer step, accumulation included
-    global_batch_size: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def pipeline_geometry(
-    schedule: str,
-    *,
-    batch_size: int,
-    world_size: int,
-    microbatch_scale: int = 1,
-    grad_accum: int = 1,
-    pipeline_ranks: int | None = None,
-) -> PipelineGeometry:
-    """Resolve the pipeline's micro-batches; ValueError naming the numbers to change when they do not divide.
-
-    `pipeline_ranks` (``--pipeline-stages``) is the number of processes per pipeline; None: the whole world.
-    """
-    _check_int(microbatch_scale, "--microbatch-scale", 1, "pass a positive multiplier of the micro-batches, e.g. 1")
-    name = pipeline_schedule_name(schedule)
-    ranks = world_size if pipeline_ranks is None else pipeline_ranks
-    _check_int(ranks, "--pipeline-stages", 1, "pass the processes per pipeline, e.g. --pipeline-stages 2")
-    if world_size % ranks:
-        raise ValueError(
-            f"--pipeline-stages {ranks} does not divide the {world_size} processes into whole pipelines; use a "
-            f"divisor of {world_size}"
-        )
-    per_rank = PIPELINE_SCHEDULES[name]
-    split = per_rank * microbatch_scale
-    if batch_size % split:
-        raise ValueError(
-            f"--batch-size {batch_size} is not divisible by stages_per_rank x microbatch_scale = {per_rank} x "
-            f"{microbatch_scale} = {split} ({name}); use a --batch-size that is a multiple of {split} or change "
-            "--microbatch-scale"
-        )
-    return PipelineGeometry(
-        schedule=name,
-        ranks=ranks,
-        replicas=world_size // ranks,
-        stages=ranks * per_rank,
-        stages_per_rank=per_rank,
-        microbatch_scale=microbatch_scale,
-        micro_batch_size=batch_size // split,
-        micro_batches=ranks * split * grad_accum,
-        global_batch_size=world_size * batch_size * grad_accum,
-    )
-
-
-def format_pipeline(g: PipelineGeometry, tokens_per_step: int) -> str:
-    copies = f" x {g.replicas} data-parallel replicas" if g.replicas > 1 else ""
-    rows = [
-        ("pipeline", f"{g.schedule}: {g.stages} stages on {g.ranks} ranks ({g.stages_per_rank} per rank){copies}"),
-        ("micro-batches", f"{g.micro_batches} of {g.micro_batch_size} sequences per step and replica"),
-        ("pipeline batch", f"{g.global_batch_size} sequences = {tokens_per_step:,} tokens per step"),
-    ]
-    return "\n".join(f"{name:<15}  {value}" for name, value in rows)

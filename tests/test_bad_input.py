@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 import train as train_script
-from monitor import control
-from monitor.jobs import JobControl, list_jobs
+from lifecycle import control
+from lifecycle.jobs import JobControl, list_jobs
 from tests.helpers import PYTHON, ROOT, TINY, train, write_corpus
 
 TINY_CONFIG = json.loads((ROOT / "models" / "configs" / "tiny.json").read_text())

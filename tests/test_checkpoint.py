@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from monitor import checkpoint as ckpt
-from schedule.optim import load_optimizer_state_by_name, optimizer_state_by_name
+from lifecycle import checkpoint as ckpt
+from lifecycle import replace
+from optim.optimizers import load_optimizer_state_by_name, optimizer_state_by_name
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -177,9 +178,9 @@ def _tree(out: Path) -> dict[str, bytes]:
     """Every file of the run, relative to where it belongs (.replaced/ counted as its place, its record left out)."""
     files = {}
     for p in sorted(out.rglob("*")):
-        if p.is_file() and p.name != ckpt.REPLACED_BY:
+        if p.is_file() and p.name != replace.REPLACED_BY:
             rel = p.relative_to(out).as_posix()
-            files[rel.removeprefix(ckpt.REPLACED + "/")] = p.read_bytes()
+            files[rel.removeprefix(replace.REPLACED + "/")] = p.read_bytes()
     return files
 
 
@@ -203,8 +204,8 @@ NAMES = ["checkpoints", "final", "tokenizer"]
 
 
 def test_a_new_folder_sets_nothing_aside(tmp_path):
-    assert not ckpt.set_aside(tmp_path, NAMES, "new")
-    assert not (tmp_path / ckpt.REPLACED).exists() and ckpt.settle_replaced(tmp_path) is None
+    assert not replace.set_aside(tmp_path, NAMES, "new")
+    assert not (tmp_path / replace.REPLACED).exists() and replace.settle_replaced(tmp_path) is None
 
 
 @pytest.mark.parametrize("renames", [0, 1, 2])
@@ -212,14 +213,14 @@ def test_a_kill_while_setting_aside_never_loses_the_old_run(tmp_path, monkeypatc
     old = _old_run(tmp_path)
     _kill_after(monkeypatch, renames)
     with pytest.raises(_Killed):
-        ckpt.set_aside(tmp_path, ["tokenizer", "final", "checkpoints"], "new")
+        replace.set_aside(tmp_path, ["tokenizer", "final", "checkpoints"], "new")
     monkeypatch.undo()
-    problem = ckpt.settle_replaced(tmp_path)
+    problem = replace.settle_replaced(tmp_path)
     assert _tree(tmp_path) == old  # every file still there, in place or in .replaced/
     if renames == 0:  # nothing moved yet: the run is whole where it was
-        assert problem is None and not (tmp_path / ckpt.REPLACED).exists()
+        assert problem is None and not (tmp_path / replace.REPLACED).exists()
     else:  # the checkpoints moved first: refused, naming .replaced/
-        assert ckpt.REPLACED in problem and (tmp_path / ckpt.REPLACED / "checkpoints").is_dir()
+        assert replace.REPLACED in problem and (tmp_path / replace.REPLACED / "checkpoints").is_dir()
 
 
 @pytest.mark.parametrize("renames", [0, 1, 2])
@@ -227,16 +228,16 @@ def test_an_error_while_setting_aside_is_put_back_whole(tmp_path, monkeypatch, r
     old = _old_run(tmp_path)  # e.g. a second stop signal between two renames: train.py's finally puts back
     _kill_after(monkeypatch, renames)
     with pytest.raises(_Killed):
-        ckpt.set_aside(tmp_path, NAMES, "new")
+        replace.set_aside(tmp_path, NAMES, "new")
     monkeypatch.undo()
-    assert ckpt.put_back(tmp_path, "new")
-    assert not (tmp_path / ckpt.REPLACED).exists() and _tree(tmp_path) == old
+    assert replace.put_back(tmp_path, "new")
+    assert not (tmp_path / replace.REPLACED).exists() and _tree(tmp_path) == old
 
 
 @pytest.mark.parametrize("renames", [0, 1, 2, 3])
 def test_a_kill_while_putting_back_never_loses_the_old_run(tmp_path, monkeypatch, renames):
     old = _old_run(tmp_path)
-    assert ckpt.set_aside(tmp_path, NAMES, "new")
+    assert replace.set_aside(tmp_path, NAMES, "new")
     for name in ("tokenizer", "final"):  # the new run's tokenizer and export, and its unfinished first save
         (tmp_path / name).mkdir()
         (tmp_path / name / "tokenizer.json").write_text('{"new": true}')
@@ -244,104 +245,104 @@ def test_a_kill_while_putting_back_never_loses_the_old_run(tmp_path, monkeypatch
     _kill_after(monkeypatch, renames)
     if renames < 3:
         with pytest.raises(_Killed):
-            ckpt.put_back(tmp_path, "new")
+            replace.put_back(tmp_path, "new")
     else:
-        assert ckpt.put_back(tmp_path, "new")
+        assert replace.put_back(tmp_path, "new")
     monkeypatch.undo()
-    problem = ckpt.settle_replaced(tmp_path)
+    problem = replace.settle_replaced(tmp_path)
     if problem is None:  # settled: the old run is whole in place, the new tokenizer and export gone
-        assert renames == 3 and _tree(tmp_path) == old and not (tmp_path / ckpt.REPLACED).exists()
+        assert renames == 3 and _tree(tmp_path) == old and not (tmp_path / replace.REPLACED).exists()
     else:  # the old checkpoints are still aside: nothing of the old run deleted
-        assert (tmp_path / ckpt.REPLACED / "checkpoints" / "checkpoint-3").is_dir()
+        assert (tmp_path / replace.REPLACED / "checkpoints" / "checkpoint-3").is_dir()
         for name in ("tokenizer", "final"):
-            aside = tmp_path / ckpt.REPLACED / name / "tokenizer.json"
+            aside = tmp_path / replace.REPLACED / name / "tokenizer.json"
             assert (aside if aside.exists() else tmp_path / name / "tokenizer.json").read_text() == '{"old": true}'
 
 
 def test_after_the_new_runs_first_checkpoint_the_old_run_is_deleted(tmp_path):
     _old_run(tmp_path)
-    assert ckpt.set_aside(tmp_path, NAMES, "new")
+    assert replace.set_aside(tmp_path, NAMES, "new")
     _save(tmp_path / "checkpoints", 1, start_id="new")  # the new run's first checkpoint; killed before the drop
-    assert ckpt.settle_replaced(tmp_path) is None
-    assert not (tmp_path / ckpt.REPLACED).exists()
+    assert replace.settle_replaced(tmp_path) is None
+    assert not (tmp_path / replace.REPLACED).exists()
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "checkpoint-1"
 
 
 def test_a_failure_after_the_new_runs_first_checkpoint_keeps_the_new_run(tmp_path):
     _old_run(tmp_path)
-    assert ckpt.set_aside(tmp_path, NAMES, "new")
+    assert replace.set_aside(tmp_path, NAMES, "new")
     new = _save(tmp_path / "checkpoints", 1, start_id="new")  # complete; the run then failed before the drop
-    assert not ckpt.put_back(tmp_path, "new")  # nothing put back over the new run's checkpoint
-    assert not (tmp_path / ckpt.REPLACED).exists() and ckpt.latest_checkpoint(tmp_path / "checkpoints") == new
+    assert not replace.put_back(tmp_path, "new")  # nothing put back over the new run's checkpoint
+    assert not (tmp_path / replace.REPLACED).exists() and ckpt.latest_checkpoint(tmp_path / "checkpoints") == new
 
 
 def test_only_the_replacing_starts_checkpoint_lets_a_start_delete_what_was_set_aside(tmp_path):
     old = _old_run(tmp_path)
-    assert ckpt.set_aside(tmp_path, NAMES, "new")
-    os.rename(tmp_path / ckpt.REPLACED / "checkpoints", tmp_path / "checkpoints")  # the old checkpoints moved back
-    assert ckpt.REPLACED in ckpt.settle_replaced(tmp_path)  # by hand; the old tokenizer and export are still aside
-    assert ckpt.put_back(tmp_path, "new") and _tree(tmp_path) == old  # its own start puts the rest back
-    assert ckpt.set_aside(tmp_path, NAMES, "new")
+    assert replace.set_aside(tmp_path, NAMES, "new")
+    os.rename(tmp_path / replace.REPLACED / "checkpoints", tmp_path / "checkpoints")  # the old checkpoints moved back
+    assert replace.REPLACED in replace.settle_replaced(tmp_path)  # by hand; tokenizer and export still aside
+    assert replace.put_back(tmp_path, "new") and _tree(tmp_path) == old  # its own start puts the rest back
+    assert replace.set_aside(tmp_path, NAMES, "new")
     _save(tmp_path / "checkpoints", 1, start_id="another start")  # a complete checkpoint, but not the replacer's
-    assert ckpt.REPLACED in ckpt.settle_replaced(tmp_path)
+    assert replace.REPLACED in replace.settle_replaced(tmp_path)
     assert {k: v for k, v in _tree(tmp_path).items() if "checkpoint-1" not in k} == old
 
 
 def test_a_replaced_folder_this_project_did_not_make_is_refused_and_kept(tmp_path):
     _old_run(tmp_path)
-    (tmp_path / ckpt.REPLACED).mkdir()
-    (tmp_path / ckpt.REPLACED / "notes.txt").write_text("mine")
-    assert "no start of this project" in ckpt.settle_replaced(tmp_path)
-    assert (tmp_path / ckpt.REPLACED / "notes.txt").read_text() == "mine"
-    (tmp_path / ckpt.REPLACED / "notes.txt").unlink()
-    (tmp_path / ckpt.REPLACED).rmdir()
-    (tmp_path / ckpt.REPLACED).write_text("a file")
-    assert "not a folder this project made" in ckpt.settle_replaced(tmp_path)
-    (tmp_path / ckpt.REPLACED).unlink()
-    (tmp_path / ckpt.REPLACED).symlink_to(tmp_path / "checkpoints")
-    assert "not a folder this project made" in ckpt.settle_replaced(tmp_path)
+    (tmp_path / replace.REPLACED).mkdir()
+    (tmp_path / replace.REPLACED / "notes.txt").write_text("mine")
+    assert "no start of this project" in replace.settle_replaced(tmp_path)
+    assert (tmp_path / replace.REPLACED / "notes.txt").read_text() == "mine"
+    (tmp_path / replace.REPLACED / "notes.txt").unlink()
+    (tmp_path / replace.REPLACED).rmdir()
+    (tmp_path / replace.REPLACED).write_text("a file")
+    assert "not a folder this project made" in replace.settle_replaced(tmp_path)
+    (tmp_path / replace.REPLACED).unlink()
+    (tmp_path / replace.REPLACED).symlink_to(tmp_path / "checkpoints")
+    assert "not a folder this project made" in replace.settle_replaced(tmp_path)
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints") is not None
 
 
 def test_a_kill_while_dropping_leaves_nothing_half_deleted(tmp_path, monkeypatch):
     _old_run(tmp_path)
-    assert ckpt.set_aside(tmp_path, NAMES, "new")
+    assert replace.set_aside(tmp_path, NAMES, "new")
     new = _save(tmp_path / "checkpoints", 1, start_id="new")
     monkeypatch.setattr(ckpt.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
     with pytest.raises(_Killed):
-        ckpt.drop_replaced(tmp_path)
+        replace.drop_replaced(tmp_path)
     monkeypatch.undo()
-    assert not (tmp_path / ckpt.REPLACED).exists()  # renamed out of the way before any file went
-    assert ckpt.settle_replaced(tmp_path) is None and not (tmp_path / (ckpt.REPLACED + ".dropping")).exists()
+    assert not (tmp_path / replace.REPLACED).exists()  # renamed out of the way before any file went
+    assert replace.settle_replaced(tmp_path) is None and not (tmp_path / (replace.REPLACED + ".dropping")).exists()
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints") == new
 
 
 @pytest.mark.parametrize("published", [False, True])
 def test_an_export_without_a_checkpoint_completes_the_replacement_once_published(tmp_path, published):
     old = _old_run(tmp_path)  # --save-strategy no: the export is the new run's only proof
-    assert ckpt.set_aside(tmp_path, NAMES, "new")
+    assert replace.set_aside(tmp_path, NAMES, "new")
     staging = tmp_path / ".tmp-final"
     staging.mkdir()
     (staging / "model.safetensors").write_bytes(b"new weights")
-    ckpt.mark_export(tmp_path, "new", staging / "model.safetensors")
+    replace.mark_export(tmp_path, "new", staging / "model.safetensors")
     if published:  # killed after publish_dir renamed it into place, before the drop
         os.rename(staging, tmp_path / "final")
-        assert ckpt.settle_replaced(tmp_path) is None and not (tmp_path / ckpt.REPLACED).exists()
+        assert replace.settle_replaced(tmp_path) is None and not (tmp_path / replace.REPLACED).exists()
         assert (tmp_path / "final" / "model.safetensors").read_bytes() == b"new weights"
     else:  # killed before: the old run, its export included, is still whole in .replaced/
-        assert ckpt.REPLACED in ckpt.settle_replaced(tmp_path)
+        assert replace.REPLACED in replace.settle_replaced(tmp_path)
         assert {k: v for k, v in _tree(tmp_path).items() if not k.startswith(".tmp-final")} == old
         (tmp_path / "final").mkdir()  # an unrelated file of the same name and size is no proof
         (tmp_path / "final" / "model.safetensors").write_bytes(b"new weights")
-        assert ckpt.REPLACED in ckpt.settle_replaced(tmp_path)
+        assert replace.REPLACED in replace.settle_replaced(tmp_path)
 
 
 def test_a_dropping_folder_that_is_not_ours_is_refused_and_kept(tmp_path):
     _old_run(tmp_path)
-    doomed = tmp_path / (ckpt.REPLACED + ".dropping")
+    doomed = tmp_path / (replace.REPLACED + ".dropping")
     doomed.write_text("mine")
-    assert "not a folder this project made" in ckpt.settle_replaced(tmp_path)
-    assert ckpt.set_aside(tmp_path, NAMES, "new")
+    assert "not a folder this project made" in replace.settle_replaced(tmp_path)
+    assert replace.set_aside(tmp_path, NAMES, "new")
     _save(tmp_path / "checkpoints", 1, start_id="new")
-    ckpt.drop_replaced(tmp_path)  # deletes what it set aside in place, leaves the stranger alone
-    assert not (tmp_path / ckpt.REPLACED).exists() and doomed.read_text() == "mine"
+    replace.drop_replaced(tmp_path)  # deletes what it set aside in place, leaves the stranger alone
+    assert not (tmp_path / replace.REPLACED).exists() and doomed.read_text() == "mine"

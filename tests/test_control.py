@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from monitor import control
-from monitor.jobs import JobControl, list_jobs, private_jobs_dir, send_command
+from lifecycle import control
+from lifecycle.jobs import JobControl, list_jobs, private_jobs_dir, send_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE_TRAINER = """
 import sys, time
 from pathlib import Path
-from monitor.jobs import JobControl
+from lifecycle.jobs import JobControl
 
 job = JobControl(Path(sys.argv[1]), sys.argv[2], jobs_dir=Path(sys.argv[3]))
 print(job.job_id, flush=True)

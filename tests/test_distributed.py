@@ -114,8 +114,8 @@ def test_pipeline_two_stages_match_one_process(setup, reference, schedule, model
 
     # The HF export gathered from both stages equals the weights of the final checkpoint's stage files.
     import models
-    from models.export import convert
-    from monitor.checkpoint import load_checkpoint
+    from export import convert
+    from lifecycle.checkpoint import load_checkpoint
 
     saved = load_checkpoint(pipe / "checkpoints" / "checkpoint-6", rank=0)["model_state"]
     assert sorted((pipe / "checkpoints" / "checkpoint-6").glob("model-*")) == [

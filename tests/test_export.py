@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import data
 import models
-from models.export import main as export_main
+from export import main as export_main
 from tests.helpers import PYTHON, ROOT, TINY, train, write_corpus
 
 FAMILIES = ("llama", "qwen3", "deepone")

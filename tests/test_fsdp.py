@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from monitor import checkpoint as ckpt
+from lifecycle import checkpoint as ckpt
 from tests.helpers import PYTHON, ROOT, train, train_losses
 from tests.test_distributed import ACCELERATE, ONE, TWO, assert_same_run, records, run, setup  # noqa: F401
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import models
-import schedule
+import optim
 from models.config import ModelConfig
 from models.memory import estimate_memory, parameter_shapes
 
@@ -77,7 +77,7 @@ def test_parameters_gradients_and_optimizer_state_equal_the_real_ones(optimizer)
     model = models.Transformer(cfg)
     model.init_weights()
     assert parameter_shapes(cfg) == {n: tuple(p.shape) for n, p in model.named_parameters()}
-    opt = schedule.build_optimizer(optimizer, model, 1e-3)
+    opt = optim.build_optimizer(optimizer, model, 1e-3)
     ids = torch.randint(0, cfg.vocab_size, (2, 32))
     model(input_ids=ids, labels=ids).backward()
     grads = sum(p.grad.nbytes for p in model.parameters())

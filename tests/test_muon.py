@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import models
-from schedule.optim import (
+from optim.optimizers import (
     MuonAdamW,
     build_optimizer,
     is_muon_parameter,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from schedule import Adafactor, build_optimizer, resolve_dtype, stochastic_round_to_bf16
+from optim import Adafactor, build_optimizer, resolve_dtype, stochastic_round_to_bf16
 
 
 def generator(seed: int) -> torch.Generator:

@@ -284,7 +284,7 @@ def test_a_kill_inside_the_export_leaves_the_previous_export_loadable(six_step_d
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
-from monitor.outdir import publish_dir
+from lifecycle.outdir import publish_dir
 with publish_dir(Path({str(out / "final")!r})) as folder:
     (folder / "config.json").write_text("")  # a half-written export
     assert Path({str(out / ".tmp-final")!r}).is_dir()
@@ -296,7 +296,7 @@ with publish_dir(Path({str(out / "final")!r})) as folder:
     AutoModelForCausalLM.from_pretrained(out / "final")
     # the fallback's in-between state (previous export moved aside, new one not yet in place) is repaired at start
     (out / "final").rename(out / ".old-final")
-    from monitor.outdir import recover_published
+    from lifecycle.outdir import recover_published
 
     recover_published(out / "final")
     assert _files(out / "final") == before and not (out / ".old-final").exists()
@@ -419,7 +419,7 @@ def test_a_filesystem_without_locks_is_used_unlocked_not_refused(tmp_path, monke
     import errno
     import fcntl
 
-    from monitor.outdir import OutputDirLock
+    from lifecycle.outdir import OutputDirLock
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")

@@ -2,7 +2,7 @@
 
 (``python -m monitor control ...`` is the same.) ``save`` asks a running job to write a checkpoint now and carry
 on, ``stop`` to save and exit cleanly, ``abort`` to exit at once without saving. JOB is a job id from ``list``,
-a unique prefix of one, or the job's pid. The job side is ``monitor.jobs.JobControl``.
+a unique prefix of one, or the job's pid. The job side is ``lifecycle.jobs.JobControl``.
 """
 
 import argparse
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from monitor.jobs import COMMANDS, JobControl, find_job, list_jobs, send_command
+from lifecycle.jobs import COMMANDS, JobControl, find_job, list_jobs, send_command
 
 __all__ = ["JobControl", "main"]
 

@@ -4,7 +4,7 @@
     python -m models.export CHECKPOINT OUT --tokenizer path/to/tokenizer   # when the run's tokenizer/ is gone
 
 A checkpoint of any layout converts (one process, DDP, a K-stage pipeline): its model-<k>.safetensors parts are
-merged by parameter name (monitor.checkpoint.load_checkpoint, the loader a resume uses) and written by
+merged by parameter name (lifecycle.checkpoint.load_checkpoint, the loader a resume uses) and written by
 models.hf.export_hf, the function train.py writes `final/` with, so converting the last checkpoint of a run gives
 the same folder as its `final/`. The tokenizer is the run's own copy in `<output-dir>/tokenizer/` (for older runs
 that kept none: the run's `--tokenizer`, else the `--init-from` model's), checked against the one the checkpoint
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import load_tokenizer, tokenizer_hash
-from monitor.checkpoint import load_checkpoint, verify
-from monitor.outdir import publish_dir
+from lifecycle.checkpoint import load_checkpoint, verify
+from lifecycle.outdir import publish_dir
 
 from .card import RunSummary
 from .config import ModelConfig

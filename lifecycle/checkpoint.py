@@ -30,7 +30,6 @@ checkpoint with a warning. Nothing is ever unpickled beyond plain tensors (``tor
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -63,7 +62,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -71,7 +70,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
@@ -198,25 +197,25 @@ def save_checkpoint(
         tensors, scalars = _flatten_optimizer(optimizer_part)
         _save_sharded(tensors, tmp / "optimizer")
         if rank == 0:
-            _write_json(tmp / "optimizer" / "scalars.json", scalars)
+            write_json(tmp / "optimizer" / "scalars.json", scalars)
     else:
         if model_part is not None:
             save_state_dict(model_part, tmp / f"model-{rank}.safetensors")
         if optimizer_part is not None:
             torch.save(optimizer_part, tmp / f"optimizer-{rank}.pt")
     if rank == 0:
-        _write_json(tmp / "trainer_state.json", trainer_state)
-    _write_json(tmp / f"rank-{rank}.json", rank_state)
+        write_json(tmp / "trainer_state.json", trainer_state)
+    write_json(tmp / f"rank-{rank}.json", rank_state)
     barrier()
     if rank == 0:
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         for p in files:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        _write_json(tmp / MARKER, {"step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}})
-        _fsync_dir(tmp)
+        write_json(tmp / MARKER, {"step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}})
+        fsync_dir(tmp)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     barrier()
     return final
 
@@ -373,152 +372,6 @@ def prune_checkpoints(root: Path, limit: int, keep_best: int = 2) -> list[Path]:
     return deleted
 
 
-# --init-model --overwrite-output-dir replaces a run in two moves: `set_aside` moves the old run's checkpoints, final
-# export (and its tokenizer when the new run brings another) into <output_dir>/.replaced/ once the new start is valid;
-# the new run's first complete checkpoint or finished export deletes them (`drop_replaced`), and a run that ends
-# before that puts them back (`put_back`). A kill in between leaves them in .replaced/, which the next start refuses to
-# ignore (settle_replaced). .replaced/replaced-by.json names the start that set them aside; that start's checkpoints
-# carry the same `start_id` in trainer_state.json, which is how a later start tells its checkpoint from the old run's;
-# before publishing an export without a checkpoint (--save-strategy no), the record also names its weight file.
-REPLACED = ".replaced"
-REPLACED_BY = "replaced-by.json"
-
-
-def set_aside(output_dir: Path, names: list[str], start_id: str) -> bool:
-    """Move output_dir/<name>, for each name that exists, into output_dir/.replaced/; False when none exists.
-
-    "checkpoints" goes first: a kill after it leaves nothing to resume from but .replaced/, which the next start
-    reports (settle_replaced).
-    """
-    present = sorted((n for n in names if (output_dir / n).exists()), key=lambda n: n != "checkpoints")
-    if not present:
-        return False
-    aside = output_dir / REPLACED
-    aside.mkdir(exist_ok=True)
-    _write_json(aside / REPLACED_BY, {"start_id": start_id})  # before anything moves in
-    for name in present:
-        os.rename(output_dir / name, aside / name)
-    _fsync_dir(aside)
-    _fsync_dir(output_dir)
-    return True
-
-
-def _record(aside: Path) -> dict:
-    try:
-        record = json.loads((aside / REPLACED_BY).read_text())
-        return record if isinstance(record, dict) and isinstance(record.get("start_id"), str) else {}
-    except (OSError, ValueError):  # absent, or cut short by a kill while it was written
-        return {}
-
-
-def _identity(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
-
-
-def mark_export(output_dir: Path, start_id: str, weights: Path) -> None:
-    """Before the replacing run publishes its export (--save-strategy no): record which file will prove it done."""
-    aside = output_dir / REPLACED
-    if aside.is_dir():
-        tmp = aside / (REPLACED_BY + ".tmp")
-        _write_json(tmp, {"start_id": start_id, "export": _identity(weights)})
-        os.replace(tmp, aside / REPLACED_BY)
-
-
-def _replacement_done(output_dir: Path, record: dict) -> bool:
-    """True when the start that set .replaced/ aside has a complete checkpoint in checkpoints/, or its finished export
-    is final/ (the same file, renamed into place)."""
-    start_id = record.get("start_id")
-    if start_id is None:
-        return False
-    with contextlib.suppress(OSError):
-        if record.get("export") == _identity(output_dir / "final" / "model.safetensors"):
-            return True
-    latest = latest_checkpoint(output_dir / "checkpoints", warn=lambda _: None)
-    if latest is None:
-        return False
-    try:
-        return json.loads((latest / "trainer_state.json").read_text()).get("start_id") == start_id
-    except (OSError, ValueError):
-        return False
-
-
-def put_back(output_dir: Path, start_id: str) -> bool:
-    """Undo set_aside (the replacing run ended before its first checkpoint); False when nothing was put back.
-
-    When the replacing run did complete a checkpoint (it failed after writing it, before dropping .replaced/), that
-    run stands: the old one is deleted instead, as settle_replaced would at the next start.
-    """
-    aside = output_dir / REPLACED
-    if not aside.is_dir():
-        return False
-    if _replacement_done(output_dir, {"start_id": start_id} | _record(aside)):
-        drop_replaced(output_dir)
-        return False
-    # "checkpoints" comes back last: once it is back, .replaced/ holds at most replaced-by.json (settle_replaced)
-    for item in sorted(aside.iterdir(), key=lambda p: p.name == "checkpoints"):
-        if item.name in (REPLACED_BY, REPLACED_BY + ".tmp"):
-            continue
-        target = output_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)  # what the replacing run wrote: no complete checkpoint
-        os.rename(item, target)
-    _fsync_dir(output_dir)
-    shutil.rmtree(aside)
-    return True
-
-
-def settle_replaced(output_dir: Path) -> str | None:
-    """At start, on the main process holding the run's lock, before anything in the output dir is read: what a
-    replacing start killed midway left behind.
-
-    After the replacing run's first complete checkpoint, the old run's deletion was cut short: finish it. Before it,
-    return why this start must not go on (a new start would delete the old run at its own first checkpoint).
-    """
-    aside, doomed = output_dir / REPLACED, output_dir / (REPLACED + ".dropping")
-    for path in (aside, doomed):
-        if path.is_symlink() or (path.exists() and not path.is_dir()):
-            return f"{path} is not a folder this project made, but runs keep one there; move it out of {output_dir}"
-    if doomed.exists():  # a deletion cut short
-        shutil.rmtree(doomed)
-    if not aside.exists():
-        return None
-    record = _record(aside)
-    if not [p for p in aside.iterdir() if p.name not in (REPLACED_BY, REPLACED_BY + ".tmp")]:  # nothing moved yet,
-        shutil.rmtree(aside)  # or everything moved back
-        return None
-    if not record:
-        return (
-            f"{aside} holds files that no start of this project set aside there; move them out of {output_dir} "
-            "and start again"
-        )
-    if _replacement_done(output_dir, record):
-        drop_replaced(output_dir)
-        return None
-    return (
-        f"{aside} holds the run that an --init-model --overwrite-output-dir start replaced, but that start was killed "
-        f"before its first checkpoint; to keep the old run, move everything in it but {REPLACED_BY} back into "
-        f"{output_dir} in place of what is there (checkpoints/ last); to keep neither, delete {aside}"
-    )
-
-
-def drop_replaced(output_dir: Path) -> None:
-    """Delete what set_aside kept (the replacing run has a complete checkpoint or export of its own).
-
-    Renamed out of the way first: a kill during the deletion cannot leave a half-deleted .replaced/ behind.
-    """
-    aside, doomed = output_dir / REPLACED, output_dir / (REPLACED + ".dropping")
-    if not aside.is_dir():
-        return
-    if doomed.is_symlink() or doomed.is_file():  # not ours (the next start names it): delete in place instead
-        shutil.rmtree(aside, ignore_errors=True)
-        return
-    if doomed.exists():
-        shutil.rmtree(doomed, ignore_errors=True)
-    os.rename(aside, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
 class Checkpointer:
     """save / restore / latest / prune of one run's checkpoints, the same for every layout.
 
@@ -559,6 +412,6 @@ class Checkpointer:
                     os.rename(path, aside)  # no longer a checkpoint from this instant on
                     shutil.rmtree(aside)
                     gone.append(path)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         self.barrier()
         return gone

@@ -8,6 +8,7 @@ refuses NaN, infinities and values out of range at parse time, also under --dry-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import tempfile
@@ -17,15 +18,14 @@ import torch
 
 import data
 import schedule
+from console import UsageError, say
 from data.tokenizer import tokenizer_hash
+from lifecycle import checkpoint as ckpt
+from lifecycle import replace
+from lifecycle.jobs import private_jobs_dir
+from lifecycle.outdir import LOCK_NAME, OutputDirBusy, OutputDirLock, recover_published
 from models.config import ModelConfig
 from models.memory import estimate_memory, format_memory
-from monitor import checkpoint as ckpt
-from monitor.jobs import private_jobs_dir
-from monitor.outdir import LOCK_NAME, OutputDirBusy, OutputDirLock, recover_published
-from monitor.progress import say
-
-from .common import UsageError
 
 MAX_INT = 2**62
 RUN_FOLDERS = ("checkpoints", "runs", "tokenizer", "final")  # what a run writes inside its output dir
@@ -119,8 +119,8 @@ def check_output_dir(output_dir: Path) -> None:
 
 
 def check_replaceable(output_dir: Path) -> None:
-    """--overwrite-output-dir renames the old run's folders aside (monitor/checkpoint.py set_aside): none may be a link
-    or a mount point, whose files would stay where it points."""
+    """--overwrite-output-dir renames the old run's folders aside (lifecycle/replace.py): none may be a link or a
+    mount point, whose files would stay where it points."""
     for name in ("checkpoints", "final", "tokenizer"):
         if (output_dir / name).is_symlink() or os.path.ismount(output_dir / name):
             raise UsageError(
@@ -131,9 +131,11 @@ def check_replaceable(output_dir: Path) -> None:
             )
 
 
-def take_output_dir(output_dir: Path, held: list[OutputDirLock]) -> OutputDirLock | None:
-    """On the main process: hold the output dir's lock for the run's life (added to `held`), and repair what a
-    killed start left."""
+def take_output_dir(output_dir: Path) -> OutputDirLock | None:
+    """On the main process: hold the output dir's lock for the run's life, and repair what a killed start left.
+
+    A refusal after the lock was taken lets go of it at once (tests start many runs in one process).
+    """
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     try:
@@ -143,13 +145,45 @@ def take_output_dir(output_dir: Path, held: list[OutputDirLock]) -> OutputDirLoc
             f"{output_dir} is in use by another run ({e}); wait for it, stop it (python -m monitor.control "
             "stop JOB), or choose another --output-dir"
         ) from None
-    held.append(lock)
-    if lock.unsupported:
-        say(f"warning: cannot lock {output_dir} ({lock.unsupported}); a second run could share it", err=True)
-    recover_published(output_dir / "final")  # an export cut between its two renames
-    if problem := ckpt.settle_replaced(output_dir):  # an --overwrite-output-dir start cut short
-        raise UsageError(problem)
+    with lock.released_on_error():
+        if lock.unsupported:
+            say(f"warning: cannot lock {output_dir} ({lock.unsupported}); a second run could share it", err=True)
+        recover_published(output_dir / "final")  # an export cut between its two renames
+        if problem := replace.settle_replaced(output_dir):  # an --overwrite-output-dir start cut short
+            raise UsageError(problem)
     return lock
+
+
+def claim_output_dir(args: argparse.Namespace, output_dir: Path, stack: contextlib.ExitStack):
+    """(the output dir's lock, the checkpoint to resume or None): the output dir checked and locked before anything
+    in it is read, so no other run is changing it; the lock goes into `stack` (released if the start is refused)."""
+    if args.dry_run:
+        return None, None
+    check_output_dir(output_dir)  # a file, or a folder this process cannot write: refused before any work
+    check_jobs_dir()
+    lock = take_output_dir(output_dir) if output_dir.is_dir() else None
+    if lock is not None:
+        stack.callback(lock.release)
+    checkpoints = output_dir / "checkpoints"
+    if args.init_model and args.overwrite_output_dir:
+        check_replaceable(output_dir)
+    if args.init_model and ckpt.checkpoint_dirs(checkpoints) and not args.overwrite_output_dir:
+        raise UsageError(
+            f"{output_dir} already holds checkpoints; drop --init-model to resume them, choose another "
+            "--output-dir, or add --overwrite-output-dir to delete them"
+        )
+    resume_from = None
+    if not args.init_model:
+        resume_from = ckpt.latest_checkpoint(checkpoints, warn=lambda m: say(m, err=True))
+        if resume_from is None and ckpt.checkpoint_dirs(checkpoints):
+            damaged = ", ".join(p.name for _, p in ckpt.checkpoint_dirs(checkpoints))
+            raise UsageError(
+                f"no checkpoint in {checkpoints} verifies (damaged: {damaged}); restore them, or start over with "
+                "--init-model --overwrite-output-dir"
+            )
+        if resume_from is None:
+            say(f"no checkpoint in {output_dir}: starting a new model")
+    return lock, resume_from
 
 
 def check_jobs_dir() -> None:
@@ -193,7 +227,7 @@ def planned_layout(args: argparse.Namespace, geometry, world_size: int) -> dict:
 
 
 def run_memory(args: argparse.Namespace, cfg: ModelConfig, geometry, world_size: int) -> dict[str, int]:
-    """estimate_memory for the run train.py plans (precision as parallel.common.precision picks it on this machine)."""
+    """estimate_memory for the run train.py plans (precision as parallel.build.precision picks it on this machine)."""
     layout = planned_layout(args, geometry, world_size)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device_type() == "cuda")
     pure_bf16 = bf16 and args.optimizer == "adafactor"
@@ -254,7 +288,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError("--json only applies to --dry-run")
     if args.world_size is not None and not args.dry_run:
         raise UsageError("--world-size only applies to --dry-run; launchers set the real world size")
-    parse_lr_spike(args.inject_lr_spike)
+    schedule.parse_lr_spike(args.inject_lr_spike)
     for flag, given in {
         "--microbatch-scale": args.microbatch_scale != 1,
         "--pipeline-engine": args.pipeline_engine is not None,
@@ -281,19 +315,6 @@ def validate_args(args: argparse.Namespace) -> None:
             "--compile does not support --attn-implementation flash_attention_2 (its per-batch document lengths "
             "recompile the graph every step): drop --compile, or compile with sdpa"
         )
-
-
-def parse_lr_spike(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        step, factor = text.split(",")
-        spike = {"step": int(step), "factor": float(factor)}
-    except ValueError:
-        raise UsageError(f"--inject-lr-spike {text!r} must be STEP,FACTOR, e.g. 100,50") from None
-    if spike["step"] < 1 or not 0 < spike["factor"] < math.inf:
-        raise UsageError(f"--inject-lr-spike {text!r} needs a STEP >= 1 and a finite FACTOR > 0, e.g. 100,50")
-    return spike
 
 
 # Options whose change on resume alters the training from there on: said in one line, not refused.

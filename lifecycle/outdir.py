@@ -55,6 +55,15 @@ class OutputDirLock:
         self._fd = fd
         return self
 
+    @contextlib.contextmanager
+    def released_on_error(self) -> Iterator[OutputDirLock]:
+        """Let go of the lock if the block raises (a refused start frees the output dir at once)."""
+        try:
+            yield self
+        except BaseException:
+            self.release()
+            raise
+
     def _holder_text(self) -> str:
         try:
             holder = json.loads(self.path.read_text() or "{}")

@@ -1,0 +1,91 @@
+"""What every layout builds from the run: the seeded model, the optimizer, the data streams and the batches."""
+
+from __future__ import annotations
+
+import torch
+
+import data
+import models
+import optim
+from console import bad_input, say
+
+
+def build_model(run, dtype: torch.dtype) -> models.Transformer:
+    """The same initial weights on every rank and in every layout: seeded, built on the CPU."""
+    torch.manual_seed(run.args.seed)
+    if run.args.init_from:
+        model, _ = models.load_hf(run.args.init_from, run.args.attn_implementation)
+    else:
+        model = models.Transformer(run.model_cfg, attn_implementation=run.args.attn_implementation)
+        model.init_weights()
+    for block in model.layers:
+        block.activation_checkpointing = run.args.activation_checkpointing
+    if run.args.activation_checkpointing:
+        say("activation checkpointing: each block's activations are recomputed in the backward pass")
+    return model.to(dtype=dtype)
+
+
+def assemble_model(run, parts, dtype: torch.dtype) -> models.Transformer:
+    """The whole model from the named weights each rank sent (None from ranks that hold none); where two parts hold
+    the same name (tied copies), the later part's tensor is kept."""
+    model = models.Transformer(run.model_cfg, run.args.attn_implementation)
+    model.load_state_dict({name: t for part in parts if part for name, t in part.items()})
+    return model.to(dtype)
+
+
+def data_streams(run, tokenizer, rows: int, rank: int, world: int, train: bool = True):
+    """(training stream or None without `train`, held-out batches) of `rows` rows each, for shard `rank` of `world`.
+
+    Reading a bad file or line is one clear error (bad_input).
+    """
+    args = run.args
+    with bad_input():
+        stream = None
+        if train:
+            stream = data.PackedStream(
+                run.mix, tokenizer, args.max_length, rows, rank=rank, world_size=world, seed=args.seed,
+                dispatch=args.dispatch_batches,
+            )  # fmt: skip
+        evals = data.eval_batches(
+            run.mix, tokenizer, args.max_length, rows, args.eval_batches, rank=rank, world_size=world
+        )
+    return stream, evals
+
+
+def build_optimizer(run, module: torch.nn.Module) -> torch.optim.Optimizer:
+    args = run.args
+    with bad_input():  # e.g. Muon on sharded parameters
+        return optim.build_optimizer(
+            args.optimizer,
+            module,
+            run.plan.max_lr,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+            stochastic_rounding=not args.no_stochastic_rounding,
+        )
+
+
+def label_count(batches: list[dict]) -> float:
+    return float(sum(int((b["labels"] != data.IGNORE_INDEX).sum()) for b in batches))
+
+
+def micro_batches(batches: list[dict], rows: int) -> list[dict]:
+    """Batches cut into micro-batches of `rows` rows each, in row order (a pipeline's view of its rows)."""
+    return [
+        {k: v[start : start + rows] for k, v in batch.items()}
+        for batch in batches
+        for start in range(0, len(batch["input_ids"]), rows)
+    ]
+
+
+def start_batches(stream: data.PackedStream | None, data_state: dict | None, prefetch: bool = True):
+    """The training batches of `stream` (None: this rank reads none), resumed at `data_state` when given.
+
+    Prepared on a thread while the model trains, except a dispatched stream, which must stay on this thread.
+    ValueError when the saved state does not fit the data mix (bad input on resume).
+    """
+    if stream is None:
+        return None
+    if data_state is not None:
+        stream.load_state_dict(data_state)
+    return data.Prefetcher(stream) if prefetch and not stream.dispatch else stream
