@@ -56,8 +56,8 @@ def worker(argv: list[str], warmup: int, steps: int) -> None:
 
     run = train.resolve_run(train.parse_args(argv))
     lay = TorchPipeline(run)
-    lay.start_data()
-    meter = Meter(run.model_cfg, run.plan.tokens_per_step, lay.world, None, lay.device)
+    lay.start_data(None)
+    meter = Meter(run.model_cfg, run.plan.tokens_per_step, lay.process.world, None, lay.process.device)
     for _ in range(warmup):
         lay.train_step(meter)
     times = []
@@ -67,10 +67,10 @@ def worker(argv: list[str], warmup: int, steps: int) -> None:
         lay.train_step(meter)
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    mine = {"rank": lay.rank, "stages": lay.stage_ids, "step_s": statistics.median(times), "peak": peak}
-    everyone = [None] * lay.world
+    mine = {"rank": lay.process.rank, "stages": lay.stage_ids, "step_s": statistics.median(times), "peak": peak}
+    everyone = [None] * lay.process.world
     dist.all_gather_object(everyone, mine)
-    if lay.is_main:
+    if lay.process.is_main:
         print("RESULT " + json.dumps(everyone), flush=True)
     lay.close()
 

@@ -142,7 +142,7 @@ def take_output_dir(output_dir: Path) -> OutputDirLock | None:
         lock = OutputDirLock(output_dir).acquire()
     except OutputDirBusy as e:
         raise UsageError(
-            f"{output_dir} is in use by another run ({e}); wait for it, stop it (python -m monitor.control "
+            f"{output_dir} is in use by another run ({e}); wait for it, stop it (python -m monitor control "
             "stop JOB), or choose another --output-dir"
         ) from None
     with lock.released_on_error():

@@ -1,6 +1,6 @@
-"""Command line for job control: ``python -m monitor.control list | save JOB | stop JOB | abort JOB``.
+"""Command line for job control: ``python -m monitor control list | save JOB | stop JOB | abort JOB``.
 
-(``python -m monitor control ...`` is the same.) ``save`` asks a running job to write a checkpoint now and carry
+(``python -m lifecycle.control ...`` is the same.) ``save`` asks a running job to write a checkpoint now and carry
 on, ``stop`` to save and exit cleanly, ``abort`` to exit at once without saving. JOB is a job id from ``list``,
 a unique prefix of one, or the job's pid. The job side is ``lifecycle.jobs.JobControl``.
 """
@@ -15,7 +15,7 @@ from lifecycle.jobs import COMMANDS, JobControl, find_job, list_jobs, send_comma
 __all__ = ["JobControl", "main"]
 
 
-def build_parser(prog: str = "python -m monitor.control") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m lifecycle.control") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="List running training jobs and send them commands.")
     parser.add_argument("--jobs-dir", type=Path, default=None, help="registration directory (default: per user)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,7 +41,7 @@ def _print_jobs(jobs: list[dict]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m monitor.control") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m lifecycle.control") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         if args.command == "list":

@@ -486,7 +486,7 @@ def test_a_jobs_dir_with_the_wrong_mode_is_one_line(jobs_dir, ws, capfd, monkeyp
 def test_control_command_line_with_an_empty_job_id(jobs_dir):
     job = JobControl(Path("out"), "only", jobs_dir=jobs_dir)
     try:
-        cmd = [PYTHON, "-m", "monitor.control", "--jobs-dir", str(jobs_dir), "save", ""]
+        cmd = [PYTHON, "-m", "lifecycle.control", "--jobs-dir", str(jobs_dir), "save", ""]
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
         _assert_one_line(out.returncode, out.stderr, "job id is empty", "subprocess")
         assert job.poll() is None

@@ -130,14 +130,14 @@ def test_command_from_the_module_entry_point(jobs_dir):
     )
     assert result.returncode == 2 and "unknown job 'x'" in result.stderr and "Traceback" not in result.stderr
     result = subprocess.run(
-        [sys.executable, "-m", "monitor.control", "--jobs-dir", str(jobs_dir), "list"],
+        [sys.executable, "-m", "lifecycle.control", "--jobs-dir", str(jobs_dir), "list"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0 and result.stdout.strip() == "no running jobs"
-    assert result.stderr == ""  # in particular no runpy warning about monitor.control being imported twice
+    assert result.stderr == ""  # in particular no runpy warning about lifecycle.control being imported twice
 
 
 def test_command_is_queued_when_the_client_stops_waiting(jobs_dir):

@@ -91,7 +91,7 @@ def _start(data_args, out: Path, env: dict, *extra: str) -> subprocess.Popen:
 
 
 def _control(env: dict, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monitor.control", "--jobs-dir", env["SMALL_LLM_JOBS_DIR"], *args]
+    cmd = [sys.executable, "-m", "lifecycle.control", "--jobs-dir", env["SMALL_LLM_JOBS_DIR"], *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
