@@ -1,7 +1,7 @@
 """Convert a training checkpoint into the Hugging Face folder a finished run writes as `final/`.
 
-    python -m models.export output_models/run/checkpoints/checkpoint-6000 output_models/run/hf-6000
-    python -m models.export CHECKPOINT OUT --tokenizer path/to/tokenizer   # when the run's tokenizer/ is gone
+    python export.py output_models/run/checkpoints/checkpoint-6000 output_models/run/hf-6000
+    python export.py CHECKPOINT OUT --tokenizer path/to/tokenizer   # when the run's tokenizer/ is gone
 
 A checkpoint of any layout converts (one process, DDP, a K-stage pipeline): its model-<k>.safetensors parts are
 merged by parameter name (lifecycle.checkpoint.load_checkpoint, the loader a resume uses) and written by
@@ -27,15 +27,15 @@ from data.tokenizer import load_tokenizer, tokenizer_hash
 from lifecycle.checkpoint import load_checkpoint, verify
 from lifecycle.outdir import publish_dir
 
-from .card import RunSummary
-from .config import ModelConfig
-from .hf import export_hf
-from .model import Transformer
+from models.card import RunSummary
+from models.config import ModelConfig
+from models.hf import export_hf
+from models.model import Transformer
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        self.exit(2, f"error: {message}; see python -m models.export --help\n")
+        self.exit(2, f"error: {message}; see python export.py --help\n")
 
 
 def _tokenizer_spec(checkpoint: Path, trainer: dict, override: str | None) -> str:
@@ -89,7 +89,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | None =
 
 def main(argv: list[str] | None = None) -> int:
     p = _Parser(
-        prog="python -m models.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("checkpoint", help="a checkpoint folder: <output-dir>/checkpoints/checkpoint-<step>")
     p.add_argument("out_dir", help="the Hugging Face folder to write (must not exist, or be empty)")

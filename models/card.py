@@ -1,7 +1,7 @@
 """The model card (README.md) written into every Hugging Face export: what was trained, on what, how to use it.
 
 `RunSummary` holds the facts of a run that the weights do not: train.py fills it at the end of a run, and
-`python -m models.export` fills it from a checkpoint's trainer_state.json (`RunSummary.from_trainer_state`), so the
+`python export.py` fills it from a checkpoint's trainer_state.json (`RunSummary.from_trainer_state`), so the
 card of a converted last checkpoint reads exactly as the run's own `final/` card.
 """
 

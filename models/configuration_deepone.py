@@ -1,6 +1,6 @@
 """DeepOneConfig: the Hugging Face configuration of the deepone family (DeepNet post-norm, see models/config.py).
 
-NOTE: this file is copied verbatim into every deepone export (`final/`, `python -m models.export`) beside
+NOTE: this file is copied verbatim into every deepone export (`final/`, `python export.py`) beside
 modeling_deepone.py, and `config.json` points at both through `auto_map`, so an exported folder loads with
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` on a machine without this repository. It must
 therefore import nothing but `transformers` (and the standard library), and keep working with transformers 4.x and

@@ -4,7 +4,7 @@ llama -> LlamaForCausalLM, qwen3 -> Qwen3ForCausalLM: stock transformers classes
 `AutoModelForCausalLM.from_pretrained(folder)`. deepone -> DeepOneForCausalLM (models/modeling_deepone.py), whose code
 is copied into the folder: `from_pretrained(folder, trust_remote_code=True)` anywhere, or plain after `import models`.
 Weights are written and read with safetensors only (no pickle). `export_hf` is the one writer: train.py's `final/`
-and `python -m models.export CHECKPOINT OUT` both call it.
+and `python export.py CHECKPOINT OUT` both call it.
 
 Key mapping (llama/qwen3): our `<key>` -> `model.<key>` with `attn_norm` -> `input_layernorm` and `mlp_norm` ->
 `post_attention_layernorm`; `lm_head.weight` keeps its name and is omitted when tied. deepone: `model.<key>`.
@@ -159,7 +159,7 @@ def export_hf(
     max_length: int | None = None,
     summary: RunSummary | None = None,
 ) -> Path:
-    """Write `out_dir` as a self-contained Hugging Face model folder; the one export of `train.py` and models.export.
+    """Write `out_dir` as a self-contained Hugging Face model folder; the one export of `train.py` and export.py.
 
     Contents: config.json, model.safetensors, generation_config.json (EOS stops generation), the tokenizer as
     `export_tokenizer` makes it, README.md (the model card, models/card.py) and, for deepone, configuration_deepone.py
@@ -167,7 +167,7 @@ def export_hf(
     `rope_parameters`, so transformers 4.x (which reads only the former) and 5.x read the same model.
 
     The files are written straight into `out_dir`; callers that replace an earlier export write through
-    `lifecycle.outdir.publish_dir`, which swaps the complete folder into place (train.py, models.export).
+    `lifecycle.outdir.publish_dir`, which swaps the complete folder into place (train.py, export.py).
 
     Args:
         model: our Transformer, or its state dict (tensors by Transformer name, e.g. from a checkpoint).

@@ -85,6 +85,16 @@ def activation_bytes_per_token(
     return elements * dtype_bytes + (mask if attn_implementation in ("sdpa", "eager") else 0)
 
 
+def _heaviest_stage(cfg: ModelConfig, shapes: dict, per_stage: int) -> list:
+    """The parameter shapes of the pipeline stage holding the most: the first (embedding) or the last (head)."""
+    held = [s for name, s in shapes.items() if name.startswith("layers.") and int(name.split(".")[1]) < per_stage]
+    first = [*held, shapes["embed_tokens.weight"]]
+    last = [*held, *(s for n, s in shapes.items() if not n.startswith(("layers.", "embed_tokens.")))]
+    if cfg.tie_word_embeddings:
+        last.append(shapes["embed_tokens.weight"])
+    return max(first, last, key=lambda group: sum(map(_numel, group)))
+
+
 def estimate_memory(
     cfg: ModelConfig,
     *,
@@ -142,12 +152,7 @@ def estimate_memory(
 
     if layout == "pipeline":
         per_stage = -(-layers // stages)
-        held = [s for name, s in shapes.items() if name.startswith("layers.") and int(name.split(".")[1]) < per_stage]
-        first = [*held, shapes["embed_tokens.weight"]]
-        last = [*held, *(s for n, s in shapes.items() if not n.startswith(("layers.", "embed_tokens.")))]
-        if cfg.tie_word_embeddings:
-            last.append(shapes["embed_tokens.weight"])
-        heaviest = max(first, last, key=lambda group: sum(map(_numel, group)))
+        heaviest = _heaviest_stage(cfg, shapes, per_stage)
         params = sum(map(_numel, heaviest))
         opt = _optimizer_floats(heaviest, optimizer)
         in_flight = in_flight or stages

@@ -131,9 +131,11 @@ class Block(nn.Module):
         layer_idx: int,
         attn_implementation: str = "sdpa",
         activation_checkpointing: bool = False,
+        inputs: BlockInputs | None = None,
     ):
         super().__init__()
         self.layer_idx = layer_idx
+        self.inputs = inputs or BlockInputs()  # shared by the blocks of one model or layer list
         self.activation_checkpointing = activation_checkpointing
         self.attn_implementation = attn_implementation
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
@@ -159,9 +161,9 @@ class Block(nn.Module):
         stages) they are rebuilt from the tensors, reusing the previous layer's when the tensors are the same.
         """
         if rope is None:
-            rope = _cached_rope(position_ids, self.head_dim, self.rope_theta, hidden.dtype)
+            rope = self.inputs.rope(position_ids, self.head_dim, self.rope_theta, hidden.dtype)
         if attn_mask is None:
-            attn_mask = _cached_mask(self.attn_implementation, doc_ids, hidden)
+            attn_mask = self.inputs.mask(self.attn_implementation, doc_ids, hidden)
         if self.activation_checkpointing and torch.is_grad_enabled():
             # NOTE: non-reentrant: works with FSDP2's hooks, DDP, keyword arguments and inputs without gradients.
             return checkpoint(self._layer, hidden, rope, attn_mask, use_reentrant=False)
@@ -176,25 +178,27 @@ class Block(nn.Module):
         return hidden + self.mlp(self.mlp_norm(hidden))
 
 
-# One-entry caches for the tensor-only block call: consecutive blocks of a pipeline stage receive the very same
-# position_ids / doc_ids tensor objects, so the rope tables and the mask are built once per stage and micro-batch.
-_rope_cache: list = [None, None, None]
-_mask_cache: list = [None, None, None]
+class BlockInputs:
+    """What a tensor-only block call rebuilds from its tensors (rope tables, attention mask), kept for the last
+    tensors seen: consecutive blocks of a pipeline stage receive the very same position_ids / doc_ids objects, so
+    the blocks that share one of these build them once per stage and micro-batch."""
 
+    def __init__(self) -> None:
+        self._rope: list = [None, None, None]  # [position_ids, key, (cos, sin)]
+        self._mask: list = [None, None, None]  # [doc_ids, key, mask]
 
-def _cached_rope(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    key = (head_dim, theta, dtype, torch.is_grad_enabled())
-    if _rope_cache[0] is not position_ids or _rope_cache[1] != key:
-        _rope_cache[:] = [position_ids, key, rope_cos_sin(position_ids, head_dim, theta, dtype)]
-    return _rope_cache[2]
+    def rope(self, position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+        key = (head_dim, theta, dtype, torch.is_grad_enabled())
+        if self._rope[0] is not position_ids or self._rope[1] != key:
+            self._rope = [position_ids, key, rope_cos_sin(position_ids, head_dim, theta, dtype)]
+        return self._rope[2]
 
-
-def _cached_mask(implementation: str, doc_ids: torch.Tensor | None, hidden: torch.Tensor) -> AttentionMask:
-    B, T, _ = hidden.shape
-    key = (implementation, B, T, hidden.device, torch.is_grad_enabled())
-    if doc_ids is None or _mask_cache[0] is not doc_ids or _mask_cache[1] != key:
-        _mask_cache[:] = [doc_ids, key, build_attention_mask(implementation, doc_ids, B, T, hidden.device)]
-    return _mask_cache[2]
+    def mask(self, implementation: str, doc_ids: torch.Tensor | None, hidden: torch.Tensor) -> AttentionMask:
+        B, T, _ = hidden.shape
+        key = (implementation, B, T, hidden.device, torch.is_grad_enabled())
+        if doc_ids is None or self._mask[0] is not doc_ids or self._mask[1] != key:
+            self._mask = [doc_ids, key, build_attention_mask(implementation, doc_ids, B, T, hidden.device)]
+        return self._mask[2]
 
 
 # ---- the model ----

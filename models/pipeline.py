@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .loss import chunked_cross_entropy
-from .model import Block, RMSNorm
+from .model import Block, BlockInputs, RMSNorm
 
 TIED_KEY = "embed"  # the TiedLayerSpec key; PipelineModule names its parameters "tied_modules.embed.<param>"
 
@@ -130,8 +130,9 @@ def pipeline_layers(
         )
     else:
         first, last = LayerSpec(EmbeddingPipe, cfg), LayerSpec(LMHeadPipe, cfg)
+    inputs = BlockInputs()  # one per layer list: a stage's blocks share their rope tables and mask
     blocks = [
-        LayerSpec(BlockPipe, cfg, i, attn_implementation, activation_checkpointing)
+        LayerSpec(BlockPipe, cfg, i, attn_implementation, activation_checkpointing, inputs)
         for i in range(cfg.num_hidden_layers)
     ]
     return [first, *blocks, LayerSpec(NormPipe, cfg), last]

@@ -93,6 +93,21 @@ def _cadence(interval: int, step_cadence: float, sequences_per_step: int) -> int
     return max(1, math.floor(interval * step_cadence / sequences_per_step + 0.5))
 
 
+def _check_inputs(batch_size, grad_accum, world_size, max_length, warmup_steps, anneal_steps, total_tokens, base_lr,
+                  min_cooldown_tokens, step_cadence) -> None:  # fmt: skip
+    """ValueError naming the first option out of range and what to pass instead."""
+    check_int(batch_size, "--batch-size", 1, "pass the number of sequences per device, e.g. --batch-size 4")
+    check_int(grad_accum, "--gradient-accumulation-steps", 1, "pass the micro-batches per optimizer step, e.g. 1")
+    check_int(world_size, "--world-size", 1, "pass the number of data-parallel processes, e.g. --world-size 4")
+    check_int(max_length, "--max-length", 1, "pass the sequence length in tokens, e.g. --max-length 4096")
+    check_int(warmup_steps, "--warmup-steps", 0, "pass 0 to disable warmup")
+    check_int(anneal_steps, "--anneal-steps", 0, "pass 0 to disable the anneal")
+    _check_float(total_tokens, "--total-tokens", "pass the budget in billions of tokens, e.g. --total-tokens 3")
+    _check_float(base_lr, "--learning-rate", "pass the peak LR for batch size 1, e.g. --learning-rate 1.4e-5")
+    _check_float(min_cooldown_tokens, "--min-cooldown-tokens", "pass billions of tokens, e.g. 100", allow_zero=True)
+    _check_float(step_cadence, "--step-cadence", "pass a positive factor, e.g. --step-cadence 1.0")
+
+
 def make_plan(
     *,
     total_tokens: float = 3.0,
@@ -114,16 +129,8 @@ def make_plan(
     token budget, so a `--max-steps` run follows exactly the LR of the full-budget run up to where it stops, and a run
     resumed with `--max-steps S+N --anneal-steps N` anneals from where the first run left off without any jump.
     """
-    check_int(batch_size, "--batch-size", 1, "pass the number of sequences per device, e.g. --batch-size 4")
-    check_int(grad_accum, "--gradient-accumulation-steps", 1, "pass the micro-batches per optimizer step, e.g. 1")
-    check_int(world_size, "--world-size", 1, "pass the number of data-parallel processes, e.g. --world-size 4")
-    check_int(max_length, "--max-length", 1, "pass the sequence length in tokens, e.g. --max-length 4096")
-    check_int(warmup_steps, "--warmup-steps", 0, "pass 0 to disable warmup")
-    check_int(anneal_steps, "--anneal-steps", 0, "pass 0 to disable the anneal")
-    _check_float(total_tokens, "--total-tokens", "pass the budget in billions of tokens, e.g. --total-tokens 3")
-    _check_float(base_lr, "--learning-rate", "pass the peak LR for batch size 1, e.g. --learning-rate 1.4e-5")
-    _check_float(min_cooldown_tokens, "--min-cooldown-tokens", "pass billions of tokens, e.g. 100", allow_zero=True)
-    _check_float(step_cadence, "--step-cadence", "pass a positive factor, e.g. --step-cadence 1.0")
+    _check_inputs(batch_size, grad_accum, world_size, max_length, warmup_steps, anneal_steps, total_tokens, base_lr,
+                  min_cooldown_tokens, step_cadence)  # fmt: skip
     if max_steps == -1:
         max_steps = None
     if max_steps is not None:

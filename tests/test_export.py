@@ -169,7 +169,7 @@ def test_final_tokenizer_and_config_are_as_trained(run_dir):
 def test_converter_reproduces_final_from_the_last_checkpoint(run_dir, tmp_path):
     out = tmp_path / "converted"
     if "llama" in run_dir.name:  # the command itself, once; the other families call its main() in this process
-        cmd = [PYTHON, "-m", "models.export", str(run_dir / "checkpoints" / "checkpoint-6"), str(out)]
+        cmd = [PYTHON, str(ROOT / "export.py"), str(run_dir / "checkpoints" / "checkpoint-6"), str(out)]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     else:
@@ -235,7 +235,7 @@ def test_converter_rejects_bad_input_in_one_line(run_dir, corpus, tmp_path, caps
         assert export_main(args) == 2, case
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(lines) == 1 and says in lines[0], (case, lines)
-    done = subprocess.run([PYTHON, "-m", "models.export", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([PYTHON, str(ROOT / "export.py"), str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
     assert not any((tmp_path / n).exists() for n in "abcd")
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
