@@ -33,8 +33,8 @@ import torch
 
 import data
 import models
+from console import UsageError, bad_input
 from lifecycle.checkpoint import load_checkpoint, verify
-from parallel import UsageError, bad_input
 
 ROOT = Path(__file__).resolve().parent
 METRICS = ROOT / "metrics"

@@ -26,7 +26,6 @@ import torch
 from data.tokenizer import load_tokenizer, tokenizer_hash
 from lifecycle.checkpoint import load_checkpoint, verify
 from lifecycle.outdir import publish_dir
-
 from models.card import RunSummary
 from models.config import ModelConfig
 from models.hf import export_hf
@@ -88,9 +87,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(
-        prog="python export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = _Parser(prog="python export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a checkpoint folder: <output-dir>/checkpoints/checkpoint-<step>")
     p.add_argument("out_dir", help="the Hugging Face folder to write (must not exist, or be empty)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json, folder or Hub name (default: the run's own)")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from models.config import ModelConfig, count_parameters, matmul_params
 from lifecycle.divergence import DivergenceDetector
+from models.config import ModelConfig, count_parameters, matmul_params
 from monitor import PeakMemory, Progress, RunLogger, find_run_dirs, new_run_dir, read_logs
 from monitor.logs import LOG_NAME, resolve_log_file
 from monitor.mfu import (
