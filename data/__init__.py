@@ -14,10 +14,11 @@ sharding/dispatch and resume, prepare.py for the token cache (cache.py reads it)
 corpus.
 """
 
+from .files import DataError, check_local_files
 from .mix import Mix, SourceSpec, Stage, describe_mix, parse_mix
 from .packing import IGNORE_INDEX, pack_rows
 from .prefetch import Prefetcher
-from .sources import DataError, check_local_files, document_texts
+from .sources import document_texts
 from .stream import PackedStream, eval_batches, rank_rows
 from .tokenizer import (
     bos_eos_ids,

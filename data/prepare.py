@@ -27,7 +27,8 @@ import numpy as np
 
 from .cache import CACHE_FORMAT, CACHE_VERSION
 from .mix import parse_mix
-from .sources import open_source, text_hashes
+from .order import text_hashes
+from .sources import open_source
 from .tokenizer import bos_eos_ids, load_tokenizer, save_tokenizer, tokenizer_hash
 
 _BATCH_DOCS = 1000  # documents per tokenizer call while preparing

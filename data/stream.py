@@ -9,7 +9,7 @@ the global batches do not depend on the world size or on how ranks get their row
 
 Determinism without stored random state: every random choice is a keyed hash of a counter (which source the n-th
 document comes from, which stage during a soft switch) and every pass over a map-style source is a keyed
-pseudo-random permutation (a Feistel network, see `SourceCursor` in data/sources.py), so a position is a handful of
+pseudo-random permutation (a Feistel network, see `SourceCursor` in data/order.py), so a position is a handful of
 integers and restoring it costs O(1). Documents are drawn in chunks of CHUNK_DOCS and tokenized with one
 `encode_batch_fast` call per chunk. The stream state is the position before the oldest chunk still in the packer's
 buffer plus how many of its tokens were consumed: restoring re-reads at most a couple of chunks and yields exactly
@@ -27,8 +27,9 @@ import torch
 
 from .cache import read_manifest
 from .mix import Mix, Stage
+from .order import SourceCursor, is_eval, stream_key, uniforms
 from .packing import FIELDS, RowBuffer, TokenDocs, assemble
-from .sources import SourceCursor, is_eval, open_source, stream_key, uniforms
+from .sources import open_source
 from .tokenizer import bos_eos_ids, tokenizer_hash
 
 if TYPE_CHECKING:

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .mix import Mix, parse_mix
-from .sources import SourceCursor, is_eval, open_source, stream_key
+from .order import SourceCursor, is_eval, stream_key
+from .sources import open_source
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

@@ -12,7 +12,8 @@ import torch
 import data
 from data import packing, stream
 from data.mix import parse_mix
-from data.sources import is_eval, open_source, permute, text_hashes
+from data.order import is_eval, permute, text_hashes
+from data.sources import open_source
 
 WORDS = (
     "the cat sat on a mat and then it ran to the old tree where a bird sang songs about rain sun wind "

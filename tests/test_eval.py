@@ -243,7 +243,7 @@ def encode_words(texts: list[str]) -> list[list[int]]:
 
 
 def test_local_copy_of_the_corpus_reads_both_subsets_in_proportion(tmp_path, monkeypatch):
-    from data.sources import is_eval, text_hashes
+    from data.order import is_eval, text_hashes
     from data.stream import DocumentStream
 
     cosmo = [f"cosmopedia document number {i} about a topic" for i in range(3072)]
