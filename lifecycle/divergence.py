@@ -10,7 +10,7 @@ noisy: the "fast" one is the latest eval itself, the slow one an EMA over the la
 Call ``update`` every optimizer step (the EMA constants are per update; calling it only at the logging cadence
 would make it fire ~100× later in steps). It returns ``None`` or a one-line reason.
 
-What the training script does with a reason (the policy lives in ``train.py``, not here):
+What the run does with a reason (the policy lives in lifecycle/policy.py, not here):
 - abort: log an ``event`` record with the reason, do NOT save (the current weights are the diverged ones), and
   exit with status 1, naming the newest checkpoint as the safe point to resume from (with a lower LR, say);
 - the alternatives, stop (save, then exit) or rollback (reload the last checkpoint and continue, skipping the

@@ -275,9 +275,8 @@ class Transformer(nn.Module):
         generation at every length) stays eager, so it never recompiles. The attention mask is built eagerly before
         the graph, always in the same form (`build_attention_mask(same_form=True)`), so batches with other document
         layouts reuse the same graph; shapes are static (`dynamic=False`): training and evaluation batches share one
-        (B, T). Compiling the whole path rather than each block lets the compiler fuse the head and the loss too:
-        on an H200 (bf16, 8 x 2048 tokens) per-block compiling ran at 0.68x transformers' compiled model, and
-        `torch.compile(model)`, the same graph with the mask built inside it, at 1.14x (README, Throughput).
+        (B, T). Compiling the whole path rather than each block lets the compiler fuse the head and the loss too
+        (measured against per-block compiling in docs/results.md, Throughput).
         """
         options = {"dynamic": False, "fullgraph": True} | options
         self.compiled_forward = torch.compile(self._forward, **options)

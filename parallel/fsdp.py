@@ -27,10 +27,10 @@ from torch.distributed.tensor import empty as dtensor_empty
 
 import data
 import models
+from console import say
 from lifecycle.staging import build_tokenizer
 from monitor import samples
 from monitor.meter import Meter
-from monitor.progress import say
 from optim import load_optimizer_state_by_name, optimizer_state_by_name
 
 from .build import build_model, build_optimizer, data_streams, label_count, start_batches

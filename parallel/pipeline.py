@@ -10,9 +10,9 @@ import torch
 
 import data
 import models
+from console import say
 from lifecycle.staging import build_tokenizer
 from monitor.meter import Meter
-from monitor.progress import say
 from monitor.samples import eval_metrics
 from optim import load_optimizer_state_by_name, optimizer_state_by_name
 

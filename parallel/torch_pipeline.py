@@ -28,9 +28,9 @@ from torch.distributed.tensor import DTensor
 
 import data
 import models
+from console import say
 from lifecycle.staging import build_tokenizer
 from monitor.meter import Meter
-from monitor.progress import say
 from monitor.samples import eval_metrics, eval_sums
 from optim import load_optimizer_state_by_name, optimizer_state_by_name
 
