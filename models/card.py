@@ -31,7 +31,7 @@ class RunSummary:
 
     @classmethod
     def from_trainer_state(cls, state: dict) -> RunSummary:
-        """From a checkpoint's trainer_state.json (lifecycle/checkpoint.py; written by lifecycle.state.RunState.save)."""
+        """From a checkpoint's trainer_state.json (written by lifecycle.state.RunState.save)."""
         args = state["args"]
         return cls(
             model_name=state["model_name"],
