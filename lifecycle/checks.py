@@ -301,13 +301,6 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag, given in {"--compile": args.compile, "--dispatch-batches": args.dispatch_batches}.items():
         if given and args.pipeline:
             raise UsageError(f"{flag} is not supported with --pipeline (either engine); drop it or use DDP")
-    if args.compile and args.attn_implementation == "flex_attention":
-        # NOTE: a compiled graph around flex_attention fails to trace on CPU, and on CUDA, in train.py, recompiled
-        # until torch's limit (the document BlockMask is new each forward); the benchmark's fixed batch did not.
-        raise UsageError(
-            "--compile does not support --attn-implementation flex_attention yet (flex runs its own compiled "
-            "kernel already): drop --compile, or compile with sdpa"
-        )
     if args.compile and args.attn_implementation == "flash_attention_2":
         # NOTE: the varlen kernel takes the cumulative document lengths (one entry per document) and the longest
         # document as a Python int: both change with every batch's packing, so the graph would recompile each step.

@@ -125,5 +125,5 @@ class Policy:
         return Decision(command, reason, save=wants_save and finite)
 
     def close(self) -> None:
-        self.signals.restore()
         self.control.close()
+        self.signals.restore()

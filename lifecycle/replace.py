@@ -175,8 +175,12 @@ class Replacement:
 
     def __enter__(self) -> Replacement:
         if self.enabled:
-            self.pending = True  # a second signal inside set_aside still puts back what it had moved
-            self.pending = set_aside(self.output_dir, self.names, self.start_id)
+            self.pending = True
+            try:
+                self.pending = set_aside(self.output_dir, self.names, self.start_id)
+            except BaseException:  # a second signal or an error inside set_aside: put back what had moved
+                self.__exit__()
+                raise
         return self
 
     def exporting(self, weights: Path) -> None:

@@ -100,8 +100,16 @@ def _flex_block_mask(doc_ids: torch.Tensor | None, batch: int, seq_len: int, dev
 
         num_batches = batch
     # NOTE: on CUDA the mask is built by a compiled kernel; eager construction materialises B*T*T booleans.
-    compiled = device.type == "cuda"
-    return create_block_mask(mask_mod, num_batches, None, seq_len, seq_len, device=device, _compile=compiled)
+    build = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
+    return build(mask_mod, num_batches, None, seq_len, seq_len, device=device)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    """One compiled `create_block_mask` for the process (torch compiles it lazily, at its first call)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
 
 
 def _segment_starts(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -242,6 +250,8 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask
         if mask.dense is None and mask.lengths is None and not mask.single_document:
             raise RuntimeError("flex_attention on CPU needs gradients but the mask was built without grad mode")
         return _sdpa(q, k, v, mask)
+    if torch.compiler.is_compiling():  # traced into the compiled loss path, which fuses it
+        return flex_attention(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
     with warnings.catch_warnings():
         # CPU inference uses the unfused implementation on purpose (compiling needs a C++ toolchain at run time).
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")

@@ -42,12 +42,17 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
 
+def _join(backend: str) -> None:
+    if not dist.is_initialized():  # Accelerate may have joined already
+        dist.init_process_group(backend)
+
+
 class FullyShardedDataParallel:
     """FSDP2: every rank trains on its rows of the global batch and holds 1/world of every tensor."""
 
     def __init__(self, run: Run):
         args, self.run = run.args, run
-        self.process = start_process(args, dist.init_process_group)
+        self.process = start_process(args, _join)
         self.tokenizer = build_tokenizer(run, self.process.is_main, self.barrier)
         self.byte_lengths = torch.as_tensor(data.token_byte_lengths(self.tokenizer))  # bits per byte at each eval
         # The same seeded initial weights as every other layout, built whole on the CPU, then sharded block by block

@@ -97,15 +97,14 @@ class Layout(Protocol):
 
 
 def start_process(args: argparse.Namespace, join: Callable[[str], Any] | None = None, **known) -> Process:
-    """Join the process group with `join(backend)` unless joined already (no `join`: a library such as Accelerate
-    joined it) and set up the device.
+    """Join the process group with `join(backend)` (no `join`: a library such as Accelerate joined it) and set up
+    the device.
 
     `known` gives rank, world and device where the library that joined tells them (Accelerate).
     """
     cpu = not torch.cuda.is_available()
     if join is not None:
-        if not torch.distributed.is_initialized():
-            join(args.dist_backend or ("gloo" if cpu else "nccl"))
+        join(args.dist_backend or ("gloo" if cpu else "nccl"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         known = {
             "rank": torch.distributed.get_rank(),
@@ -113,7 +112,8 @@ def start_process(args: argparse.Namespace, join: Callable[[str], Any] | None = 
             "device": torch.device("cpu") if cpu else torch.device("cuda", local),
         }
     if not cpu:
-        torch.cuda.set_device(known["device"])
+        if known["device"].index is not None:  # Accelerate's one-process device is plain "cuda", already current
+            torch.cuda.set_device(known["device"])
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype, pure_bf16 = precision(args, known["device"].type)
     return Process(known["rank"], known["world"], known["device"], dtype, pure_bf16)

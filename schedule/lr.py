@@ -95,22 +95,25 @@ class InfiniteLR:
         self.last_step = last_step  # optimizer updates made so far
         # Multiplies the scheduled LR; lowered by the divergence guard's rollback and saved by the trainer, not here.
         self.lr_factor = 1.0
-        # --inject-lr-spike, a testing aid for the divergence guard: lr_factor x factor once the next update is
-        # `step`, applied once (a rollback's new lr_factor replaces it; a resume past the step never sees it).
+        # --inject-lr-spike, a testing aid for the divergence guard: the update numbered `step` and every later one
+        # run at lr_factor x factor, applied once (a rollback's new lr_factor replaces it; a resume past the step
+        # never sees it).
         self.spike = dict(spike or {})
         self._apply()
 
     def _apply(self) -> None:
-        if self.spike and self.last_step + 1 == self.spike["step"]:
-            self.lr_factor *= self.spike.pop("factor")
-            self.spike.clear()
         lr = lr_at(self.last_step + 1, self.plan) * self.lr_factor
+        if self.spike and self.last_step + 1 == self.spike["step"]:
+            lr *= self.spike["factor"]  # the spiked update; lr_factor takes the factor once it is made
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
     def step(self) -> None:
         """Record one optimizer update and set the LR for the next one."""
         self.last_step += 1
+        if self.spike and self.last_step == self.spike["step"]:
+            self.lr_factor *= self.spike["factor"]
+            self.spike = {}
         self._apply()
 
     @property

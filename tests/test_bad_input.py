@@ -269,10 +269,6 @@ CASES |= {
     ),
     "pipeline stages not dividing the world": (["--pipeline", "--pipeline-stages", "2"], "does not divide"),
     "pipeline stages without pipeline": (["--pipeline-stages", "2"], "only applies to --pipeline"),
-    "compile around flex attention": (
-        ["--compile", "--attn-implementation", "flex_attention"],
-        "does not support --attn-implementation flex",
-    ),
     "compile around flash attention": (
         ["--compile", "--attn-implementation", "flash_attention_2"],
         "does not support --attn-implementation flash_attention_2",
@@ -365,7 +361,7 @@ def _numeric_options() -> list[argparse.Action]:
 
 
 def test_every_numeric_option_declares_its_range():
-    """No option is parsed by a bare int or float: each one's type states its range (parallel/inputs.bounded)."""
+    """No option is parsed by a bare int or float: each one's type states its range (lifecycle.checks.bounded)."""
     actions = train_script.build_parser()._actions
     assert [a.option_strings for a in actions if a.type in (int, float)] == []
     assert len(_numeric_options()) >= 25

@@ -21,10 +21,12 @@ def layouts(vocab: int) -> list[dict]:
     return batches
 
 
-def test_compiled_loss_path_matches_eager_without_recompiling() -> None:
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_compiled_loss_path_matches_eager_without_recompiling(attn: str) -> None:
+    """The block mask (flex) or dense mask (sdpa) is built outside the graph; the graph takes any layout."""
     cfg = models.load_model_config("tiny", vocab_size=256)
     torch.manual_seed(0)
-    eager = models.Transformer(cfg)
+    eager = models.Transformer(cfg, attn_implementation=attn)
     eager.init_weights()
     compiled = copy.deepcopy(eager)
     compiled.compile_loss_path()
@@ -44,9 +46,16 @@ def test_compiled_loss_path_matches_eager_without_recompiling() -> None:
             graphs = models.compiled_graphs()  # after the first batch: the training graph
             assert graphs >= 1  # the compiled path ran
         assert models.compiled_graphs() == graphs, f"recompiled for layout {i}"
-    with torch.no_grad():  # generation's logits path runs eagerly: no graph for each new length
-        compiled(layouts(cfg.vocab_size)[0]["input_ids"][:, :17])
-    assert models.compiled_graphs() == graphs
+    if attn == "sdpa":  # flex's eager CPU kernel compiles torch's own helpers (Dynamo counts them): not ours
+        with torch.no_grad():  # generation's logits path runs eagerly: no graph for each new length
+            compiled(layouts(cfg.vocab_size)[0]["input_ids"][:, :17])
+        assert models.compiled_graphs() == graphs
+    with torch.no_grad():  # evaluation: one more graph (no autograd), then none for any layout
+        for i, batch in enumerate(layouts(cfg.vocab_size)):
+            before = models.compiled_graphs()
+            loss_c = compiled(**batch).item()
+            assert i == 0 or models.compiled_graphs() == before, f"evaluation recompiled for layout {i}"
+            assert loss_c == pytest.approx(eager(**batch).item(), abs=1e-5), i  # (eager flex compiles torch's helpers)
 
 
 def test_train_py_compile_matches_eager_and_reports(tmp_path) -> None:
@@ -60,3 +69,11 @@ def test_train_py_compile_matches_eager_and_reports(tmp_path) -> None:
     losses, ref = train_losses(tmp_path / "compiled"), train_losses(tmp_path / "eager")
     assert sorted(losses) == [1, 2, 3, 4]
     assert all(losses[s] == pytest.approx(ref[s], abs=1e-5) for s in ref)
+    # The default job's kernel: flex attention compiles with the loss path (on CPU its training runs the same mask
+    # through sdpa, so the losses equal eager sdpa's).
+    flex_args = ["--compile", "--attn-implementation", "flex_attention"]
+    flex = train(*common, *flex_args, "--output-dir", str(tmp_path / "flex"))
+    assert flex.returncode == 0, flex.stderr[-2000:]
+    assert "compile: first step" in flex.stdout and "recompiled" not in flex.stdout + flex.stderr
+    losses = train_losses(tmp_path / "flex")
+    assert sorted(losses) == [1, 2, 3, 4] and all(losses[s] == pytest.approx(ref[s], abs=1e-5) for s in ref)
