@@ -255,3 +255,31 @@ def test_torch_wrapper_applies_lr_at_each_update() -> None:
         total += applied
     assert scheduler.state_dict() == {"step": 120}
     assert total == pytest.approx(sum(lr_at(s, plan) for s in range(1, 121)), rel=1e-4)
+
+
+def test_lr_spike_multiplies_from_its_update_on_once() -> None:
+    """--inject-lr-spike N,F: update N and later run at F x the schedule; the logged LR of N-1 is untouched, a resume
+    past N never sees it, and a rollback's new factor replaces it."""
+    plan = small_plan()
+    param = torch.nn.Parameter(torch.zeros(1))
+
+    def run(scheduler, updates):
+        used = []
+        for _ in range(updates):
+            used.append((scheduler.optimizer.param_groups[0]["lr"], scheduler.current_lr))
+            scheduler.step()
+        return used
+
+    spiked = run(InfiniteLR(torch.optim.SGD([param], lr=0.0), plan, spike={"step": 4, "factor": 10.0}), 8)
+    plain = run(InfiniteLR(torch.optim.SGD([param], lr=0.0), plan), 8)
+    for n in range(1, 9):  # update n: (LR it ran with, LR logged after the previous update)
+        factor = 10.0 if n >= 4 else 1.0
+        assert spiked[n - 1][0] == pytest.approx(plain[n - 1][0] * factor)
+        assert spiked[n - 1][1] == pytest.approx(plain[n - 1][1] * (10.0 if n - 1 >= 4 else 1.0))
+    resumed = InfiniteLR(torch.optim.SGD([param], lr=0.0), plan, spike={"step": 4, "factor": 10.0})
+    resumed.restore(5, 1.0)  # a resume past the spike
+    assert run(resumed, 2)[0][0] == pytest.approx(lr_at(6, plan))
+    rolled = InfiniteLR(torch.optim.SGD([param], lr=0.0), plan, spike={"step": 4, "factor": 10.0})
+    run(rolled, 5)
+    rolled.restore(2, 0.5)  # a rollback lowers the factor: the spike is gone with the old one
+    assert [lr for lr, _ in run(rolled, 4)] == pytest.approx([lr_at(n, plan) * 0.5 for n in (3, 4, 5, 6)])
