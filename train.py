@@ -326,17 +326,18 @@ def print_plan(run: Run) -> None:
 
 
 def evaluate(lay: Layout, watch: Watch, args: argparse.Namespace, step: int, tokens: int) -> float:
-    """Held-out loss and bits per byte, logged; a text sample from a model that has not diverged."""
+    """Held-out loss and bits per byte, logged and printed; a text sample (--sample-tokens) from a finite model."""
     metrics = lay.evaluate()
     loss = metrics["loss"]
     watch.logger.eval(step, tokens=tokens, **metrics)
+    line = f"step {step:,} | eval loss {loss:.4f} | {metrics['bits_per_byte']:.4f} bits/byte"
     if args.sample_tokens > 0 and math.isfinite(loss):  # never sample from a diverged model
         model = lay.sample_model()
         if model is not None:
             text = sample_text(model, lay.tokenizer, args, args.sample_tokens)
             watch.logger.text("sample", text, step)
-            bpb = metrics["bits_per_byte"]
-            say(f"step {step:,} | eval loss {loss:.4f} | {bpb:.4f} bits/byte | sample: {text!r}")
+            line += f" | sample: {text!r}"
+    say(line)
     return loss
 
 
@@ -422,8 +423,10 @@ def export_final(run: Run, lay: Layout, state: RunState, eval_loss: float, repla
         )
         replacement.exporting(folder / "model.safetensors")  # a kill before done(): the next start knows it is new
     replacement.done()  # finished and exported without a checkpoint (--save-strategy no): the old run goes
-    text = sample_text(model, lay.tokenizer, args, max(args.sample_tokens, 32))
-    say(f"final eval loss {eval_loss:.4f}\nsample: {text}\nHugging Face model: {export_dir}")
+    say(f"final eval loss {eval_loss:.4f}")
+    if args.sample_tokens > 0:  # 0: no sampling anywhere
+        say(f"sample: {sample_text(model, lay.tokenizer, args, max(args.sample_tokens, 32))}")
+    say(f"Hugging Face model: {export_dir}")
 
 
 def train(run: Run, lay: Layout) -> int:

@@ -264,3 +264,16 @@ def test_resume_with_a_larger_budget_continues_bit_identically(corpus, tokenizer
     uninterrupted, extended = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
     assert sorted(extended) == [1, 2, 3, 4, 5, 6]
     assert all(extended[s] == uninterrupted[s] for s in (4, 5, 6))
+
+
+def test_every_evaluation_prints_its_line_and_sample_tokens_0_samples_nowhere(corpus, tokenizer_dir, tmp_path):
+    out = tmp_path / "quiet"
+    common = [*TINY, "--dataset", str(corpus), "--tokenizer", str(tokenizer_dir), "--init-model", "--max-steps", "3"]
+    run = train(*common, "--sample-tokens", "0", "--output-dir", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    records = [json.loads(line) for f in out.glob("runs/*/trainer_logs.jsonl") for line in f.read_text().splitlines()]
+    evals = [r["step"] for r in records if r["type"] == "eval"]
+    printed = [line for line in run.stdout.splitlines() if "| eval loss " in line]
+    assert len(evals) >= 2 and [int(line.split()[1]) for line in printed] == evals
+    assert "sample" not in run.stdout.lower()
+    assert "Hugging Face model:" in run.stdout and "final eval loss" in run.stdout
