@@ -30,6 +30,7 @@ checkpoint with a warning. Nothing is ever unpickled beyond plain tensors (``tor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -46,9 +47,11 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.tensor import DTensor
+
+from models.hf import current_umask, save_weights
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -228,6 +231,10 @@ def is_sharded(part: dict | None) -> bool:
 def _save_sharded(state: dict[str, torch.Tensor], folder: Path) -> None:
     """Collective: each rank writes its shards (plain tensors, replicated, by one rank) as safetensors."""
     dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+    mode = 0o666 & ~current_umask()
+    for file in folder.glob("*.safetensors"):  # the weights follow the umask like every other file of the run
+        with contextlib.suppress(FileNotFoundError):  # another rank's file, renamed meanwhile
+            os.chmod(file, mode)
 
 
 def _flatten_optimizer(part: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -276,7 +283,7 @@ def _whole(key: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
 def save_state_dict(state: dict[str, torch.Tensor], file: Path) -> None:
     """A state dict as safetensors, tensors that share storage (tied weights) stored once."""
     tensors, aliases = dedupe_state_dict(state)
-    save_file(tensors, file, metadata={"aliases": json.dumps(aliases)})
+    save_weights(tensors, file, metadata={"aliases": json.dumps(aliases)})
 
 
 def load_state_dict_file(file: Path) -> dict[str, torch.Tensor]:

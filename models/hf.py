@@ -12,7 +12,10 @@ Key mapping (llama/qwen3): our `<key>` -> `model.<key>` with `attn_norm` -> `inp
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -147,6 +150,23 @@ def _edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def current_umask() -> int:
+    """The process's file-creation mask, read without changing it (Linux), else by setting and restoring it."""
+    with contextlib.suppress(OSError):
+        if found := re.search(r"^Umask:\s+([0-7]+)", Path("/proc/self/status").read_text(), flags=re.M):
+            return int(found.group(1), 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_weights(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, then the permissions every other file a run writes gets from the umask: safetensors
+    creates its files 0600, which another user or a serving daemon cannot read."""
+    save_file(tensors, str(file), metadata=metadata)
+    os.chmod(file, 0o666 & ~current_umask())
+
+
 def export_hf(
     model: Transformer | dict[str, torch.Tensor],
     cfg: ModelConfig,
@@ -214,7 +234,7 @@ def export_hf(
     tensors = to_hf_state_dict(model, cfg)
     if dtype is not None:
         tensors = {name: t.to(dtype) for name, t in tensors.items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_weights(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "README.md").write_text(
         model_card(cfg, summary, tokenizer_max_length=max_length, weights_dtype=next(iter(tensors.values())).dtype)
     )

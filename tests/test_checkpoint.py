@@ -346,3 +346,20 @@ def test_a_dropping_folder_that_is_not_ours_is_refused_and_kept(tmp_path):
     _save(tmp_path / "checkpoints", 1, start_id="new")
     replace.drop_replaced(tmp_path)  # deletes what it set aside in place, leaves the stranger alone
     assert not (tmp_path / replace.REPLACED).exists() and doomed.read_text() == "mine"
+
+
+def test_weight_files_get_the_umask_permissions_like_every_other_file(tmp_path):
+    """safetensors creates files 0600; a run's weights must be as readable as its other files (umask-derived)."""
+    import stat
+
+    from models.hf import save_weights
+
+    old = os.umask(0o027)
+    try:
+        ckpt.save_state_dict({"w": torch.zeros(2)}, tmp_path / "checkpoint.safetensors")
+        save_weights({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"checkpoint.safetensors": 0o640, "model.safetensors": 0o640, "plain.json": 0o640}
