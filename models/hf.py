@@ -13,6 +13,7 @@ Key mapping (llama/qwen3): our `<key>` -> `model.<key>` with `attn_norm` -> `inp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -195,7 +196,8 @@ def export_hf(
             used when the ids are not given, as data.load_tokenizer declares them).
         bos_token_id, eos_token_id: written into config.json and generation_config.json.
         dtype: cast the weights (e.g. torch.bfloat16) before saving; default keeps the model's dtype.
-        max_length: the trained sequence length (the tokenizer's `model_max_length`).
+        max_length: the trained sequence length (the tokenizer's `model_max_length`, and config.json's
+            `max_position_embeddings` when shorter than the model's).
         summary: what the run trained on, for the model card.
     """
     from transformers import GenerationConfig
@@ -219,6 +221,10 @@ def export_hf(
         # NOTE: transformers 5 records its internal class name, which 4.x cannot load; both load this one.
         _edit_json(out / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
 
+    if max_length is not None and max_length < cfg.max_position_embeddings:
+        # The context the model was trained at is what tools read as its limit (lm-evaluation-harness and servers
+        # take max_position_embeddings before the tokenizer's model_max_length); RoPE itself has no table.
+        cfg = dataclasses.replace(cfg, max_position_embeddings=max_length)
     config = hf_config(cfg, bos_token_id, eos_token_id, pad_token_id)
     config.save_pretrained(out)
     if cfg.family == "deepone":

@@ -110,6 +110,7 @@ def test_training_resumes_exactly_and_exports_a_transformers_model(corpus, token
     assert "Hugging Face model:" in full.stdout and "sample:" in full.stdout
     final, last = tmp_path / "full" / "final", tmp_path / "full" / "checkpoints" / "checkpoint-6"
     assert (final / "model.safetensors").stat().st_mode == (final / "config.json").stat().st_mode  # umask, not 0600
+    assert json.loads((final / "config.json").read_text())["max_position_embeddings"] == 64  # the trained length
     assert (last / "model-0.safetensors").stat().st_mode == (last / "trainer_state.json").stat().st_mode
 
 
