@@ -3,8 +3,8 @@
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, TextColumn
 from rich.progress import Progress as RichProgress
+from rich.progress import TextColumn
 
 from console import print_through, stop_printing_through
 from console import say as say  # re-exported: the rank-0 print of every package lives in console.py
@@ -53,22 +53,17 @@ class Progress:
         self._start = (start_step, time.perf_counter())
         self._live: RichProgress | None = None
         if enabled and self.console.is_terminal:
-            self._live = RichProgress(
-                TextColumn("[bold]step {task.fields[step]}"),
-                BarColumn(),
-                TextColumn("{task.fields[tokens]}  eta {task.fields[eta]}"),
-                TextColumn("{task.fields[metrics]}"),
-                console=self.console,
-                refresh_per_second=2,
-            )
-            self._task = self._live.add_task(
-                "train", total=max(total_tokens, 1), step=f"{start_step}/{total_steps}", tokens="", eta="?", metrics=""
-            )
+            # One line fitted to the terminal's width at each update (fit_line): rich's own columns would truncate
+            # the step and the ETA first on a narrow terminal.
+            line = TextColumn("{task.fields[line]}", markup=False)
+            self._live = RichProgress(line, console=self.console, refresh_per_second=2)
+            first = f"step {start_step}/{total_steps}"
+            self._task = self._live.add_task("train", total=max(total_tokens, 1), line=first)
             self._live.start()
         if enabled:
             print_through(self.print)
 
-    def _describe(self, step: int, tokens: int, metrics: dict) -> tuple[str, str, str]:
+    def _fields(self, step: int, tokens: int, metrics: dict) -> dict[str, str]:
         loss = metrics.get("loss")
         if loss is not None:
             self.loss_ema = loss if self.loss_ema is None else self.loss_ema + self.ema_alpha * (loss - self.loss_ema)
@@ -77,37 +72,41 @@ class Progress:
         if step > start_step:
             eta = format_duration((self.total_steps - step) * (time.perf_counter() - start_time) / (step - start_step))
         fraction = tokens / self.total_tokens if self.total_tokens else 0.0
-        token_text = f"{human(tokens)}/{human(self.total_tokens)} tok ({fraction:.1%})"
-        parts = []
+        fields = {
+            "step": f"step {step}/{self.total_steps}",
+            "fraction": f"{fraction:.1%}",
+            "tokens": f"{human(tokens)}/{human(self.total_tokens)} tok",
+            "eta": f"eta {eta}",
+        }
         if loss is not None:
-            parts.append(f"loss {loss:.4f} (ema {self.loss_ema:.4f})")
+            fields |= {"loss": f"loss {loss:.4f}", "ema": f"(ema {self.loss_ema:.4f})"}
         if metrics.get("lr") is not None:
-            parts.append(f"lr {metrics['lr']:.2e}")
+            fields["lr"] = f"lr {metrics['lr']:.2e}"
         if metrics.get("grad_norm") is not None:
-            parts.append(f"gnorm {metrics['grad_norm']:.3f}")
+            fields["gnorm"] = f"gnorm {metrics['grad_norm']:.3f}"
         if metrics.get("tokens_per_s") is not None:
-            parts.append(f"{human(metrics['tokens_per_s'])} tok/s")
+            fields["speed"] = f"{human(metrics['tokens_per_s'])} tok/s"
         if metrics.get("mfu") is not None:
-            parts.append(f"mfu {metrics['mfu']:.1%}")
+            fields["mfu"] = f"mfu {metrics['mfu']:.1%}"
         if metrics.get("peak_mem_bytes") is not None:
-            parts.append(f"mem {metrics['peak_mem_bytes'] / 2**30:.2f}GiB")
-        return token_text, eta, " | ".join(parts)
+            fields["mem"] = f"mem {metrics['peak_mem_bytes'] / 2**30:.2f}GiB"
+        return fields
 
     def update(self, step: int, tokens: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        token_text, eta, metric_text = self._describe(step, tokens, metrics)
+        f = self._fields(step, tokens, metrics)
         if self._live is not None:
-            self._live.update(
-                self._task,
-                completed=tokens,
-                step=f"{step}/{self.total_steps}",
-                tokens=token_text,
-                eta=eta,
-                metrics=metric_text,
-            )
-        else:
-            self.print(f"step {step}/{self.total_steps} | {token_text} | eta {eta} | {metric_text}")
+            fraction = tokens / self.total_tokens if self.total_tokens else 0.0
+            self._live.update(self._task, completed=tokens, line=fit_line(f, fraction, self.console.width - 1))
+            return
+        token_text = f"{f['tokens']} ({f['fraction']})"
+        metric_text = " | ".join(
+            " ".join(f[k] for k in group if k in f)
+            for group in (("loss", "ema"), ("lr",), ("gnorm",), ("speed",), ("mfu",), ("mem",))
+            if group[0] in f
+        )
+        self.print(f"{f['step']} | {token_text} | {f['eta']} | {metric_text}")
 
     def print(self, msg: str) -> None:
         """Print a line above the live display (or plainly when there is none)."""
@@ -124,3 +123,33 @@ class Progress:
         if self._live is not None:
             self._live.stop()
             self._live = None
+
+
+# What a narrow terminal keeps: the step, the fraction done, the ETA and the loss always; then, while they fit, the
+# bar, the tokens, the loss EMA, the LR, the grad norm, throughput, MFU and memory.
+ESSENTIAL = ("step", "fraction", "eta", "loss")
+OPTIONAL = ("bar", "tokens", "ema", "lr", "gnorm", "speed", "mfu", "mem")
+ORDER = ("step", "bar", "fraction", "tokens", "eta", "loss", "ema", "lr", "gnorm", "speed", "mfu", "mem")
+BAR_WIDTH = (10, 30)  # a bar narrower than 10 cells says nothing; wider than 30 it only takes room
+
+
+def fit_line(fields: dict[str, str], fraction: float, width: int) -> str:
+    """The progress line for a terminal of `width` columns: every essential field, and optional ones in order of
+    importance while the line still fits (the bar takes what is left, between 10 and 30 cells)."""
+    shown = [k for k in ESSENTIAL if k in fields]
+
+    def length(keys) -> int:
+        return sum(len(fields[k]) for k in keys if k != "bar") + len(keys) - 1
+
+    for key in OPTIONAL:
+        if key == "bar":
+            if width - length(shown) - 1 >= BAR_WIDTH[0]:
+                shown.append("bar")
+        elif key in fields and length([*shown, key]) + (BAR_WIDTH[0] if "bar" in shown else 0) <= width:
+            shown.append(key)
+    bar = ""
+    if "bar" in shown:
+        cells = max(BAR_WIDTH[0], min(BAR_WIDTH[1], width - length(shown) - 1))
+        done = round(cells * min(max(fraction, 0.0), 1.0))
+        bar = "━" * done + "─" * (cells - done)
+    return " ".join(bar if k == "bar" else fields[k] for k in ORDER if k in shown)

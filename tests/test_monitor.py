@@ -369,3 +369,26 @@ def test_divergence_state_survives_a_json_round_trip():
         assert restored.update(step, loss) == original.update(step, loss)
     assert restored.state_dict() == original.state_dict()
     assert restored.train.gap > 1.0  # the blow-up at the end was seen by both
+
+
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_progress_line_fits_the_terminal_and_keeps_what_matters(width):
+    """Rendered by rich in a terminal of `width` columns: step, percentage, ETA and loss always show, nothing is cut
+    off, and a wider terminal shows more (at 120: the bar, tokens, LR, grad norm and throughput too)."""
+    import re
+
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=width)
+    progress = Progress(3072, 3_000_000, console=terminal)
+    metrics = {"loss": 7.5102, "lr": 1.94e-3, "grad_norm": 0.648, "tokens_per_s": 17300.0, "mfu": 0.525}
+    progress.update(800, 1_640_000, {**metrics, "peak_mem_bytes": 0.78 * 2**30})
+    progress._live.refresh()
+    progress.close()
+    frames = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", terminal.file.getvalue()).replace("\r", "\n").splitlines()
+    line = [f for f in frames if f.startswith("step 800/3072")][-1]
+    assert len(line) <= width and "…" not in line
+    for part in ("step 800/3072", "54.7%", "eta ", "loss 7.5102"):
+        assert part in line, (width, line)
+    if width >= 100:
+        assert "━" in line and "1.64M/3M tok" in line and "lr 1.94e-03" in line
+    if width >= 120:
+        assert "gnorm 0.648" in line and "17.3k tok/s" in line
