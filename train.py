@@ -307,6 +307,7 @@ def print_plan(run: Run) -> None:
         "world_size": run.world_size,
         "pipeline": None if run.pipeline is None else run.pipeline.to_dict(),
         "memory": run.memory,
+        "memory_dtype": checks.planned_dtype(run.args),
     }
     if run.args.json:
         print(json.dumps(plan))
@@ -318,7 +319,9 @@ def print_plan(run: Run) -> None:
         f"model {plan['model']}: {counts['total'] / 1e6:.1f}M parameters "
         f"({counts['non_embedding'] / 1e6:.1f}M without embeddings); world size {run.world_size}"
     )
-    print(f"memory (estimate): {format_memory(run.memory)}")
+    gpu = run.args.dtype == "auto" and checks.device_type() == "cpu"  # planning on a CPU node for GPUs
+    which = f"in {plan['memory_dtype']}" + (", the GPU default; --dtype fp32 for a CPU run" if gpu else "")
+    print(f"memory (estimate {which}): {format_memory(run.memory)}")
 
 
 # -----------------------------------------------------------------------------

@@ -226,10 +226,18 @@ def planned_layout(args: argparse.Namespace, geometry, world_size: int) -> dict:
     return {"layout": "ddp", "world": world_size}
 
 
+def planned_dtype(args: argparse.Namespace) -> str:
+    """The training dtype a plan assumes: --dtype, else this device's default; a --dry-run with --dtype auto plans
+    for GPUs (bf16), where real jobs run, even on a CPU login node."""
+    if args.dtype != "auto":
+        return args.dtype
+    return "bf16" if device_type() == "cuda" or args.dry_run else "fp32"
+
+
 def run_memory(args: argparse.Namespace, cfg: ModelConfig, geometry, world_size: int) -> dict[str, int]:
-    """estimate_memory for the run train.py plans (precision as parallel.build.precision picks it on this machine)."""
+    """estimate_memory for the run train.py plans, in the precision `planned_dtype` says."""
     layout = planned_layout(args, geometry, world_size)
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device_type() == "cuda")
+    bf16 = planned_dtype(args) == "bf16"
     pure_bf16 = bf16 and args.optimizer == "adafactor"
     return estimate_memory(
         cfg,

@@ -78,6 +78,15 @@ def test_dry_run_prints_a_readable_plan():
     assert "parameters" in out.stdout
 
 
+def test_dry_run_estimates_memory_for_the_precision_the_gpu_run_will_use():
+    """On a CPU login node, --dtype auto plans for GPUs (bf16), says so, and --dtype fp32 plans for the CPU."""
+    plans = {dtype: json.loads(train("--dry-run", "--json", "--dtype", dtype).stdout) for dtype in ("auto", "fp32")}
+    assert plans["auto"]["memory_dtype"] == "bf16" and plans["fp32"]["memory_dtype"] == "fp32"
+    assert plans["auto"]["memory"]["total"] < 0.6 * plans["fp32"]["memory"]["total"]
+    text = train("--dry-run").stdout
+    assert "memory (estimate in bf16" in text
+
+
 def test_training_resumes_exactly_and_exports_a_transformers_model(corpus, tokenizer_dir, tmp_path):
     common = [*TINY, "--dataset", str(corpus), "--tokenizer", str(tokenizer_dir)]
     full = train(*common, "--init-model", "--max-steps", "6", "--output-dir", str(tmp_path / "full"))
