@@ -85,7 +85,9 @@ class Decision:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.reason else 0
+        """0 for a stop that saved; 1 for an abort (job control or the divergence guard) or any stop the guard
+        caused, so `train.py && next-step` does not carry on after one."""
+        return 1 if self.reason or self.command == "abort" else 0
 
     def abort(self) -> Decision:
         """The same step, ending without a save (a rollback that had nowhere to go)."""
