@@ -98,10 +98,15 @@ def pipeline_geometry(
     )
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def format_pipeline(g: PipelineGeometry, tokens_per_step: int) -> str:
     copies = f" x {g.replicas} data-parallel replicas" if g.replicas > 1 else ""
+    on = f"{_count(g.stages, 'stage')} on {_count(g.ranks, 'rank')}"
     rows = [
-        ("pipeline", f"{g.schedule}: {g.stages} stages on {g.ranks} ranks ({g.stages_per_rank} per rank){copies}"),
+        ("pipeline", f"{g.schedule}: {on} ({g.stages_per_rank} per rank){copies}"),
         ("micro-batches", f"{g.micro_batches} of {g.micro_batch_size} sequences per step and replica"),
         ("pipeline batch", f"{g.global_batch_size} sequences = {tokens_per_step:,} tokens per step"),
     ]

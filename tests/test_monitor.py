@@ -14,6 +14,7 @@ from lifecycle.divergence import DivergenceDetector
 from models.config import ModelConfig, count_parameters, matmul_params
 from monitor import PeakMemory, Progress, RunLogger, find_run_dirs, new_run_dir, read_logs
 from monitor.logs import LOG_NAME, resolve_log_file
+from monitor.meter import Meter
 from monitor.mfu import (
     device_peak_flops,
     flops_per_token,
@@ -392,3 +393,14 @@ def test_progress_line_fits_the_terminal_and_keeps_what_matters(width):
         assert "━" in line and "1.64M/3M tok" in line and "lr 1.94e-03" in line
     if width >= 120:
         assert "gnorm 0.648" in line and "17.3k tok/s" in line
+
+
+def test_mfu_on_a_cpu_never_reads_above_100_percent():
+    """A measured CPU peak is a lower bound of the real one: an interval that runs faster raises it."""
+    cfg = ModelConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4)
+    meter = Meter(cfg, tokens_per_step=4096, world_size=1, peak_flops=1.0, device=torch.device("cpu"))
+    meter.add_step(3.0)
+    first = meter.record()
+    assert first["mfu"] == pytest.approx(1.0) and meter.peak_flops > 1.0
+    meter.add_step(3.0)
+    assert meter.record()["mfu"] <= 1.0 + 1e-9
