@@ -71,6 +71,7 @@ from parallel import (
     pipeline_engine,
     pipeline_geometry,
 )
+from parallel.geometry import pipeline_schedule_name
 
 DEFAULT_MODEL = "deepone-162m"
 # Option ranges (lifecycle/checks.py): NaN, infinities and out-of-range values are refused when parsed.
@@ -78,6 +79,9 @@ COUNT, COUNT0 = bounded(int, 1), bounded(int, 0)
 POSITIVE, NONNEGATIVE = bounded(float, above=0), bounded(float, 0)
 STEPS, LENGTH, SEED = bounded(int, 1, sentinel=-1), bounded(int, 2), bounded(int, 0, 2**32 - 1)
 VOCAB, FACTOR = bounded(int, 260, 2**31 - 1), bounded(float, high=1, above=0)  # 260: 256 bytes, BOS, EOS
+TOKENS, TOKENS0 = bounded(float, high=1e6, above=0), bounded(float, 0, 1e6)  # billions: up to 10^15 tokens
+LR, PENALTY = bounded(float, high=10, above=0), bounded(float, 0.01, 100)  # the sqrt-scaled LRs stay finite
+TEMPERATURE = bounded(float, 0.01, 100, sentinel=0.0)  # 0 = greedy; below 0.01 the logits overflow
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -97,15 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--init-model", action="store_true", help="start a new model instead of resuming the newest checkpoint"
     )
-    g.add_argument("--total-tokens", type=POSITIVE, default=3.0, help="training budget in billions of tokens")
+    g.add_argument("--total-tokens", type=TOKENS, default=3.0, help="training budget in billions of tokens")
     g.add_argument("--max-steps", type=STEPS, default=-1, help="optimizer steps to run; -1 = train to the budget")
     g.add_argument("--batch-size", type=COUNT, default=4, help="sequences per device per micro-step")
     g.add_argument("--gradient-accumulation-steps", type=COUNT, default=1, help="micro-steps per optimizer step")
     g.add_argument("--max-length", type=LENGTH, default=4096, help="tokens per packed sequence")
     g = p.add_argument_group("learning rate")
-    g.add_argument("--learning-rate", type=POSITIVE, default=1.4e-5, help="peak LR for global batch 1 (scaled by sqrt)")
+    g.add_argument("--learning-rate", type=LR, default=1.4e-5, help="peak LR for global batch 1 (scaled by sqrt)")
     g.add_argument("--warmup-steps", type=COUNT0, default=500, help="linear warmup from 0 to the peak LR, in steps")
-    g.add_argument("--min-cooldown-tokens", type=NONNEGATIVE, default=100.0, help="min cooldown, billions of tokens")
+    g.add_argument("--min-cooldown-tokens", type=TOKENS0, default=100.0, help="min cooldown, billions of tokens")
     g.add_argument("--anneal-steps", type=COUNT0, default=0, help="anneal to min_lr over the last N steps (0 = never)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help="named config in models/configs/ (e.g. tiny, llama-124m)")
@@ -143,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-total-limit", type=COUNT, default=4, help="checkpoints kept (always the best 2 by eval)")
     g.add_argument("--step-cadence", type=POSITIVE, default=1.0, help="scale the log/eval/save intervals")
     g.add_argument("--sample-tokens", type=COUNT0, default=48, help="tokens per text sample at each eval (0 = none)")
-    g.add_argument("--sample-temperature", type=NONNEGATIVE, default=0.8, help="sampling temperature (0 = greedy)")
+    g.add_argument("--sample-temperature", type=TEMPERATURE, default=0.8, help="sampling temperature (0 = greedy)")
     g.add_argument("--sample-top-k", type=COUNT0, default=40, help="sample among the k likeliest tokens (0 = all)")
-    g.add_argument("--repetition-penalty", type=POSITIVE, default=1.2, help="shrink logits of seen tokens (1 = off)")
+    g.add_argument("--repetition-penalty", type=PENALTY, default=1.2, help="shrink logits of seen tokens (1 = off)")
     g = p.add_argument_group("divergence guard")
     g.add_argument(
         "--divergence-action", default="abort", choices=["abort", "stop", "rollback", "none"], help="on a blow-up"
@@ -257,6 +261,7 @@ def model_config(args: argparse.Namespace, tokenizer: str | None, output_dir: Pa
 def resolve_run(args: argparse.Namespace) -> Run:
     """Everything a run needs from the arguments, checked; the output dir's lock is held only by a valid start."""
     with bad_input(), contextlib.ExitStack() as held:
+        pipeline_schedule_name(args.pipeline_schedule)  # ValueError naming the choices, with --pipeline or not
         checks.validate_args(args)
         if args.compile and fsdp_requested():
             raise UsageError("--compile is not supported with FSDP yet (untested with sharded blocks); drop --compile")
@@ -268,6 +273,11 @@ def resolve_run(args: argparse.Namespace) -> Run:
         plan, geometry = plan_run(args, world_size)
         output_dir = Path(args.output_dir or Path("output_models") / Path(args.model_config or args.model).stem)
         lock, resume_from = checks.claim_output_dir(args, output_dir, held)
+        if args.init_from and resume_from is not None:
+            raise UsageError(
+                f"--init-from starts a new model, but {output_dir} holds checkpoints this run would resume (and the "
+                "checkpoint would win); add --init-model --overwrite-output-dir, or choose another --output-dir"
+            )
         model_cfg = model_config(args, tokenizer, output_dir)
         changed = []
         if resume_from is not None:

@@ -143,8 +143,13 @@ def verify(path: Path) -> str | None:
         return "no completion marker"
     try:
         files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError, OSError):
         return "unreadable completion marker"
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        return "unreadable completion marker"
+    if not ("trainer_state.json" in files and any(k.startswith(("model-", "model/")) for k in files)
+            and any(k.startswith(("optimizer-", "optimizer/")) for k in files)):  # fmt: skip
+        return "its completion marker does not list the weights, optimizer and trainer state"
     for name, digest in files.items():
         f = path / name
         if not f.is_file():

@@ -106,6 +106,8 @@ def check_output_dir(output_dir: Path) -> None:
                 f"{output_dir / sub} is a file, but a run keeps a folder there; move it or choose another --output-dir"
             )
     lock = output_dir / LOCK_NAME
+    if lock.is_symlink():  # a run would open and truncate whatever it points to
+        raise UsageError(f"{lock} is a link, but a run keeps its own lock file there; delete the link and start again")
     if lock.exists() and not lock.is_file():
         raise UsageError(
             f"{lock} is not a file, but a run keeps its lock there; move it or choose another --output-dir"
@@ -298,6 +300,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError("--world-size only applies to --dry-run; launchers set the real world size")
     schedule.parse_lr_spike(args.inject_lr_spike)
     for flag, given in {
+        "--pipeline-schedule": args.pipeline_schedule != "1F1B",
         "--microbatch-scale": args.microbatch_scale != 1,
         "--pipeline-engine": args.pipeline_engine is not None,
         "--pipeline-stages": args.pipeline_stages is not None,

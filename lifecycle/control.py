@@ -15,6 +15,17 @@ from lifecycle.jobs import COMMANDS, JobControl, find_job, list_jobs, send_comma
 __all__ = ["JobControl", "main"]
 
 
+def _timeout(text: str) -> float:
+    """--timeout: seconds in (0, 3600], checked before anything is sent (a refused value must act on nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text} is out of range; expected seconds > 0 and <= 3600")
+    return value
+
+
 def build_parser(prog: str = "python -m lifecycle.control") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="List running training jobs and send them commands.")
     parser.add_argument("--jobs-dir", type=Path, default=None, help="registration directory (default: per user)")
@@ -24,7 +35,7 @@ def build_parser(prog: str = "python -m lifecycle.control") -> argparse.Argument
     for command in COMMANDS:
         p = sub.add_parser(command, help=helps[command])
         p.add_argument("job", help="job id (or a unique prefix of it, or its pid)")
-        p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the job's reply")
+        p.add_argument("--timeout", type=_timeout, default=30.0, help="seconds to wait for the job's reply")
     return parser
 
 

@@ -49,7 +49,11 @@ def generate(
             if top_k > 0:
                 kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
                 logits[logits < kth] = -float("inf")
-            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+            probs = torch.softmax(logits, -1)
+            if torch.isfinite(probs).all() and probs.sum() > 0:
+                nxt = int(torch.multinomial(probs, 1, generator=gen))
+            else:  # extreme settings overflowed the logits: greedy rather than a failed sample
+                nxt = int(torch.nan_to_num(logits, nan=-float("inf")).argmax())
         if nxt == eos:
             break
         ids.append(nxt)

@@ -280,6 +280,15 @@ CASES |= {
     "anneal longer than the run": (["--anneal-steps", "50"], "--anneal-steps"),
     "init-from not a model": (["--init-from", "/tmp"], "no config.json"),
     "negative warmup": (["--warmup-steps", "-5"], "--warmup-steps"),
+    "budget of 1e300 billion tokens": (["--total-tokens", "1e300"], "out of range"),
+    "budget that plans 1e197 steps": (["--total-tokens", "1e200", "--max-steps", "-1"], "out of range"),
+    "cooldown of 1e300 billion tokens": (["--min-cooldown-tokens", "1e300"], "out of range"),
+    "learning rate that scales to inf": (["--learning-rate", "1.7e308"], "out of range"),
+    "temperature that overflows the logits": (["--sample-temperature", "1e-300"], "out of range"),
+    "repetition penalty that overflows": (["--repetition-penalty", "1e-300"], "out of range"),
+    "pipeline schedule that does not exist, without --pipeline": (["--pipeline-schedule", "bogus"], "not a schedule"),
+    "pipeline schedule without --pipeline": (["--pipeline-schedule", "GPipe"], "only applies to --pipeline"),
+    "init-from on a resume (the checkpoint would win)": (["--init-from", "{out}/final"], "holds checkpoints"),
 }
 BARE_FLAGS = {"--dry-run", "--init-model", "--pipeline", "--compile", "--json"}
 # --init-from folders: with --init-model --overwrite-output-dir on the trained dir, the most destructive form.

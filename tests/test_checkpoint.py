@@ -363,3 +363,13 @@ def test_weight_files_get_the_umask_permissions_like_every_other_file(tmp_path):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == {"checkpoint.safetensors": 0o640, "model.safetensors": 0o640, "plain.json": 0o640}
+
+
+@pytest.mark.parametrize("marker", ["[]", '{"files": null}', '{"files": {}}', '{"files": {"rank-0.json": 3}}', "{"])
+def test_a_completion_marker_of_the_wrong_shape_is_damage_and_the_older_checkpoint_resumes(tmp_path, marker):
+    older, newer = _save(tmp_path, 3), _save(tmp_path, 6)
+    (newer / ckpt.MARKER).write_text(marker)
+    warnings = []
+    assert ckpt.verify(newer) is not None
+    assert ckpt.latest_checkpoint(tmp_path, warn=warnings.append) == older
+    assert len(warnings) == 1 and "checkpoint-6" in warnings[0]

@@ -295,3 +295,13 @@ def test_peer_uid_check_refuses_another_user_even_with_open_permissions(jobs_dir
         assert result.get("reply", "").startswith("refused"), result
         assert set(commands) == {None}
         assert job.poll() is None
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "1e9", "soon"])
+def test_a_bad_timeout_is_refused_before_anything_is_sent(jobs_dir, timeout, capsys):
+    with JobControl(Path("out"), "job", jobs_dir=jobs_dir) as job:
+        with pytest.raises(SystemExit) as exit_info:
+            control.main(["--jobs-dir", str(jobs_dir), "abort", job.job_id, "--timeout", timeout])
+        assert exit_info.value.code == 2 and "--timeout" in capsys.readouterr().err
+        time.sleep(0.2)
+        assert job.poll() is None  # the job never heard of it

@@ -428,3 +428,23 @@ def test_a_filesystem_without_locks_is_used_unlocked_not_refused(tmp_path, monke
     lock = OutputDirLock(tmp_path).acquire()
     assert not lock.held and lock.unsupported == "No locks available"
     lock.release()
+
+
+def test_a_run_lock_that_is_a_link_is_refused_and_its_target_left_alone(tmp_path, capfd):
+    """Anyone who can write the output dir could plant run.lock -> a file of the user's; it must not be emptied."""
+    import train as train_script
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.lock").symlink_to(victim)
+    code = train_script.main(["--model", "tiny", "--dataset", "builtin", "--max-steps", "1", "--output-dir", str(out)])
+    err = capfd.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "run.lock is a link" in err
+    assert victim.read_text() == "keep me\n" and (out / "run.lock").is_symlink()
+    from lifecycle.outdir import OutputDirBusy, OutputDirLock
+
+    with pytest.raises(OutputDirBusy, match="is a link"):  # the lock itself never follows it either
+        OutputDirLock(out).acquire()
+    assert victim.read_text() == "keep me\n"
