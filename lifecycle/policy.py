@@ -103,28 +103,47 @@ class Policy:
         self.device, self.world, self.log_event = device, world, log_event
         self.signals = StopSignals()
         self.epoch = batches.epoch if batches is not None else 0  # the data pass in progress
+        self.pending: list[tuple] = []  # (step, loss, grad norm) since the last boundary, maybe on the device
+        self.wish: str | None = None  # the strongest command or signal since the last boundary
 
-    def decide(self, step: int, loss: float, grad_norm: float, eval_loss: float | None, batches) -> Decision:
+    def decide(self, step: int, loss, grad_norm, eval_loss: float | None, batches) -> Decision:
+        """`loss` and `grad_norm` may be device tensors: they are read, with every step's since the last boundary,
+        only at a boundary step (logging, evaluation, a scheduled save, the last step), where the ranks agree."""
         args = self.args
-        reason = self.detector.update(step, loss, grad_norm)
-        if eval_loss is not None:
-            reason = reason or self.detector.update_eval(step, eval_loss)
+        self.pending.append((step, loss, grad_norm))
         wish = self.control.poll() or ("stop" if self.signals.requested else None)
+        self.wish = max(self.wish, wish, key=ACTIONS.index)  # held until the boundary (host-side: no sync)
         if args.save_strategy == "epoch" and batches is not None and batches.epoch != self.epoch:  # a pass ended
-            self.epoch, wish = batches.epoch, wish or "save"
-        command = agree(divergence_wish(reason, args.divergence_action, wish), self.device, self.world)
-        if command in ("abort", "stop", "rollback") and reason:
-            self.log_event(step, "divergence", reason=reason, action=command)
-            say(f"divergence at step {step:,}: {reason}; action: {command}")
+            self.epoch, self.wish = batches.epoch, self.wish or "save"
         last = step == self.plan.total_steps
         due = args.save_strategy != "no" and (
             last or (args.save_strategy == "steps" and step % self.plan.save_steps == 0)
         )
+        if not (due or last or eval_loss is not None or step % self.plan.logging_steps == 0):
+            return Decision(None, None, save=False)
+        reason = None
+        for at, loss, grad_norm in self._read_pending():  # in step order: the guard's averages are per update
+            reason = reason or self.detector.update(at, loss, grad_norm)
+        if eval_loss is not None:
+            reason = reason or self.detector.update_eval(step, eval_loss)
+        wish, self.wish = self.wish, None
+        command = agree(divergence_wish(reason, args.divergence_action, wish), self.device, self.world)
+        if command in ("abort", "stop", "rollback") and reason:
+            self.log_event(step, "divergence", reason=reason, action=command)
+            say(f"divergence at step {step:,}: {reason}; action: {command}")
         wants_save = command in ("save", "stop") or (due and command not in ("abort", "rollback"))
         finite = math.isfinite(loss) and math.isfinite(grad_norm) and (eval_loss is None or math.isfinite(eval_loss))
         if wants_save and not finite:
             say(f"step {step:,}: not saving non-finite weights (loss {loss}, gnorm {grad_norm}, eval {eval_loss})")
         return Decision(command, reason, save=wants_save and finite)
+
+    def _read_pending(self) -> list[tuple[int, float, float]]:
+        """The buffered steps' (step, loss, grad norm) as numbers: one read of the device for all of them."""
+        steps = [at for at, _, _ in self.pending]
+        values = [torch.as_tensor(v, device=self.device).double() for _, *pair in self.pending for v in pair]
+        read = torch.stack(values).tolist()
+        self.pending = []
+        return [(at, read[2 * i], read[2 * i + 1]) for i, at in enumerate(steps)]
 
     def close(self) -> None:
         self.control.close()

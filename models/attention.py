@@ -139,13 +139,16 @@ def build_attention_mask(
 ) -> AttentionMask:
     """Build the per-forward mask for `implementation` from doc_ids (B, T); None means one document per row.
 
+    NOTE: on a GPU, rows of one document each are best passed as None (the caller decides on its host copy: a read
+    of the device copy here would be a host sync at every forward); all-zero doc_ids give the same result, slower.
+
     same_form: always build the document mask, even when every row holds one document, so every batch yields a
     mask of the same structure (compiled blocks then never recompile when a batch happens to be unpacked).
     """
     if same_form and doc_ids is None:
         doc_ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
-    if doc_ids is not None and not same_form and not bool(doc_ids.any()):
-        doc_ids = None  # every row starts at document 0 and never leaves it
+    if doc_ids is not None and not same_form and doc_ids.device.type == "cpu" and not doc_ids.numpy().any():
+        doc_ids = None  # every row starts at document 0 and never leaves it (read in numpy: no device, no sync)
     single = doc_ids is None
     # NOTE: on CPU, sdpa runs packed rows one document at a time (see _sdpa) unless the mask must keep one form for
     # a compiled graph: a dense mask makes the kernel compute and discard every cross-document score. Each call costs

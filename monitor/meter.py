@@ -32,8 +32,9 @@ class Meter:
         self.context += mean_attended_context(doc_ids)
         self.micro_batches += 1
 
-    def add_step(self, loss: float) -> None:
-        self.loss += loss
+    def add_step(self, loss) -> None:
+        """The step's global loss: a number, or a device tensor (summed there; read only by `record`)."""
+        self.loss = self.loss + loss
         self.steps += 1
 
     def record(self) -> dict:
@@ -44,7 +45,7 @@ class Meter:
         if self.device.type == "cpu":  # a measured peak is a lower bound: training running faster proves more
             self.peak_flops = max(self.peak_flops, tokens_per_s / self.world_size * per_token)
         fields = {
-            "loss": self.loss / max(self.steps, 1),
+            "loss": float(self.loss) / max(self.steps, 1),  # the losses stayed on the device until now
             "tokens_per_s": tokens_per_s,
             "mfu": mfu(tokens_per_s / self.world_size, per_token, self.peak_flops),
             "peak_mem_bytes": self.peak_memory.read_and_reset(),

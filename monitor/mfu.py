@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from models.config import flops_per_token as flops_per_token  # re-exported: monitor, meter and bench use it here
@@ -25,17 +26,17 @@ def mean_attended_context(doc_ids_or_lengths: torch.Tensor | Sequence[int]) -> f
     row) or a plain sequence of document lengths. A document of n tokens has queries attending to 1, 2, ..., n keys,
     i.e. n (n + 1) / 2 in total; the result is that total summed over documents divided by the number of tokens.
     """
-    if isinstance(doc_ids_or_lengths, torch.Tensor):
-        doc_ids = doc_ids_or_lengths.detach().to("cpu", torch.int64)
-        if doc_ids.dim() == 1:
-            doc_ids = doc_ids.unsqueeze(0)
-        # Make segment ids unique across rows so one unique_consecutive pass finds every segment of every row.
-        row_offset = torch.arange(doc_ids.shape[0]).unsqueeze(1) * (doc_ids.shape[1] + 1)
-        _, lengths = torch.unique_consecutive(doc_ids + row_offset, return_counts=True)
-        lengths = lengths.double()
+    if isinstance(doc_ids_or_lengths, torch.Tensor):  # in numpy: a host batch's statistics touch no device
+        doc_ids = doc_ids_or_lengths.detach().cpu().numpy().astype(np.int64)
+        if doc_ids.ndim == 1:
+            doc_ids = doc_ids[None]
+        # A segment starts at every row start and wherever the id changes; its length runs to the next start.
+        starts = np.ones(doc_ids.shape, dtype=bool)
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        lengths = np.diff(np.append(np.flatnonzero(starts), doc_ids.size)).astype(np.float64)
     else:
-        lengths = torch.tensor([float(n) for n in doc_ids_or_lengths], dtype=torch.float64)
-    if lengths.numel() == 0 or lengths.sum() <= 0:
+        lengths = np.array([float(n) for n in doc_ids_or_lengths], dtype=np.float64)
+    if lengths.size == 0 or lengths.sum() <= 0:
         raise ValueError("mean_attended_context needs at least one token; got an empty batch.")
     return float((lengths * (lengths + 1) / 2).sum() / lengths.sum())
 

@@ -74,7 +74,9 @@ def evaluate(model, batches: list[dict], device, byte_lengths: torch.Tensor, red
     byte_lengths = byte_lengths.to(device)
     total = torch.zeros(4, dtype=torch.float64, device=device)  # nats, labels, text nats, bytes
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        if not batch["doc_ids"].numpy().any():  # one document per row, decided on the host (no device read)
+            batch = {**batch, "doc_ids": None}
+        batch = {k: v.to(device) for k, v in batch.items() if v is not None}
         nats = model(**batch, reduction="none").double()  # (B, T), 0 where there is no label
         total += eval_sums(nats, batch["labels"], byte_lengths)
     model.train(was_training)

@@ -35,8 +35,9 @@ class Watch:
         self.logging_steps, self.total_steps, self.dataset = plan.logging_steps, plan.total_steps, run.args.dataset
         self.stage = batches.current_stage if batches is not None else 0  # a curriculum's mix in use
 
-    def after_step(self, step: int, tokens: int, loss: float, grad_norm: float, lr: float, batches) -> None:
-        """Count the step; report a curriculum's next stage; log and display at the logging cadence."""
+    def after_step(self, step: int, tokens: int, loss, grad_norm, lr: float, batches) -> None:
+        """Count the step; report a curriculum's next stage; log and display at the logging cadence (`loss` and
+        `grad_norm` may be device tensors: they are read only then)."""
         self.meter.add_step(loss)
         if batches is not None and batches.current_stage != self.stage:  # a curriculum moved on to its next mix
             self.stage = batches.current_stage
@@ -46,7 +47,7 @@ class Watch:
             drawn = batches.source_counts() if batches is not None else {}  # documents and tokens per source
             per_source = {f"{kind}/{label}": n[kind] for label, n in drawn.items() for kind in ("docs", "tokens")}
             record = self.logger.train(
-                step, tokens=tokens, lr=lr, grad_norm=grad_norm, **self.meter.record(), **per_source
+                step, tokens=tokens, lr=lr, grad_norm=float(grad_norm), **self.meter.record(), **per_source
             )
             self.bar.update(step, tokens, record or {})
 

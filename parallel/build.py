@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 import data
@@ -67,7 +68,17 @@ def build_optimizer(run, module: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def label_count(batches: list[dict]) -> float:
-    return float(sum(int((b["labels"] != data.IGNORE_INDEX).sum()) for b in batches))
+    """Labels of the host batches, counted in numpy: no device and no dispatcher involved."""
+    return float(sum(np.count_nonzero(b["labels"].numpy() != data.IGNORE_INDEX) for b in batches))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A host batch on `device` (non-blocking); doc_ids None when every row holds one document, decided on the host
+    so the mask needs no read of the device copy."""
+    batch = {
+        k: v.to(device, non_blocking=True) if k != "doc_ids" or v.numpy().any() else None for k, v in batch.items()
+    }
+    return batch
 
 
 def micro_batches(batches: list[dict], rows: int) -> list[dict]:

@@ -13,7 +13,7 @@ from monitor import samples
 from monitor.meter import Meter
 from optim import load_optimizer_state_by_name, optimizer_state_by_name
 
-from .build import build_model, build_optimizer, data_streams, label_count, start_batches
+from .build import build_model, build_optimizer, data_streams, label_count, start_batches, to_device
 from .layout import Run, precision, start_process
 
 
@@ -60,7 +60,7 @@ class DataParallel:
         self.batches = start_batches(self.stream, data_state)
         return self.batches
 
-    def train_step(self, meter: Meter) -> tuple[float, float]:
+    def train_step(self, meter: Meter) -> tuple[torch.Tensor, torch.Tensor]:
         accum = self.run.args.gradient_accumulation_steps
         batches = [next(self.batches) for _ in range(accum)]
         # NOTE: normalise by the label count of the whole global batch, not per micro-batch and rank, so the loss and
@@ -71,7 +71,7 @@ class DataParallel:
         step_loss, max_norm = torch.zeros((), device=self.process.device), self.run.args.max_grad_norm or math.inf
         for batch in batches:
             meter.add_micro_batch(batch["doc_ids"])
-            batch = {k: v.to(self.process.device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, self.process.device)
             with self.accelerator.accumulate(self.model):
                 loss = self.model(**batch, num_items=num_items)
                 self.accelerator.backward(loss)
@@ -80,7 +80,7 @@ class DataParallel:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / accum
-        return float(self.reduce_sum(step_loss)) / self.process.world, float(grad_norm)
+        return self.reduce_sum(step_loss) / self.process.world, grad_norm  # on the device: read when logged
 
     def evaluate(self) -> dict:
         return samples.evaluate(self.model, self.eval_set, self.process.device, self.byte_lengths, self.reduce_sum)

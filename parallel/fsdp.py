@@ -33,7 +33,7 @@ from monitor import samples
 from monitor.meter import Meter
 from optim import load_optimizer_state_by_name, optimizer_state_by_name
 
-from .build import build_model, build_optimizer, data_streams, label_count, start_batches
+from .build import build_model, build_optimizer, data_streams, label_count, start_batches, to_device
 from .layout import Run, start_process
 
 
@@ -88,7 +88,7 @@ class FullyShardedDataParallel:
         self.batches = start_batches(self.stream, data_state)
         return self.batches
 
-    def train_step(self, meter: Meter) -> tuple[float, float]:
+    def train_step(self, meter: Meter) -> tuple[torch.Tensor, torch.Tensor]:
         batches = [next(self.batches) for _ in range(self.run.args.gradient_accumulation_steps)]
         # NOTE: normalised by the label count of the whole global batch; FSDP averages gradients over the ranks
         # (hence the world factor), and each micro-batch is reduce-scattered as it ends, so no rank ever holds a
@@ -98,23 +98,23 @@ class FullyShardedDataParallel:
         step_loss = torch.zeros((), device=self.process.device)
         for batch in batches:
             meter.add_micro_batch(batch["doc_ids"])
-            batch = {k: v.to(self.process.device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, self.process.device)
             loss = self.model(**batch, num_items=num_items)
             loss.backward()
             step_loss += loss.detach()
         grad_norm = self.clip_gradients(self.run.args.max_grad_norm or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(self.reduce_sum(step_loss)) / self.process.world, grad_norm
+        return self.reduce_sum(step_loss) / self.process.world, grad_norm  # on the device: read when logged
 
-    def clip_gradients(self, max_norm: float) -> float:
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
         """Clip to the global norm over every shard; returns the pre-clip norm (inf max_norm only measures it)."""
         params = [p for p in self.sharded.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if isinstance(norm, DTensor):  # partial norms of the shards: reduced over the ranks here
             norm = norm.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return float(norm)
+        return norm
 
     def evaluate(self) -> dict:
         return samples.evaluate(self.model, self.eval_set, self.process.device, self.byte_lengths, self.reduce_sum)

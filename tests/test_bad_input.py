@@ -288,7 +288,7 @@ CASES |= {
     "repetition penalty that overflows": (["--repetition-penalty", "1e-300"], "out of range"),
     "pipeline schedule that does not exist, without --pipeline": (["--pipeline-schedule", "bogus"], "not a schedule"),
     "pipeline schedule without --pipeline": (["--pipeline-schedule", "GPipe"], "only applies to --pipeline"),
-    "init-from on a resume (the checkpoint would win)": (["--init-from", "{out}/final"], "holds checkpoints"),
+    "resume given --init-from (the checkpoint would win)": (["--init-from", "{out}/final"], "holds checkpoints"),
 }
 BARE_FLAGS = {"--dry-run", "--init-model", "--pipeline", "--compile", "--json"}
 # --init-from folders: with --init-model --overwrite-output-dir on the trained dir, the most destructive form.
