@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--attn-implementation", default="sdpa", choices=models.ATTN_IMPLEMENTATIONS, help="attention kernel"
     )
-    g.add_argument("--compile", action="store_true", help="torch.compile the loss path and the Adafactor step (slow first step)")
+    g.add_argument(
+        "--compile", action="store_true", help="torch.compile the loss path and the Adafactor step (slow first step)"
+    )
     g.add_argument(
         "--activation-checkpointing", action="store_true", help="recompute each block in the backward (less memory)"
     )
