@@ -139,6 +139,11 @@ def test_job_control_save_stop_and_abort_a_running_training(data_args, tmp_path,
         time.sleep(1.0)
         assert proc.poll() is None
     assert _control(jobs_env, "save", job).returncode == 0
+    # Commands take effect at the next logging step (every 25 steps here): the save lands, and training goes on.
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("checkpoint-*")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None
     assert _control(jobs_env, "stop", job).returncode == 0
     assert proc.wait(timeout=120) == 0
     saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
