@@ -29,7 +29,7 @@ class Watch:
                 runinfo.show(info)
         self.bar = Progress(plan.total_steps, plan.total_train_tokens, enabled=enabled, start_step=step)
         peak = device_peak_flops(lay.process.device, lay.process.dtype)
-        how = "measured on this CPU, raised when training runs faster" if lay.process.device.type == "cpu" else "peak"
+        how = "a measured CPU peak" if lay.process.device.type == "cpu" else "the datasheet peak"
         say(f"MFU against {peak / 1e12:.3g} TFLOP/s per device ({how})")
         self.meter = Meter(run.model_cfg, plan.tokens_per_step, lay.process.world, peak, lay.process.device)
         self.logging_steps, self.total_steps, self.dataset = plan.logging_steps, plan.total_steps, run.args.dataset
