@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from console import say
+
 LOG_NAME = "trainer_logs.jsonl"
 RECORD_TYPES = ("train", "eval", "summary", "event")
 
@@ -128,8 +130,23 @@ class RunLogger:
             self._tb = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
 
     def _truncate_after(self, step: int) -> None:
-        records = _parse_lines(self.path.read_text().splitlines(), self.path)
-        kept = [r for r in records if r.get("step", 0) <= step]
+        kept, bad = [], []
+        lines = self.path.read_text(errors="replace").splitlines()
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:  # NOTE: a process killed mid-write leaves a partial last line: dropped
+                record = None if i == len(lines) - 1 else line
+            if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+                if record.get("step", 0) <= step:
+                    kept.append(record)
+            elif record is not None:
+                bad.append(line)
+        if bad:  # a damaged line must not block a resume: set aside beside the log, and said once
+            quarantine = self.path.with_name(LOG_NAME + ".bad-lines")
+            with open(quarantine, "a", encoding="utf-8") as f:
+                f.writelines(line + "\n" for line in bad)
+            say(f"warning: {len(bad)} unreadable line(s) of {self.path} moved to {quarantine.name}", err=True)
         tmp = self.path.with_name(f".{LOG_NAME}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)

@@ -404,3 +404,24 @@ def test_mfu_on_a_cpu_never_reads_above_100_percent():
     assert first["mfu"] == pytest.approx(1.0) and meter.peak_flops > 1.0
     meter.add_step(3.0)
     assert meter.record()["mfu"] <= 1.0 + 1e-9
+
+
+def test_a_damaged_log_line_never_blocks_a_resume(tmp_path, capsys):
+    """A bad line that is not the last (a hand edit, disk damage, a non-object) is set aside with a warning; the
+    records up to the resumed step are kept and the log goes on."""
+    log = tmp_path / "trainer_logs.jsonl"
+    lines = [
+        json.dumps({"type": "train", "step": 1, "loss": 3.0}),
+        "{not json",
+        "[1, 2]",
+        json.dumps({"type": "train", "step": "two"}),
+        json.dumps({"type": "train", "step": 2, "loss": 2.5}),
+        json.dumps({"type": "train", "step": 3, "loss": 2.0}),
+        '{"type": "tr',  # a write cut short by a kill: dropped quietly
+    ]
+    log.write_text("\n".join(lines) + "\n")
+    with RunLogger(tmp_path, tensorboard=False, resume_step=2) as logger:
+        logger.train(3, loss=1.9)
+    assert [(r["step"], r["loss"]) for r in read_logs(log)] == [(1, 3.0), (2, 2.5), (3, 1.9)]
+    assert (tmp_path / "trainer_logs.jsonl.bad-lines").read_text().splitlines() == lines[1:4]
+    assert "3 unreadable line(s)" in capsys.readouterr().err
