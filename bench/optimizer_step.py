@@ -1,9 +1,10 @@
-"""One optimizer step over a model's parameter shapes: Adafactor (eager, and grouped compiled) against fused AdamW.
+"""One optimizer step over a model's parameter shapes: Adafactor's four forms against fused AdamW.
 
-Counts the aten operations one Adafactor step dispatches (a TorchDispatchMode; the compiled step by the profiler)
+Counts the aten operations one Adafactor step dispatches (a TorchDispatchMode; compiled steps by the profiler)
 and times, in this process and interleaved, one step of each: Adafactor on bf16 weights with stochastic rounding
-(the default job's optimizer) per parameter (a CPU's eager form), stacked by shape (a GPU's eager form) and
-compiled, and torch's fused AdamW on fp32 weights. Gradients are random; the weights are the model's shapes
+(the default job's optimizer) per parameter (a CPU's eager form), stacked by shape (a GPU's eager form), compiled
+per parameter in place (a CPU with --compile), compiled stacked (a GPU with --compile), and torch's fused AdamW on
+fp32 weights. Gradients are random; the weights are the model's shapes
 (models.memory.parameter_shapes), with the optimizer's own grouping.
 
     python bench/optimizer_step.py                    # deepone-162m on the CPU
@@ -63,6 +64,18 @@ def timed(optimizer: torch.optim.Optimizer, device: str) -> float:
     return time.perf_counter() - start
 
 
+def profiled_ops(optimizer: torch.optim.Optimizer) -> int:
+    """Top-level aten operations of one step, counted by the profiler (a dispatch mode would change what
+    TorchDynamo runs)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        optimizer.step()
+    return sum(
+        1
+        for e in prof.events()
+        if e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="deepone-162m", help="named model config (default deepone-162m)")
@@ -84,27 +97,27 @@ def main() -> None:
     compiled.step()
     compile_s = time.perf_counter() - start
     adamw.step()
+    bf16_stacked = parameters(args.config, torch.bfloat16, args.device)
+    stacked_compiled = Adafactor(bf16_stacked, 1e-3, grouped=True, compiled=True)
+    stacked_compiled.step()
     stacked = Adafactor(parameters(args.config, torch.bfloat16, args.device), 1e-3, grouped=True)
     stacked.step()
     with CountOps() as stacked_counter:
         stacked.step()
-    times = {"adafactor_eager": [], "adafactor_grouped_eager": [], "adafactor_compiled": [], "adamw_fused_fp32": []}
+    forms = {
+        "adafactor_eager": eager,
+        "adafactor_grouped_eager": stacked,
+        "adafactor_compiled": compiled,
+        "adafactor_grouped_compiled": stacked_compiled,
+    }
+    times = {k: [] for k in [*forms, "adamw_fused_fp32"]}
     for _ in range(args.repeats):
-        times["adafactor_eager"].append(timed(eager, args.device))
-        times["adafactor_grouped_eager"].append(timed(stacked, args.device))
-        times["adafactor_compiled"].append(timed(compiled, args.device))
+        for name, optimizer in forms.items():
+            times[name].append(timed(optimizer, args.device))
         times["adamw_fused_fp32"].append(timed(adamw, args.device))
     median = {k: statistics.median(v) for k, v in times.items()}
-    # What a compiled step still dispatches (stacking, copies back, keys, the graphs' buffers), counted by the
-    # profiler: a dispatch mode would change what TorchDynamo runs.
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        compiled.step()
-    events = prof.events()
-    compiled_ops = sum(
-        1
-        for e in events
-        if e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
-    )
+    # what a compiled step still dispatches (stacking, copies back, keys, the graphs' buffers)
+    compiled_ops = {name: profiled_ops(optimizer) for name, optimizer in forms.items() if "compiled" in name}
     result = {
         "config": args.config,
         "device": args.device,
@@ -113,7 +126,8 @@ def main() -> None:
         "adafactor_aten_ops_per_step": {
             "eager": counter.count,
             "grouped_eager": stacked_counter.count,
-            "compiled": compiled_ops,
+            "compiled": compiled_ops["adafactor_compiled"],
+            "grouped_compiled": compiled_ops["adafactor_grouped_compiled"],
         },
         "compile_s": round(compile_s, 1),
         "seconds": {k: round(v, 4) for k, v in median.items()},
@@ -129,7 +143,7 @@ def main() -> None:
     print(f"aten ops per Adafactor step: {', '.join(f'{k} {v:,}' for k, v in ops.items())}")
     for k, v in median.items():
         ratio = result["ratio_to_fused_adamw"].get(k)
-        print(f"  {k:<20} {v:8.3f} s" + (f"  {ratio:.2f}x fused AdamW" if ratio is not None else ""))
+        print(f"  {k:<26} {v:8.3f} s" + (f"  {ratio:.2f}x fused AdamW" if ratio is not None else ""))
     print(f"compiling Adafactor's groups took {compile_s:.1f} s (first step)")
 
 

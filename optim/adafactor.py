@@ -14,8 +14,9 @@ How it runs: on a GPU, parameters of the same shape, dtype and step are updated 
 dimension (`_group_update`; the deepone-162m model has 178 parameters in 6 shapes), so a step dispatches a few
 hundred operations instead of several thousand; with `compiled=True` (train.py --compile) each shape's update is one
 compiled graph, and the hyperparameters that change (LR, beta2_t) enter as tensors, so a new LR never recompiles.
-On a CPU without a compiler each parameter is updated in place, one at a time (`_update_one`): there the stacked
-copies cost more than the dispatch they save. Every form computes the same update and the same rounding bits.
+On a CPU each parameter is updated in place, one at a time: eagerly (`_update_one`), or compiled as a group of one
+that stores the new weights straight into the parameter (`_one_update_`); there stacked copies and fresh buffers
+cost more than the dispatch they save. Every form computes the same update and the same rounding bits.
 
 Statistics are fp32 whatever the parameter dtype. For bf16 parameters the new weight is computed in fp32 and rounded
 to bf16: stochastically when `stochastic_rounding` (the default), else to nearest. The rounding noise is a
@@ -82,7 +83,7 @@ def stochastic_round_to_bf16(x: torch.Tensor, noise: torch.Tensor | int) -> torc
     bits = x.view(torch.int32) + noise
     rounded = (bits & -65536).view(torch.float32).to(torch.bfloat16)  # -65536 == 0xFFFF0000: exact conversion
     # NOTE: adding noise to a NaN's bit pattern can turn it into inf or even 0; keep NaNs visible to the loop.
-    return torch.where(torch.isnan(x), x.to(torch.bfloat16), rounded)
+    return torch.where(x != x, x.to(torch.bfloat16), rounded)  # x != x: NaN (vectorizes where isnan does not)
 
 
 def _group_update(params, grads, stats, keys, hyper, factored: bool, stochastic: bool):
@@ -113,7 +114,23 @@ def _group_update(params, grads, stats, keys, hyper, factored: bool, stochastic:
     return new.to(params.dtype), new_stats
 
 
-_compiled_group_update = torch.compile(_group_update, dynamic=False)
+def _group_update_(params, grads, stats, keys, hyper, factored: bool, stochastic: bool) -> None:
+    """`_group_update` written back into `params` and `stats` in place: compiled, the new weights are stored
+    straight into the parameters (or views of one parameter, as a group of one), with no new buffer to fill."""
+    new, new_stats = _group_update(params, grads, stats, keys, hyper, factored, stochastic)
+    params.copy_(new)
+    for stat, new_stat in zip(stats, new_stats, strict=True):
+        stat.copy_(new_stat)
+
+
+def _one_update_(param, grad, stats, key, hyper, factored: bool, stochastic: bool) -> None:
+    """`_group_update_` of one parameter as a group of one (`key`: its 0-d rounding key)."""
+    _group_update_(param[None], grad[None], [s[None] for s in stats], key[None], hyper, factored, stochastic)
+
+
+# Compiled update forms, and every (shape, dtype, device, rounding, form) compiled in this process.
+_COMPILED_UPDATES: dict[Callable, Callable] = {}
+_COMPILED_SHAPES: set[tuple] = set()
 
 
 def _zeros(size: int, like: torch.Tensor, split: bool) -> torch.Tensor:
@@ -129,8 +146,8 @@ def _zeros(size: int, like: torch.Tensor, split: bool) -> torch.Tensor:
 class Adafactor(torch.optim.Optimizer):
     """Adafactor (Shazeer & Stern, 2018); see the module docstring for the update, the grouping and the rounding.
 
-    `compiled`: run each group's update as one torch.compile'd graph. `grouped`: stack same-shaped parameters
-    (None: on GPUs; always when compiled).
+    `compiled`: run each update as a torch.compile'd graph (one per shape). `grouped`: stack same-shaped parameters
+    (None: on GPUs).
     Sharded (FSDP) parameters are updated one at a time in eager mode; each shard draws its own rounding bits (the
     same distribution as one process, not the same draws).
     """
@@ -213,22 +230,46 @@ class Adafactor(torch.optim.Optimizer):
             first = members[0][1]
             stochastic = first.dtype == torch.bfloat16 and group["stochastic_rounding"]
             keys = [rounding_key(self.seed, step, index) for index, _, _ in members]
-            grouped = self.compiled or (self.grouped if self.grouped is not None else first.device.type == "cuda")
-            if isinstance(first, DTensor) or not grouped:
+            grouped = self.grouped if self.grouped is not None else first.device.type == "cuda"
+            if isinstance(first, DTensor) or not (grouped or self.compiled):
                 # one parameter at a time, in place: on a CPU, without a compiler, stacked copies cost more than the
                 # dispatch they save
                 for (_, p, state), key in zip(members, keys, strict=True):
                     self._update_one(p, state, values, key, stochastic)
-            else:
+            elif grouped:
                 self._update_group(members, values, keys, stochastic)
+            else:
+                # compiled, one parameter at a time (a CPU): each is a group of one, updated in place through views
+                update = self._compiled_update(first, stochastic, _one_update_)
+                hyper = torch.tensor(values, dtype=torch.float32, device=first.device)
+                names = ("row", "col") if first.dim() >= 2 else ("sq",)
+                key_list = torch.tensor(keys, dtype=torch.int64, device=first.device).unbind()
+                for (_, p, state), key in zip(members, key_list, strict=True):
+                    update(p, p.grad, [state[k] for k in names], key, hyper, p.dim() >= 2, stochastic)
         return loss
+
+    def _compiled_update(self, p: torch.Tensor, stochastic: bool, update: Callable) -> Callable:
+        """`update` compiled (one graph per parameter shape). Dynamo keeps the graphs of a function together and
+        stops compiling (runs eagerly) past its recompile limit of 8: a model may have more shapes, so the limit is
+        raised to the shapes seen in this process while its updates run."""
+        _COMPILED_SHAPES.add((tuple(p.shape), p.dtype, p.device, stochastic, update))
+        if update not in _COMPILED_UPDATES:
+            _COMPILED_UPDATES[update] = torch.compile(update, dynamic=False)
+        compiled, limit = _COMPILED_UPDATES[update], max(8, 2 * len(_COMPILED_SHAPES))
+
+        def run(*args):
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                return compiled(*args)
+
+        return run
 
     def _update_group(self, members: list, values: list[float], keys: list[int], stochastic: bool) -> None:
         """Same-shaped parameters stacked (`_group_update`, compiled or not), written back in place."""
         params, states = [p for _, p, _ in members], [state for _, _, state in members]
         device, factored = params[0].device, params[0].dim() >= 2
         names = ("row", "col") if factored else ("sq",)
-        new, new_stats = (_compiled_group_update if self.compiled else _group_update)(
+        update = self._compiled_update(params[0], stochastic, _group_update) if self.compiled else _group_update
+        new, new_stats = update(
             torch.stack(params),
             torch.stack([p.grad for p in params]),
             [torch.stack([state[k] for state in states]) for k in names],

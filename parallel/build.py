@@ -63,7 +63,7 @@ def build_optimizer(run, module: torch.nn.Module) -> torch.optim.Optimizer:
             weight_decay=args.weight_decay,
             seed=args.seed,
             stochastic_rounding=not args.no_stochastic_rounding,
-            compiled=args.compile,  # Adafactor's grouped step, compiled with the loss path
+            compiled=args.compile,  # Adafactor's step compiled with the loss path
         )
 
 

@@ -387,21 +387,40 @@ def test_each_form_of_the_step_equals_the_per_parameter_algorithm(dtype, grouped
 def test_compiled_step_equals_eager_bit_for_bit_and_never_recompiles_for_a_new_lr() -> None:
     import models
 
-    eager, compiled, stacked = _mixed_params(5), _mixed_params(5), _mixed_params(5)
+    eager, compiled, stacked, both = (_mixed_params(5) for _ in range(4))
     optimizers = (
         Adafactor(eager, 1e-2, seed=9),  # per parameter (a CPU without --compile)
-        Adafactor(compiled, 1e-2, seed=9, compiled=True),
+        Adafactor(compiled, 1e-2, seed=9, compiled=True),  # per parameter, in place (a CPU with --compile)
         Adafactor(stacked, 1e-2, seed=9, grouped=True),  # a GPU without --compile
+        Adafactor(both, 1e-2, seed=9, grouped=True, compiled=True),  # a GPU with --compile
     )
     graphs = None
     for step in range(1, 11):
-        _set_grads(eager, compiled, stacked, step=step)
+        _set_grads(eager, compiled, stacked, both, step=step)
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = 1e-2 * step  # a new LR at every step, as the schedule sets it
             optimizer.step()
-        for other in (compiled, stacked):  # the same update and the same rounding bits
+        for other in (compiled, stacked, both):  # the same update and the same rounding bits
             assert all(torch.equal(a, b) for a, b in zip(eager, other, strict=True)), step
         graphs = graphs or models.compiled_graphs()
         assert models.compiled_graphs() == graphs, f"recompiled at step {step}"
     assert graphs >= 1  # the compiled form ran
+
+
+@pytest.mark.slow
+def test_compiled_step_compiles_every_shape_of_a_model_with_many() -> None:
+    """More distinct shapes than torch's recompile limit (8): every one still runs compiled, none falls back."""
+    from torch._dynamo import config as dynamo_config
+
+    import models
+
+    shapes = [(8 + i, 16) for i in range(dynamo_config.recompile_limit + 3)]
+    g = generator(2)
+    params = [nn.Parameter(torch.randn(s, generator=g).to(torch.bfloat16)) for s in shapes]
+    optimizer = Adafactor(params, 1e-2, compiled=True)
+    before = models.compiled_graphs()
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+    optimizer.step()
+    assert models.compiled_graphs() - before == len(shapes)
