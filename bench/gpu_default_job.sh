@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The default job as users run it, timed on one CUDA GPU (H100 or H200: about 6 minutes):
 #   deepone-162m, 4 x 4,096-token packed rows, document-masked flex_attention, pure-bf16 Adafactor with stochastic
-#   rounding, through train.py; eager and --compile. A 32K tokenizer is trained first (untimed) on the offline corpus.
+#   rounding, through train.py; eager, --compile, and --compile with the varlen kernel. A 32K tokenizer is trained first (untimed) on the offline corpus.
 #   Then our compiled model against transformers' compiled LlamaForCausalLM of the same shape (bench/model_throughput.py).
 # Each run prints tokens/s and MFU (median of the logged intervals after step 10), peak memory, the first step's time
 # (the compile) and recompile warnings; logs stay in OUT_DIR.
@@ -36,8 +36,12 @@ print(f"  {tps:,.0f} tokens/s, MFU {mfu:.1%}, peak {peak:.1f} GiB over steps {ti
 print("".join(f"  {line}\n" for line in log.splitlines() if "compile" in line or "recompiled" in line), end="")
 PY
 }
-for mode in eager compiled; do
-  extra=(); [ "$mode" = compiled ] && extra=(--compile)
+for mode in eager compiled varlen-compiled; do
+  case $mode in
+    eager) extra=() ;;
+    compiled) extra=(--compile) ;;
+    varlen-compiled) extra=(--compile --attn-implementation varlen) ;;  # torch's varlen kernel instead of flex
+  esac
   SECONDS=0
   timeout 420 $PY train.py "${JOB[@]}" "${extra[@]}" --tokenizer "$out/tokenizer-run/tokenizer" \
     --output-dir "$out/$mode" > "$out/$mode.log" 2>&1

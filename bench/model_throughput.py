@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import Transformer, compiled_graphs, load_model_config  # noqa: E402
+from models import Transformer, compiled_graphs, load_model_config, varlen_offsets  # noqa: E402
 from models.hf import hf_config, to_hf_state_dict  # noqa: E402
 from monitor.mfu import device_peak_flops, flops_per_token, mean_attended_context  # noqa: E402
 
@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--attn-implementation",
         default=None,
-        choices=["eager", "sdpa", "flex_attention"],
+        choices=["eager", "sdpa", "flex_attention", "varlen"],
         help="default: sdpa on CPU, flex_attention on CUDA (used by both models)",
     )
     p.add_argument("--batch-size", type=int, default=None, help="rows per step (default 2 on CPU, 8 on CUDA)")
@@ -85,7 +85,9 @@ def build_models(cfg, attn: str, device, dtype, seed: int):
     torch.manual_seed(seed)
     ours = Transformer(cfg, attn)
     ours.init_weights()
-    theirs = LlamaForCausalLM._from_config(hf_config(cfg), attn_implementation=attn)
+    # transformers has no varlen backend of that name: against varlen it runs sdpa (causal over the whole row)
+    theirs_attn = "sdpa" if attn == "varlen" else attn
+    theirs = LlamaForCausalLM._from_config(hf_config(cfg), attn_implementation=theirs_attn)
     missing, unexpected = theirs.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     theirs.tie_weights()
@@ -110,7 +112,13 @@ def step_fns(ours, theirs, batch: dict, vocab: int, compile_models: bool, compil
         fwd_theirs = torch.compile(theirs)
 
     def ours_step():
-        loss = fwd_ours(batch["input_ids"], batch["position_ids"], batch["doc_ids"], labels=batch["labels"])
+        loss = fwd_ours(
+            batch["input_ids"],
+            batch["position_ids"],
+            batch["doc_ids"],
+            labels=batch["labels"],
+            cu_seqlens=batch.get("cu_seqlens"),
+        )
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
@@ -162,6 +170,8 @@ def main(argv=None) -> dict:
         raise SystemExit("flex_attention has no backward on CPU; use sdpa or eager there")
     ours, theirs = build_models(cfg, attn, device, dtype, args.seed)
     batch = packed_batch(batch_size, seq_len, args.docs_per_row, cfg.vocab_size, device, args.seed)
+    if attn == "varlen":  # the document offsets the data path builds on the host for this backend
+        batch["cu_seqlens"] = varlen_offsets(batch["doc_ids"].cpu(), batch_size, seq_len).to(device)
     ours_step, theirs_step = step_fns(ours, theirs, batch, cfg.vocab_size, args.compile, args.compile_ours)
 
     with torch.no_grad():  # same weights, same batch: the initial losses must agree

@@ -7,7 +7,7 @@ repository the export's own copy of the same code loads with `trust_remote_code=
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .attention import ATTN_IMPLEMENTATIONS, check_attn_implementation
+from .attention import ATTN_IMPLEMENTATIONS, check_attn_implementation, varlen_offsets
 from .card import RunSummary
 from .compile import CompileWatch, compiled_graphs
 from .config import ModelConfig, available_configs, count_parameters, describe, load_model_config
@@ -38,6 +38,7 @@ __all__ = [
     "Transformer",
     "available_configs",
     "check_attn_implementation",
+    "varlen_offsets",
     "chunked_cross_entropy",
     "compiled_graphs",
     "count_parameters",

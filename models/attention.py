@@ -11,6 +11,11 @@ rule in its own way:
                       packed row instead runs as its own causal call, so no masked-out score is ever computed.
 - flex_attention:     torch's FlexAttention with a BlockMask, so blocks that cross documents are skipped entirely.
 - flash_attention_2:  flash-attn's varlen kernel; every document becomes its own sequence via cu_seqlens.
+- varlen:             torch's own varlen kernel (torch.nn.attention.varlen, CUDA) in the form torch.compile keeps as
+                      one graph: rows flattened, `cu_seqlens` built on the host (`varlen_offsets`) and padded with
+                      empty documents to a capacity fixed by the batch shape, the row length as the constant maximum,
+                      no host read inside the graph; head_dim 96 runs unpadded. On CPU a reference runs instead, from
+                      the same offsets: sdpa document by document (eager) or with a dense mask (compiled).
 
 When every row holds a single document, eager/sdpa use the plain causal path (`is_causal=True`, no mask tensor).
 
@@ -20,14 +25,16 @@ The mask is built once per forward pass (`build_attention_mask`) and shared by a
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "varlen")
 # CPU sdpa attends document by document when the documents of a batch average at least this many tokens; below it,
 # the per-call cost outweighs the skipped scores (2 x 256 tokens of 4-token documents: 8.5 ms by document, 5.9 dense).
 MIN_DOCUMENT_TOKENS = 8
@@ -58,6 +65,14 @@ def check_attn_implementation(name: str) -> None:
             import flash_attn  # noqa: F401
         except ImportError:
             raise ValueError(FLASH_MISSING) from None
+    if name == "varlen":
+        try:
+            importlib.import_module("torch.nn.attention.varlen")
+        except ImportError:
+            raise ValueError(
+                f"varlen needs torch.nn.attention.varlen (torch >= 2.10; found {torch.__version__}); "
+                "upgrade torch or use --attn-implementation flex_attention"
+            ) from None
 
 
 @dataclass
@@ -72,7 +87,7 @@ class AttentionMask:
     dense: torch.Tensor | None = None  # (B, 1, T, T) bool, True = may attend (eager, sdpa, CPU-training flex)
     block_mask: object | None = None  # flex BlockMask
     cu_seqlens: torch.Tensor | None = None  # (num_segments + 1,) int32 offsets into the flattened B*T tokens
-    max_seqlen: int = 0  # longest document segment (flash)
+    max_seqlen: int = 0  # longest document segment (flash; varlen: the row length)
     lengths: list[int] | None = None  # lengths of the documents of the flattened B*T tokens, in order (CPU sdpa)
 
 
@@ -122,6 +137,37 @@ def _segment_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     return starts.flatten().nonzero().flatten()
 
 
+def varlen_capacity(batch: int, seq_len: int, segments: int = 0) -> int:
+    """Entries of a padded `cu_seqlens` for (batch, seq_len) rows: a power of two that holds rows of documents
+    averaging 128 tokens or more, so nearly every batch of a shape has the same size (a compiled graph never
+    recompiles); a batch with more documents gets the next power of two that holds them."""
+    need = max(segments, batch * seq_len // 128 + batch) + 1
+    return 1 << (need - 1).bit_length()
+
+
+def varlen_offsets(doc_ids: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor:
+    """Host (B, T) document ids (None: one document per row) -> int32 `cu_seqlens` of the flattened tokens, a
+    segment wherever a row starts or the id changes, padded with empty documents (the total repeated) to
+    `varlen_capacity`. Computed in numpy: no device and no host sync."""
+    total = batch * seq_len
+    if doc_ids is None:
+        starts = np.arange(0, total, seq_len)
+    else:
+        ids = doc_ids.numpy().reshape(batch, seq_len)
+        change = np.ones_like(ids, dtype=bool)
+        change[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        starts = np.flatnonzero(change)
+    offsets = np.full(varlen_capacity(batch, seq_len, len(starts)), total, dtype=np.int32)
+    offsets[: len(starts)] = starts
+    return torch.from_numpy(offsets)
+
+
+def _varlen_segments(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """Padded cu_seqlens -> (B, T) segment numbers of the tokens (the CPU reference's dense mask)."""
+    tokens = torch.arange(batch * seq_len, device=cu_seqlens.device, dtype=torch.int32)
+    return torch.bucketize(tokens, cu_seqlens[1:].contiguous(), right=True).view(batch, seq_len)
+
+
 def _segment_lengths(doc_ids: torch.Tensor) -> list[int]:
     offsets = [*_segment_starts(doc_ids).tolist(), doc_ids.numel()]
     return torch.tensor(offsets).diff().tolist()
@@ -136,6 +182,7 @@ def build_attention_mask(
     device: torch.device,
     *,
     same_form: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> AttentionMask:
     """Build the per-forward mask for `implementation` from doc_ids (B, T); None means one document per row.
 
@@ -144,7 +191,12 @@ def build_attention_mask(
 
     same_form: always build the document mask, even when every row holds one document, so every batch yields a
     mask of the same structure (compiled blocks then never recompile when a batch happens to be unpacked).
+
+    cu_seqlens (varlen): the batch's padded offsets, built on the host by the data path (`varlen_offsets`); without
+    them they are built here, from host doc_ids for free, from a device copy with one host read.
     """
+    if implementation == "varlen":
+        return _varlen_mask(doc_ids, batch, seq_len, device, cu_seqlens, same_form)
     if same_form and doc_ids is None:
         doc_ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
     if doc_ids is not None and not same_form and doc_ids.device.type == "cpu" and not doc_ids.numpy().any():
@@ -182,6 +234,19 @@ def build_attention_mask(
         return AttentionMask(implementation, single, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     check_attn_implementation(implementation)  # raises for an unknown name
     raise AssertionError(implementation)
+
+
+def _varlen_mask(doc_ids, batch: int, seq_len: int, device: torch.device, cu_seqlens, same_form: bool) -> AttentionMask:
+    if cu_seqlens is None:
+        cu_seqlens = varlen_offsets(None if doc_ids is None else doc_ids.cpu(), batch, seq_len).to(device)
+    single = doc_ids is None
+    mask = AttentionMask("varlen", single, cu_seqlens=cu_seqlens, max_seqlen=seq_len)
+    if device.type == "cpu":  # the reference: sdpa per document, or (one form for a compiled graph) a dense mask
+        if same_form:
+            mask.dense = _dense_document_mask(_varlen_segments(cu_seqlens, batch, seq_len))
+        else:
+            mask.lengths = [n for n in cu_seqlens.diff().tolist() if n]
+    return mask
 
 
 def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
@@ -273,6 +338,19 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     return out.reshape(B, T, H, D).transpose(1, 2)
 
 
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    B, H, T, D = q.shape
+    if q.device.type == "cpu":  # no CPU kernel: the reference, from the same offsets
+        return _sdpa(q, k, v, mask)
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (q, k, v))
+    out = varlen_attn(
+        q, k, v, mask.cu_seqlens, mask.cu_seqlens, T, T, window_size=(-1, 0), enable_gqa=H != k.shape[1]
+    )  # (B*T, H, D), causal inside each document; the padding's empty documents cost nothing
+    return out.reshape(B, T, H, D).transpose(1, 2)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """Causal, document-local attention: q (B, H, T, D), k/v (B, KV, T, D) -> (B, H, T, D), scale 1/sqrt(D)."""
     if mask.implementation == "sdpa":
@@ -281,4 +359,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
         return _flex(q, k, v, mask)
     if mask.implementation == "flash_attention_2":
         return _flash(q, k, v, mask)
+    if mask.implementation == "varlen":
+        return _varlen(q, k, v, mask)
     return _eager(q, k, v, mask)

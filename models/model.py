@@ -289,6 +289,7 @@ class Transformer(nn.Module):
         labels: torch.Tensor | None = None,
         num_items: int | float | torch.Tensor | None = None,
         reduction: str = "mean",
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V) in fp32, or with `labels` (B, T) the scalar mean loss.
 
@@ -296,12 +297,15 @@ class Transformer(nn.Module):
         labels are already shifted (labels[b, t] is the target of position t); -100 = no target.
         num_items: optional divisor of the summed loss instead of this batch's label count (see chunked_cross_entropy).
         reduction: "none" returns each position's nats (B, T) instead of the mean (evaluation).
+        cu_seqlens: the varlen backend's padded document offsets, built on the host (attention.varlen_offsets).
         """
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         compiled = self.compiled_forward is not None and labels is not None
-        attn_mask = build_attention_mask(self.attn_implementation, doc_ids, B, T, input_ids.device, same_form=compiled)
+        attn_mask = build_attention_mask(
+            self.attn_implementation, doc_ids, B, T, input_ids.device, same_form=compiled, cu_seqlens=cu_seqlens
+        )
         if not compiled:
             return self._forward(input_ids, position_ids, attn_mask, labels, num_items, reduction)
         if num_items is not None:  # a tensor, so that another divisor does not recompile the graph

@@ -72,13 +72,14 @@ def label_count(batches: list[dict]) -> float:
     return float(sum(np.count_nonzero(b["labels"].numpy() != data.IGNORE_INDEX) for b in batches))
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device, varlen: bool = False) -> dict:
     """A host batch on `device` (non-blocking); doc_ids None when every row holds one document, decided on the host
-    so the mask needs no read of the device copy."""
-    batch = {
-        k: v.to(device, non_blocking=True) if k != "doc_ids" or v.numpy().any() else None for k, v in batch.items()
-    }
-    return batch
+    so the mask needs no read of the device copy. `varlen`: with the varlen backend's document offsets, built here
+    from the host copy."""
+    if varlen:
+        rows, length = batch["input_ids"].shape
+        batch = batch | {"cu_seqlens": models.varlen_offsets(batch["doc_ids"], rows, length)}
+    return {k: v.to(device, non_blocking=True) if k != "doc_ids" or v.numpy().any() else None for k, v in batch.items()}
 
 
 def micro_batches(batches: list[dict], rows: int) -> list[dict]:

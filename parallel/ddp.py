@@ -71,7 +71,7 @@ class DataParallel:
         step_loss, max_norm = torch.zeros((), device=self.process.device), self.run.args.max_grad_norm or math.inf
         for batch in batches:
             meter.add_micro_batch(batch["doc_ids"])
-            batch = to_device(batch, self.process.device)
+            batch = to_device(batch, self.process.device, self.run.args.attn_implementation == "varlen")
             with self.accelerator.accumulate(self.model):
                 loss = self.model(**batch, num_items=num_items)
                 self.accelerator.backward(loss)

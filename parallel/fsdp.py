@@ -98,7 +98,7 @@ class FullyShardedDataParallel:
         step_loss = torch.zeros((), device=self.process.device)
         for batch in batches:
             meter.add_micro_batch(batch["doc_ids"])
-            batch = to_device(batch, self.process.device)
+            batch = to_device(batch, self.process.device, self.run.args.attn_implementation == "varlen")
             loss = self.model(**batch, num_items=num_items)
             loss.backward()
             step_loss += loss.detach()

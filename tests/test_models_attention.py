@@ -6,10 +6,11 @@ import pytest
 import torch
 from test_models import build, packed_batch, segments, small_config
 
+import models
 from models import Transformer, check_attn_implementation
 from models.attention import FLASH_MISSING, attend, build_attention_mask
 
-CPU_BACKENDS = ["eager", "sdpa", "flex_attention"]
+CPU_BACKENDS = ["eager", "sdpa", "flex_attention", "varlen"]  # varlen: its CPU reference, from its offsets
 HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
 
 
@@ -56,7 +57,7 @@ def test_backends_agree_on_outputs_and_gradients(family):
     batch = packed_batch(cfg.vocab_size)
     results = {impl: run(build(cfg, impl), batch) for impl in CPU_BACKENDS}
     ref_logits, ref_loss, ref_grads = results["eager"]
-    for impl in ("sdpa", "flex_attention"):
+    for impl in CPU_BACKENDS[1:]:
         logits, loss, grads = results[impl]
         assert (logits - ref_logits).abs().max().item() <= 1e-5, impl
         assert abs(loss.item() - ref_loss.item()) <= 1e-5, impl
@@ -161,3 +162,43 @@ def test_flash_attention_matches_sdpa_on_cuda():  # pragma: no cover - runs only
             outs[impl] = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
     assert (outs["flash_attention_2"] - outs["sdpa"]).abs().max().item() < 5e-2
     assert (outs["flex_attention"] - outs["sdpa"]).abs().max().item() < 5e-2
+
+
+def test_varlen_offsets_follow_documents_and_rows_padded_to_a_fixed_capacity():
+    from models.attention import varlen_capacity, varlen_offsets
+
+    batch = packed_batch(50)
+    starts = [row * 37 + s for row, s, _ in segments()]
+    offsets = varlen_offsets(batch["doc_ids"], 3, 37)
+    assert varlen_capacity(3, 37) == 4  # one document per row fits: 3 + 1 offsets
+    assert offsets.dtype == torch.int32 and len(starts) == 7 and len(offsets) == 8  # 7 documents: the next power
+    assert offsets.tolist() == starts + [3 * 37]
+    assert varlen_offsets(None, 2, 37).tolist() == [0, 37, 74, 74]  # the padding: an empty document at the end
+    # the capacity depends on the shape alone until documents average under 128 tokens
+    assert varlen_capacity(4, 4096) == varlen_capacity(4, 4096, 100) == 256
+    assert varlen_capacity(4, 4096, 300) == 512
+    many = (torch.arange(37) // 2).expand(3, 37)  # 19 documents per row: 57 segments
+    assert len(varlen_offsets(many, 3, 37)) == 64 and varlen_offsets(many, 3, 37)[57].item() == 111
+
+
+def test_varlen_masks_from_offsets_equal_the_document_rule():
+    """Eager and compiled (one form) CPU references, built from the padded offsets, against the document rule."""
+    from models.attention import _dense_document_mask, varlen_offsets
+
+    doc_ids = packed_batch(50)["doc_ids"]
+    cu = varlen_offsets(doc_ids, 3, 37)
+    eager = build_attention_mask("varlen", doc_ids, 3, 37, torch.device("cpu"), cu_seqlens=cu)
+    assert eager.lengths == [end - start for _, start, end in segments()] and eager.max_seqlen == 37
+    compiled = build_attention_mask("varlen", doc_ids, 3, 37, torch.device("cpu"), cu_seqlens=cu, same_form=True)
+    assert torch.equal(compiled.dense, _dense_document_mask(doc_ids))
+    built_here = build_attention_mask("varlen", doc_ids, 3, 37, torch.device("cpu"))  # no offsets: built from ids
+    assert torch.equal(built_here.cu_seqlens, cu)
+
+
+def test_the_data_path_gives_varlen_its_offsets_from_the_host_batch():
+    from parallel.build import to_device
+
+    batch = {k: v for k, v in packed_batch(50).items()}
+    on_device = to_device(batch, torch.device("cpu"), varlen=True)
+    assert torch.equal(on_device["cu_seqlens"], models.varlen_offsets(batch["doc_ids"], 3, 37))
+    assert "cu_seqlens" not in to_device(batch, torch.device("cpu"))
