@@ -3,6 +3,7 @@
 #   1. pure-bf16 Adafactor (stochastic rounding) with flex_attention, then a resume; the same with --compile and sdpa
 #   2. bf16 autocast AdamW with SDPA on a larger config, and Muon when this version has it
 #   3. FSDP2 through Accelerate's FSDP config (1 process, nccl) with activation checkpointing, then a resume
+#   4. the CUDA-only tests (varlen kernel, pinned batches, compiled Adafactor) and a compiled varlen run
 # Each step prints its last log lines; the script stops at the first failure.
 #     bash bench/gpu_check.sh [OUT_DIR]
 set -euo pipefail
@@ -37,4 +38,8 @@ step fsdp-ac $PY -m accelerate.commands.launch --config_file accelerate_configs/
 step fsdp-resume $PY -m accelerate.commands.launch --config_file accelerate_configs/fsdp.yaml --num_processes 1 \
     train.py --model tiny "${COMMON[@]}" --max-length 512 --batch-size 8 --max-steps 14 --dtype bf16 \
     --optimizer adafactor --activation-checkpointing --output-dir /tmp/g4
+step cuda-tests $PY -m pytest -q -p no:cacheprovider tests/test_models_attention.py tests/test_data_prefetch.py \
+    tests/test_optim.py -k "cuda or pinned or compiled"
+step varlen-compile $PY train.py --model tiny "${COMMON[@]}" --max-length 512 --batch-size 16 --max-steps 20 \
+    --compile --attn-implementation varlen --dtype bf16 --optimizer adafactor --output-dir /tmp/g6 --init-model
 echo "all GPU checks passed"

@@ -14,12 +14,14 @@ import threading
 class Prefetcher:
     """Iterator over ``stream`` that keeps up to ``depth`` batches ready; drop-in for the stream in the loop.
 
+    pin: hand out batches in page-locked host memory (for a CUDA device), pinned on this thread.
+
     NOTE: only for streams whose ``__next__`` does no collective communication (the default sharded mode): a
     dispatched stream broadcasts from rank 0 and must run on the main thread, in step with the other ranks.
     """
 
-    def __init__(self, stream, depth: int = 2):
-        self.stream = stream
+    def __init__(self, stream, depth: int = 2, pin: bool = False):
+        self.stream, self.pin = stream, pin
         self._state, self.current_stage, self.epoch = stream.state_dict(), stream.current_stage, stream.epoch
         self._counts = stream.source_counts()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -31,7 +33,10 @@ class Prefetcher:
         try:
             while not self._stop.is_set():
                 stream = self.stream
-                item = (next(stream), stream.state_dict(), stream.current_stage, stream.epoch, stream.source_counts())
+                batch = next(stream)
+                if self.pin:  # page-locked, so the copy to the GPU runs asynchronously (non_blocking)
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                item = (batch, stream.state_dict(), stream.current_stage, stream.epoch, stream.source_counts())
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)

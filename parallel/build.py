@@ -91,14 +91,15 @@ def micro_batches(batches: list[dict], rows: int) -> list[dict]:
     ]
 
 
-def start_batches(stream: data.PackedStream | None, data_state: dict | None, prefetch: bool = True):
+def start_batches(stream: data.PackedStream | None, data_state: dict | None, prefetch: bool = True, pin: bool = False):
     """The training batches of `stream` (None: this rank reads none), resumed at `data_state` when given.
 
-    Prepared on a thread while the model trains, except a dispatched stream, which must stay on this thread.
+    Prepared on a thread while the model trains, except a dispatched stream, which must stay on this thread; `pin`
+    (a CUDA device): in page-locked memory, so `to_device`'s copies do not wait for the host.
     ValueError when the saved state does not fit the data mix (bad input on resume).
     """
     if stream is None:
         return None
     if data_state is not None:
         stream.load_state_dict(data_state)
-    return data.Prefetcher(stream) if prefetch and not stream.dispatch else stream
+    return data.Prefetcher(stream, pin=pin) if prefetch and not stream.dispatch else stream

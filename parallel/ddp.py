@@ -57,7 +57,7 @@ class DataParallel:
         return self.accelerator.reduce(t, reduction="sum") if self.process.world > 1 else t
 
     def start_data(self, data_state: dict | None):
-        self.batches = start_batches(self.stream, data_state)
+        self.batches = start_batches(self.stream, data_state, pin=self.process.device.type == "cuda")
         return self.batches
 
     def train_step(self, meter: Meter) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,7 +85,7 @@ class FullyShardedDataParallel:
         return t
 
     def start_data(self, data_state: dict | None):
-        self.batches = start_batches(self.stream, data_state)
+        self.batches = start_batches(self.stream, data_state, pin=self.process.device.type == "cuda")
         return self.batches
 
     def train_step(self, meter: Meter) -> tuple[torch.Tensor, torch.Tensor]:

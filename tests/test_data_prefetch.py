@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 import data
@@ -28,3 +29,16 @@ def test_prefetcher_matches_the_stream_and_its_state_resumes_exactly(tmp_path):
     got += [next(resumed) for _ in range(7)]
     for a, b in zip(expected, got, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_pinned_batches_are_the_streams_in_page_locked_memory(tmp_path):
+    corpus = write_corpus(tmp_path / "docs.jsonl")
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    tokenizer = data.train_tokenizer(texts[:300], vocab_size=300)
+    mix = data.parse_mix(str(corpus))
+    expected = [next(data.PackedStream(mix, tokenizer, 64, 4, seed=1))]
+    pinned = data.Prefetcher(data.PackedStream(mix, tokenizer, 64, 4, seed=1), pin=True)
+    got = next(pinned)
+    pinned.close()
+    assert all(v.is_pinned() and torch.equal(v, expected[0][k]) for k, v in got.items())

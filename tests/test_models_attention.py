@@ -164,6 +164,33 @@ def test_flash_attention_matches_sdpa_on_cuda():  # pragma: no cover - runs only
     assert (outs["flex_attention"] - outs["sdpa"]).abs().max().item() < 5e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_varlen_kernel_matches_the_fp32_reference_on_cuda():  # pragma: no cover - runs only on GPU machines
+    """torch's varlen kernel (bf16), from host-built padded offsets, against the fp32 CPU reference: outputs and
+    gradients, with GQA and head_dim 96; flex (bf16) beside it sets the tolerance."""
+    g = torch.Generator().manual_seed(3)
+    doc_ids = packed_batch(50)["doc_ids"]
+    B, T = doc_ids.shape
+    q, k, v = (torch.randn(B, T, h, 96, generator=g).transpose(1, 2) for h in (4, 2, 2))
+    grad_out = torch.randn(B, 4, T, 96, generator=g)
+    results = {}
+    for impl, device, dtype in (
+        ("sdpa", "cpu", torch.float32),
+        ("varlen", "cuda", torch.bfloat16),
+        ("flex_attention", "cuda", torch.bfloat16),
+    ):
+        qd, kd, vd = (x.to(device, dtype).requires_grad_() for x in (q, k, v))
+        ids = doc_ids.to(device)
+        cu = models.varlen_offsets(doc_ids, B, T).to(device) if impl == "varlen" else None
+        mask = build_attention_mask(impl, ids, B, T, torch.device(device), cu_seqlens=cu)
+        out = attend(qd, kd, vd, mask)
+        grads = torch.autograd.grad(out, (qd, kd, vd), grad_out.to(device, dtype))
+        results[impl] = [t.float().cpu() for t in (out, *grads)]
+    for ref, got, other in zip(results["sdpa"], results["varlen"], results["flex_attention"], strict=True):
+        assert (got - ref).abs().max().item() <= 2 * max((other - ref).abs().max().item(), 1e-2)
+
+
 def test_varlen_offsets_follow_documents_and_rows_padded_to_a_fixed_capacity():
     from models.attention import varlen_capacity, varlen_offsets
 
