@@ -12,6 +12,7 @@ from lifecycle.staging import build_tokenizer
 from monitor import samples
 from monitor.meter import Meter
 from optim import load_optimizer_state_by_name, optimizer_state_by_name
+from optim.clipping import clip_, global_norm
 
 from .build import build_model, build_optimizer, data_streams, label_count, start_batches, to_device
 from .layout import Run, precision, start_process
@@ -76,7 +77,9 @@ class DataParallel:
                 loss = self.model(**batch, num_items=num_items)
                 self.accelerator.backward(loss)
                 if self.accelerator.sync_gradients:  # max_norm inf measures the norm without clipping
-                    grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+                    grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
+                    grad_norm = global_norm(grads)  # the replicas hold the same reduced gradients
+                    clip_(grads, max_norm, grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / accum

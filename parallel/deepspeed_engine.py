@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from deepspeed.runtime.pipe import schedule as ds
+
+from optim.clipping import clip_, global_norm
 
 
 class GPipeSchedule(ds.PipeSchedule):
@@ -85,15 +86,8 @@ def clip_over_all_stages(engine, max_norm: float) -> list[float]:
                 grads.append(p.grad)
                 if self.is_first_stage() or not name.startswith("tied_modules."):
                     counted.append(p.grad)
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for g in counted:
-            total += g.detach().float().pow(2).sum()
-        torch.distributed.all_reduce(total, group=self.grid.get_pipe_parallel_group())
-        norm = total.sqrt()
-        if max_norm > 0:
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
-            for g in grads:
-                g.mul_(coef.to(g.dtype))
+        norm = global_norm(counted, self.grid.get_pipe_parallel_group(), self.device)
+        clip_(grads, max_norm, norm)
         norms.append(float(norm))
         base[ds.OptimizerStep](self, lr_kwargs)
 

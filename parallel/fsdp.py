@@ -32,6 +32,7 @@ from lifecycle.staging import build_tokenizer
 from monitor import samples
 from monitor.meter import Meter
 from optim import load_optimizer_state_by_name, optimizer_state_by_name
+from optim.clipping import clip_, global_norm, square_sum
 
 from .build import build_model, build_optimizer, data_streams, label_count, start_batches, to_device
 from .layout import Run, start_process
@@ -109,11 +110,14 @@ class FullyShardedDataParallel:
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         """Clip to the global norm over every shard; returns the pre-clip norm (inf max_norm only measures it)."""
-        params = [p for p in self.sharded.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if isinstance(norm, DTensor):  # partial norms of the shards: reduced over the ranks here
-            norm = norm.full_tensor()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        grads = [p.grad for p in self.sharded.parameters() if p.grad is not None]
+        shards = [g.to_local() for g in grads if isinstance(g, DTensor)]  # each element on one rank: summed over all
+        whole = [g for g in grads if not isinstance(g, DTensor)]  # the same on every rank: counted once
+        squares = global_norm(shards, dist.group.WORLD, self.process.device).square() + square_sum(whole).to(
+            self.process.device
+        )
+        norm = squares.sqrt()
+        clip_(shards + whole, max_norm, norm)
         return norm
 
     def evaluate(self) -> dict:

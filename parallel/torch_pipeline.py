@@ -33,6 +33,7 @@ from lifecycle.staging import build_tokenizer
 from monitor.meter import Meter
 from monitor.samples import eval_metrics, eval_sums
 from optim import load_optimizer_state_by_name, optimizer_state_by_name
+from optim.clipping import clip_, global_norm
 
 from .build import assemble_model, build_model, build_optimizer, data_streams, label_count, micro_batches, start_batches
 from .layout import Run, start_process
@@ -303,22 +304,16 @@ class TorchPipeline:
                 local(p.grad).copy_(total)
         elif tied and self.tied_group is not None:
             dist.all_reduce(local(tied[0][1].grad), group=self.tied_group)
-        squares = torch.zeros((), dtype=torch.float32, device=self.process.device)
-        grads = []
+        grads, counted = [], []
         for s, module in self.modules.items():
             for name, p in module.named_parameters():
                 if p.grad is None:
                     continue
                 grads.append(local(p.grad))
                 if s == 0 or not name.startswith("tied_"):
-                    squares += grads[-1].detach().float().pow(2).sum()
-        dist.all_reduce(squares, group=self.pp_group)  # replicas hold the same reduced gradients
-        norm = squares.sqrt()
-        max_norm = self.run.args.max_grad_norm
-        if max_norm > 0:
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
-            for g in grads:
-                g.mul_(coef.to(g.dtype))
+                    counted.append(grads[-1])
+        norm = global_norm(counted, self.pp_group, self.process.device)  # replicas hold the same reduced gradients
+        clip_(grads, self.run.args.max_grad_norm, norm)
         return float(norm)
 
     def evaluate(self) -> dict:

@@ -424,3 +424,37 @@ def test_compiled_step_compiles_every_shape_of_a_model_with_many() -> None:
         p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
     optimizer.step()
     assert models.compiled_graphs() - before == len(shapes)
+
+
+# ---- the global gradient norm: accurate on a real-size embedding, the same rule in every layout ----
+
+
+def test_global_norm_of_a_real_size_embedding_equals_the_float64_norm() -> None:
+    """A tied 49,152 x 128 embedding's gradient (a few rows large, the head's share everywhere): the norm every layout
+    clips with is the float64 norm within 1e-7 relative, where torch's clip_grad_norm_ (fp32 vector_norm on a CPU,
+    what one process used) is off by more than 1e-4 and so disagreed with the pipelines by 5.5e-5."""
+    from optim.clipping import clip_, global_norm
+
+    g = generator(4)
+    grads = [
+        torch.randn(49152, 128, generator=g) * 1e-5,
+        torch.randn(384, 128, generator=g) * 1e-4,
+        torch.randn(128) * 1e-3,
+    ]
+    grads[0][:3000] += torch.randn(3000, 128, generator=g) * 1e-3
+    exact = math.sqrt(sum(t.double().square().sum().item() for t in grads))
+    norm = global_norm(grads)
+    assert norm.dtype == torch.float32 and abs(norm.item() - exact) / exact < 1e-7
+    params = [nn.Parameter(torch.zeros_like(t)) for t in grads]
+    for p, t in zip(params, grads, strict=True):
+        p.grad = t.clone()
+    assert abs(torch.nn.utils.clip_grad_norm_(params, math.inf).item() - exact) / exact > 1e-4  # the old rule
+    # clipping: to max_norm exactly, in place, on fp32 and bf16 gradients alike; inf and 0 leave them alone
+    mixed = [t.clone() for t in grads[1:]] + [grads[2].to(torch.bfloat16)]
+    before = [t.clone() for t in mixed]
+    clip_(mixed, math.inf, global_norm(mixed))
+    clip_(mixed, 0.0, global_norm(mixed))
+    assert all(torch.equal(a, b) for a, b in zip(mixed, before, strict=True))
+    clip_(mixed, 0.01, global_norm(mixed))
+    assert global_norm(mixed).item() == pytest.approx(0.01, rel=1e-2)  # the bf16 tensor rounds
+    assert mixed[-1].dtype == torch.bfloat16
