@@ -23,7 +23,7 @@ from data.tokenizer import tokenizer_hash
 from lifecycle import checkpoint as ckpt
 from lifecycle import replace
 from lifecycle.jobs import private_jobs_dir
-from lifecycle.outdir import LOCK_NAME, OutputDirBusy, OutputDirLock, recover_published
+from lifecycle.outdir import LOCK_NAME, NotOurs, OutputDirBusy, OutputDirLock, check_publishable, recover_published
 from models.config import ModelConfig
 from models.memory import estimate_memory, format_memory
 
@@ -150,7 +150,12 @@ def take_output_dir(output_dir: Path) -> OutputDirLock | None:
     with lock.released_on_error():
         if lock.unsupported:
             say(f"warning: cannot lock {output_dir} ({lock.unsupported}); a second run could share it", err=True)
-        recover_published(output_dir / "final")  # an export cut between its two renames
+        try:
+            for product in ("final", "tokenizer"):  # a link there would take the run's export elsewhere
+                check_publishable(output_dir / product)
+                recover_published(output_dir / product)  # an export cut between its two renames
+        except NotOurs as e:
+            raise UsageError(str(e)) from None
         if problem := replace.settle_replaced(output_dir):  # an --overwrite-output-dir start cut short
             raise UsageError(problem)
     return lock
@@ -174,6 +179,12 @@ def claim_output_dir(args: argparse.Namespace, output_dir: Path, stack: contextl
             f"{output_dir} already holds checkpoints; drop --init-model to resume them, choose another "
             "--output-dir, or add --overwrite-output-dir to delete them"
         )
+    finished = (output_dir / "final").is_dir() and not ckpt.checkpoint_dirs(checkpoints)
+    if finished and args.init_model and not args.overwrite_output_dir:
+        raise UsageError(
+            f"{output_dir} already holds a finished run (final/); choose another --output-dir, or add "
+            "--overwrite-output-dir to replace it"
+        )
     resume_from = None
     if not args.init_model:
         resume_from = ckpt.latest_checkpoint(checkpoints, warn=lambda m: say(m, err=True))
@@ -182,6 +193,11 @@ def claim_output_dir(args: argparse.Namespace, output_dir: Path, stack: contextl
             raise UsageError(
                 f"no checkpoint in {checkpoints} verifies (damaged: {damaged}); restore them, or start over with "
                 "--init-model --overwrite-output-dir"
+            )
+        if resume_from is None and finished:
+            raise UsageError(
+                f"{output_dir} holds a finished run (final/) but no checkpoint to resume; choose another "
+                "--output-dir, or train it again with --init-model --overwrite-output-dir"
             )
         if resume_from is None:
             say(f"no checkpoint in {output_dir}: starting a new model")

@@ -124,6 +124,14 @@ def _sync_tree(folder: Path) -> None:
         os.close(fd)
 
 
+# Inside a staging (.tmp-) or set-aside (.old-) folder this tool made: only such folders are ever deleted.
+STAGING_MARK = ".publish-staging"
+
+
+class NotOurs(FileExistsError):
+    """A file, link or folder this tool did not make stands where it would stage or publish."""
+
+
 def _staging(dest: Path) -> Path:
     return dest.with_name(f".tmp-{dest.name}")
 
@@ -132,25 +140,59 @@ def _previous(dest: Path) -> Path:
     return dest.with_name(f".old-{dest.name}")
 
 
+def _ours(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and (path / STAGING_MARK).is_file()
+
+
+def _clear(path: Path, dest: Path) -> None:
+    """Remove a staging or set-aside folder of ours; refuse anything else standing there (never deleted, never
+    followed)."""
+    if _ours(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        raise NotOurs(
+            f"{path} stands where {dest.name} is written and was not made by this tool; move it away and run again"
+        )
+
+
+def check_publishable(dest: Path) -> None:
+    """Raise NotOurs when `dest` is a link (a write would go where it points) or not a folder."""
+    if dest.is_symlink() or (os.path.lexists(dest) and not dest.is_dir()):
+        kind = "a link" if dest.is_symlink() else "not a folder"
+        raise NotOurs(f"{dest} is {kind}; this tool writes a folder there: move it away and run again")
+
+
 def recover_published(dest: Path) -> None:
-    """Repair what a kill between the two fallback renames left: the previous folder goes back into place."""
+    """Repair what a kill between the two fallback renames left: the previous folder goes back into place. Staging
+    and set-aside folders of ours are removed; anything else of those names is refused (NotOurs)."""
     old, staging = _previous(dest), _staging(dest)
-    if old.is_dir() and not dest.exists():
+    if _ours(old) and not os.path.lexists(dest):
         os.rename(old, dest)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(staging, ignore_errors=True)  # an unfinished write
+    if dest.is_dir() and not dest.is_symlink():
+        (dest / STAGING_MARK).unlink(missing_ok=True)  # a kill right after a publish
+    _clear(old, dest)
+    _clear(staging, dest)
 
 
 @contextlib.contextmanager
 def publish_dir(dest: Path) -> Iterator[Path]:
-    """Yield a staging folder to write into; on success it replaces `dest` atomically (`dest` untouched on error)."""
+    """Yield a staging folder to write into; on success it replaces `dest` atomically (`dest` untouched on error).
+
+    The staging folder, and the previous `dest` while it is set aside, carry STAGING_MARK, so a later start removes
+    them after a kill and nothing else (a user's `.tmp-NAME` or `.old-NAME` is refused, never deleted).
+    NotOurs when `dest` is a link or a file, or such a name is taken by something this tool did not make.
+    """
     dest = Path(dest)
+    check_publishable(dest)
     recover_published(dest)
     staging = _staging(dest)
     staging.mkdir(parents=True)
+    (staging / STAGING_MARK).touch()
     try:
         yield staging
         _sync_tree(staging)
+        if dest.exists():
+            (dest / STAGING_MARK).touch()  # the previous folder, about to be set aside
         if not dest.exists():
             os.rename(staging, dest)
         elif _exchange(staging, dest):
@@ -159,5 +201,7 @@ def publish_dir(dest: Path) -> Iterator[Path]:
             os.rename(dest, _previous(dest))
             os.rename(staging, dest)
             shutil.rmtree(_previous(dest))
+        (dest / STAGING_MARK).unlink()  # not part of what is published (a kill before this: removed at next start)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if _ours(staging):
+            shutil.rmtree(staging)

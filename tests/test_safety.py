@@ -294,12 +294,91 @@ with publish_dir(Path({str(out / "final")!r})) as folder:
     assert killed.returncode == -9, killed.stderr  # the kill landed inside the write
     assert _files(out / "final") == before
     AutoModelForCausalLM.from_pretrained(out / "final")
-    # the fallback's in-between state (previous export moved aside, new one not yet in place) is repaired at start
-    (out / "final").rename(out / ".old-final")
-    from lifecycle.outdir import recover_published
+    from lifecycle.outdir import STAGING_MARK, recover_published
 
+    assert (out / ".tmp-final" / STAGING_MARK).is_file()  # the killed write's staging folder, marked as ours
+    recover_published(out / "final")
+    assert not (out / ".tmp-final").exists()
+    # the fallback's in-between state (previous export marked and moved aside, the new one not yet in place) is
+    # repaired at start
+    (out / "final" / STAGING_MARK).touch()
+    (out / "final").rename(out / ".old-final")
     recover_published(out / "final")
     assert _files(out / "final") == before and not (out / ".old-final").exists()
+
+
+def test_staging_names_held_by_others_are_refused_never_deleted(tmp_path):
+    """A .tmp-NAME or .old-NAME this tool did not make (a folder, a file, a link) and a NAME that is a link are
+    refused with one line and left as they are; what publish_dir does make leaves no mark in what it publishes."""
+    from lifecycle.outdir import NotOurs, publish_dir
+
+    dest, target = tmp_path / "out", tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with publish_dir(dest) as folder:
+        (folder / "a.txt").write_text("1")
+    assert sorted(p.name for p in dest.iterdir()) == ["a.txt"]
+    with publish_dir(dest) as folder:  # a replacement: the previous folder set aside, then removed
+        (folder / "b.txt").write_text("2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"] and (dest / "b.txt").is_file()
+    for name, make in [
+        (".tmp-out", lambda p: (p.mkdir(), (p / "user.txt").write_text("u"))),
+        (".old-out", lambda p: (p.mkdir(), (p / "user.txt").write_text("u"))),
+        (".tmp-out", lambda p: p.write_text("a file")),
+        (".old-out", lambda p: p.symlink_to(target)),
+    ]:
+        make(tmp_path / name)
+        with pytest.raises(NotOurs, match="not made by this tool"), publish_dir(dest) as folder:
+            (folder / "c.txt").write_text("3")
+        assert os.path.lexists(tmp_path / name) and (target / "keep.txt").read_text() == "mine"
+        assert sorted(p.name for p in dest.iterdir()) == ["b.txt"]
+        path = tmp_path / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    linked = tmp_path / "linked"
+    linked.symlink_to(target)
+    with pytest.raises(NotOurs, match="is a link"), publish_dir(linked) as folder:
+        (folder / "c.txt").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+
+
+def test_export_leaves_a_users_staging_named_folder_alone(six_step_dir, tmp_path):
+    from tests.helpers import PYTHON, ROOT
+
+    theirs = tmp_path / ".tmp-hf"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    cmd = [PYTHON, str(ROOT / "export.py"), str(six_step_dir / "checkpoints" / "checkpoint-6"), str(tmp_path / "hf")]
+    import subprocess
+
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "not made by this tool" in result.stderr
+    assert (theirs / "notes.txt").read_text() == "mine" and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("product", ["final", "tokenizer"])
+def test_a_linked_export_folder_is_refused_at_start(data_args, six_step_dir, tmp_path, product):
+    out = _copy(six_step_dir, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(out / product, elsewhere)
+    (out / product).symlink_to(elsewhere)
+    before = _files(elsewhere)
+    result = train(*data_args, "--max-steps", "8", "--output-dir", str(out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{out / product} is a link" in result.stderr
+    assert _files(elsewhere) == before and not (out / "checkpoints" / "checkpoint-8").exists()
+
+
+def test_a_finished_run_without_checkpoints_is_never_replaced_silently(data_args, tmp_path):
+    out = tmp_path / "explore"
+    first = train(*data_args, "--init-model", "--max-steps", "2", "--save-strategy", "no", "--output-dir", str(out))
+    assert first.returncode == 0 and (out / "final").is_dir(), first.stderr[-2000:]
+    before = _files(out / "final")
+    again = train(*data_args, "--init-model", "--max-steps", "2", "--save-strategy", "no", "--output-dir", str(out))
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    resumed = train(*data_args, "--max-steps", "4", "--output-dir", str(out))
+    assert resumed.returncode == 2 and "no checkpoint to resume" in resumed.stderr
+    assert _files(out / "final") == before
 
 
 def test_a_same_size_edit_of_the_data_is_noticed_on_resume(data_args, tmp_path):
