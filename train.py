@@ -46,7 +46,7 @@ import schedule
 from console import UsageError, bad_input, say
 from data.tokenizer import tokenizer_hash
 from lifecycle import checks, policy
-from lifecycle.checkpoint import Checkpointer, latest_checkpoint
+from lifecycle.checkpoint import Checkpointer, DiskFull, latest_checkpoint
 from lifecycle.checks import backend, bounded
 from lifecycle.divergence import DivergenceDetector
 from lifecycle.jobs import JobControl
@@ -521,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, data.DataError) as e:  # a DataError can surface mid-run: a bad line deep in a stream
         say(f"error: {e}", err=True)
         return 2
+    except DiskFull as e:  # a save that found the disk full: its partial checkpoint is already removed
+        safe = latest_checkpoint(run.output_dir / "checkpoints", warn=lambda m: None) if run else None
+        say(f"error: {e.strerror}; free space and resume: newest complete checkpoint: {safe or 'none'}", err=True)
+        return 1
     except KeyboardInterrupt as e:  # policy.Interrupted, or a SIGINT delivered while a handler was not installed
         signum = getattr(e, "signum", signal.SIGINT)
         safe = latest_checkpoint(run.output_dir / "checkpoints", warn=lambda m: None) if run else None

@@ -31,6 +31,7 @@ checkpoint with a warning. Nothing is ever unpickled beyond plain tensors (``tor
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -171,6 +172,30 @@ def latest_checkpoint(root: Path, warn: Callable[[str], None] = print, before: i
     return None
 
 
+class DiskFull(OSError):
+    """A checkpoint could not be written for lack of space; its staging folder is already removed."""
+
+
+def clear_staging(root: Path) -> list[Path]:
+    """Remove the staging folders of saves a crash or a full disk cut short (``.tmp-checkpoint-*``; a link of that
+    name is unlinked, never followed); returns what was removed. Rank 0, at the start of a run."""
+    removed = []
+    for path in sorted(Path(root).glob(".tmp-checkpoint-*")) if Path(root).is_dir() else []:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path)
+    return removed
+
+
+def _space_left(root: Path) -> int:
+    try:
+        return shutil.disk_usage(root).free
+    except OSError:
+        return -1
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -200,6 +225,30 @@ def save_checkpoint(
     barrier()
     if exists:
         return final
+    try:
+        _write_parts(tmp, rank, model_part, optimizer_part, trainer_state, rank_state)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or _space_left(root) < (1 << 20)
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint holding the space
+        if full:
+            raise DiskFull(errno.ENOSPC, f"no space left on device in {root} (checkpoint-{step} not written)") from e
+        raise
+    barrier()
+    if rank == 0:
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        for p in files:
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        write_json(tmp / MARKER, {"step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}})
+        fsync_dir(tmp)
+        os.rename(tmp, final)
+        fsync_dir(root)
+    barrier()
+    return final
+
+
+def _write_parts(tmp: Path, rank: int, model_part, optimizer_part, trainer_state, rank_state) -> None:
+    """This rank's files of a checkpoint, into its staging folder."""
     if is_sharded(model_part):  # every rank takes part in these collective writes
         _save_sharded(model_part, tmp / "model")
         tensors, scalars = _flatten_optimizer(optimizer_part)
@@ -214,18 +263,6 @@ def save_checkpoint(
     if rank == 0:
         write_json(tmp / "trainer_state.json", trainer_state)
     write_json(tmp / f"rank-{rank}.json", rank_state)
-    barrier()
-    if rank == 0:
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        for p in files:
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        write_json(tmp / MARKER, {"step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}})
-        fsync_dir(tmp)
-        os.rename(tmp, final)
-        fsync_dir(root)
-    barrier()
-    return final
 
 
 def is_sharded(part: dict | None) -> bool:

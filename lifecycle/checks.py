@@ -158,6 +158,8 @@ def take_output_dir(output_dir: Path) -> OutputDirLock | None:
             raise UsageError(str(e)) from None
         if problem := replace.settle_replaced(output_dir):  # an --overwrite-output-dir start cut short
             raise UsageError(problem)
+        for path in ckpt.clear_staging(output_dir / "checkpoints"):  # saves cut short: their space back
+            say(f"removed {path.name}, a checkpoint a crash or a full disk cut short")
     return lock
 
 

@@ -527,3 +527,40 @@ def test_a_run_lock_that_is_a_link_is_refused_and_its_target_left_alone(tmp_path
     with pytest.raises(OutputDirBusy, match="is a link"):  # the lock itself never follows it either
         OutputDirLock(out).acquire()
     assert victim.read_text() == "keep me\n"
+
+
+def test_a_full_disk_fails_the_save_in_one_line_and_gives_its_space_back(data_args, tmp_path):
+    """A real full filesystem (a 16 MB tmpfs in a private mount namespace): checkpoint-3 fits, checkpoint-6 does not.
+    The run exits 1 naming the newest complete checkpoint, its partial checkpoint is gone, and once there is space
+    the resume finishes the run."""
+    import shlex
+    import subprocess
+
+    from tests.helpers import PYTHON, ROOT
+
+    mnt, out = tmp_path / "disk", tmp_path / "disk" / "run"
+    mnt.mkdir()
+    cmd = [PYTHON, str(ROOT / "train.py"), *data_args, "--max-steps", "6", "--output-dir", str(out)]
+    script = f"""
+mount -t tmpfs -o size=16m tmpfs {mnt} || exit 77
+cd {ROOT}
+{shlex.join(cmd + ["--init-model"])} > {tmp_path}/full.out 2> {tmp_path}/full.err; echo $? > {tmp_path}/full.rc
+ls -a {out}/checkpoints > {tmp_path}/after.ls
+mount -o remount,size=64m {mnt}
+{shlex.join(cmd)} > {tmp_path}/resume.out 2> {tmp_path}/resume.err; echo $? > {tmp_path}/resume.rc
+"""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", script], env=env)
+    except FileNotFoundError:
+        pytest.skip("unshare is not installed")
+    if done.returncode == 77 or not (tmp_path / "full.rc").exists():
+        pytest.skip("cannot mount a private tmpfs here")
+    err = (tmp_path / "full.err").read_text()
+    assert (tmp_path / "full.rc").read_text().strip() == "1", err[-2000:]
+    assert "Traceback" not in err and f"no space left on device in {out / 'checkpoints'}" in err
+    assert "newest complete checkpoint:" in err and "checkpoint-3" in err.splitlines()[-1]
+    assert (tmp_path / "after.ls").read_text().split() == [".", "..", "checkpoint-3"]  # no partial checkpoint-6
+    resume_err = (tmp_path / "resume.err").read_text()
+    assert (tmp_path / "resume.rc").read_text().strip() == "0", resume_err[-2000:]
+    assert "resumed" in (tmp_path / "resume.out").read_text()
