@@ -346,9 +346,25 @@ RESUME_WATCHED = (
 )  # fmt: skip
 
 
+def check_run_dir(run_dir: str | None, output_dir: Path) -> None:
+    """The log folder a checkpoint names must be `runs/<name>` inside the output dir (logs are appended there and
+    truncated to the checkpoint's step): refuse one that leads elsewhere ('../x', a link). An absolute one, from
+    older checkpoints, is never used (a new log folder is made)."""
+    if run_dir is None or Path(run_dir).is_absolute():
+        return
+    parts, runs = Path(run_dir).parts, output_dir / "runs"
+    inside = len(parts) == 2 and parts[0] == "runs" and parts[1] not in (".", "..")
+    if not inside or runs.is_symlink() or (output_dir / run_dir).is_symlink():
+        raise UsageError(
+            f"the newest checkpoint in {output_dir} names {run_dir!r} as its log folder, which is not a folder under "
+            f"{runs}/ (an edited or damaged checkpoint); restore it, or start over with --init-model"
+        )
+
+
 def check_resume(args: argparse.Namespace, saved: dict, tokenizer, plan: schedule.Plan, output_dir: Path) -> list[str]:
     """Refuse what cannot continue the saved run (another optimizer, another tokenizer); returns what changed."""
     before = saved.get("args") or {}
+    check_run_dir(saved.get("run_dir"), output_dir)
     if before.get("optimizer", args.optimizer) != args.optimizer:
         raise UsageError(
             f"{output_dir} was trained with --optimizer {before['optimizer']}, whose state cannot continue as "
@@ -357,8 +373,13 @@ def check_resume(args: argparse.Namespace, saved: dict, tokenizer, plan: schedul
     trained_with = saved.get("tokenizer_hash") or ((saved.get("data_state") or {}).get("fingerprint") or {}).get(
         "tokenizer"
     )
-    own_missing = Path(tokenizer) == output_dir / "tokenizer" and not (output_dir / "tokenizer").is_dir()
-    if trained_with and not own_missing:  # runs saved before tokenizer/ was kept have nothing to compare
+    if Path(tokenizer) == output_dir / "tokenizer" and not (output_dir / "tokenizer" / "tokenizer.json").is_file():
+        # NOTE: a new tokenizer trained here would give the saved embeddings other token ids, silently
+        raise UsageError(
+            f"{output_dir} has checkpoints but no tokenizer/ (the one they were trained with, copied without it?); "
+            "pass that tokenizer with --tokenizer (it is checked against the checkpoint's record)"
+        )
+    if trained_with:  # runs saved before tokenizer/ was kept have nothing to compare
         now = tokenizer_hash(data.load_tokenizer(tokenizer))
         if now != trained_with and not args.allow_tokenizer_change:
             raise UsageError(

@@ -564,3 +564,36 @@ mount -o remount,size=64m {mnt}
     resume_err = (tmp_path / "resume.err").read_text()
     assert (tmp_path / "resume.rc").read_text().strip() == "0", resume_err[-2000:]
     assert "resumed" in (tmp_path / "resume.out").read_text()
+
+
+def test_a_resume_without_the_runs_tokenizer_asks_for_it(data_args, six_step_dir, tmp_path):
+    """Only checkpoints/ copied: no tokenizer is trained anew (the embeddings would continue under other ids)."""
+    out = _copy(six_step_dir, tmp_path)
+    shutil.rmtree(out / "tokenizer")
+    no_tokenizer = [a for i, a in enumerate(data_args) if "--tokenizer" not in data_args[i - 1 : i + 1]]
+    refused = train(*no_tokenizer, "--max-steps", "8", "--output-dir", str(out))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "no tokenizer/" in refused.stderr and "--tokenizer" in refused.stderr
+    assert not (out / "tokenizer").exists() and not (out / "checkpoints" / "checkpoint-8").exists()
+    given = train(*data_args, "--max-steps", "8", "--output-dir", str(out))  # the run's own, checked by its hash
+    assert given.returncode == 0, given.stderr[-2000:]
+
+
+def test_a_checkpoint_naming_a_log_folder_outside_the_run_is_refused(data_args, six_step_dir, tmp_path):
+    from lifecycle.checkpoint import MARKER, _sha256
+
+    out = _copy(six_step_dir, tmp_path)
+    newest = out / "checkpoints" / "checkpoint-6"
+    state = json.loads((newest / "trainer_state.json").read_text())
+    assert state["run_dir"].startswith("runs/")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "trainer_logs.jsonl").write_text('{"keep": 1}\n')
+    state["run_dir"] = "../elsewhere"
+    (newest / "trainer_state.json").write_text(json.dumps(state))
+    marker = json.loads((newest / MARKER).read_text())  # re-signed, so the checkpoint still verifies
+    marker["files"]["trainer_state.json"] = _sha256(newest / "trainer_state.json")
+    (newest / MARKER).write_text(json.dumps(marker))
+    result = train(*data_args, "--max-steps", "8", "--output-dir", str(out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "'../elsewhere'" in result.stderr and "log folder" in result.stderr
+    assert (tmp_path / "elsewhere" / "trainer_logs.jsonl").read_text() == '{"keep": 1}\n'
