@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import tempfile
@@ -93,6 +94,16 @@ def _writable(folder: Path) -> str | None:
 
 def check_output_dir(output_dir: Path) -> None:
     """The output dir is a directory (or can be made one) that this process can write, with writable subfolders."""
+    try:
+        os.stat(output_dir)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(f"--output-dir {output_dir} is a loop of links; choose another --output-dir") from None
+        if output_dir.is_symlink():
+            raise UsageError(
+                f"--output-dir {output_dir} is a link to nothing ({os.readlink(output_dir)}); make the folder it "
+                "points to, or choose another --output-dir"
+            ) from None
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output-dir {output_dir} is a file, not a directory; choose another --output-dir")
     existing = output_dir

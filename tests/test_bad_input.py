@@ -70,6 +70,9 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     (f / "nested.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
     (f / "no-text.jsonl").write_text('{"body": "a document under the wrong key"}\n')
     (f / "array.json").write_text(json.dumps([{"text": "a"}, {"text": ["b"]}]))
+    (f / "loop-a").symlink_to(f / "loop-b")  # a loop of links
+    (f / "loop-b").symlink_to(f / "loop-a")
+    (f / "dangling").symlink_to(f / "nothing-here")
     (f / "bad-tokenizer.json").write_text('{"version": "1.0", "model": ')
     (f / "tokenizer-dir").mkdir()
     (f / "tokenizer-dir" / "tokenizer.json").write_bytes(b"\x00\x01binary")
@@ -235,6 +238,9 @@ CASES = {
     # output dir
     "output dir is a file": (["--output-dir", "{f}/empty.txt"], "is a file, not a directory"),
     "output dir below a file": (["--output-dir", "{f}/empty.txt/run"], "cannot be created"),
+    "output dir a link loop": (["--output-dir", "{f}/loop-a"], "is a loop of links"),
+    "output dir below a link loop": (["--output-dir", "{f}/loop-a/run"], "is a loop of links"),
+    "output dir a dangling link": (["--output-dir", "{f}/dangling"], "is a link to nothing"),
     "output dir read-only": (["--output-dir", "/sys/small-llm-run"], "is not writable"),
     "checkpoints is a file": (["--output-dir", "{f}/checkpoints-file"], "checkpoints is a file"),
     "run.lock is a folder": (["--output-dir", "{f}/lock-folder"], "run.lock is not a file"),
