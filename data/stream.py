@@ -273,8 +273,9 @@ class PackedStream:
 
     Keys: input_ids, labels (already shifted, -100 across documents), position_ids, doc_ids (see data/packing.py).
     `state_dict()` is JSON-serialisable and the same on every rank (save rank 0's); `load_state_dict(state)` resumes
-    exactly, also with another world size or mode, and raises ValueError when the data, tokenizer, max_length or
-    seed differ from the run that saved it (a caller that wants to start over simply does not load the state).
+    exactly, also with another world size or mode; with another max_length the rows continue at the next token of
+    the same document stream. It raises ValueError when the data, tokenizer or seed differ from the run that saved
+    it (a caller that wants to start over simply does not load the state).
     In dispatch mode only rank 0 reads data; tensors arrive on the process group's device (CUDA for NCCL).
     """
 
@@ -301,6 +302,7 @@ class PackedStream:
         self.rank, self.world_size, self.seed, self.split = rank, world_size, seed, split
         self.dispatch, self.group = dispatch and world_size > 1, group
         self.rows = 0  # global rows emitted so far
+        self._tokens = 0  # global tokens emitted so far (rows x max_length, summed over a max_length change)
         self._reader = not self.dispatch or rank == 0
         self._fingerprint = {
             "version": STATE_VERSION,
@@ -362,7 +364,7 @@ class PackedStream:
     @property
     def tokens(self) -> int:
         """Global tokens emitted so far (rows × max_length)."""
-        return self.rows * self.max_length
+        return self._tokens
 
     def source_counts(self) -> dict[str, dict[str, int]]:
         """Documents and tokens drawn from each source so far ({} on ranks that read no data).
@@ -381,12 +383,14 @@ class PackedStream:
         else:
             batch = {k: torch.from_numpy(v) for k, v in self._next_rows(G, rank_rows(self.rank, B)).items()}
         self.rows += G
+        self._tokens += G * self.max_length
         return batch
 
     def next_global(self) -> dict[str, torch.Tensor]:
         """The whole next global batch (G rows) without splitting it by rank; used by eval and tests."""
         out = {k: torch.from_numpy(v) for k, v in self._next_rows(self.global_batch_size).items()}
         self.rows += self.global_batch_size
+        self._tokens += self.global_batch_size * self.max_length
         return out
 
     def state_dict(self) -> dict:
@@ -401,6 +405,7 @@ class PackedStream:
         """Continue exactly where `state` was saved; ValueError when it belongs to other data or settings."""
         self._check_fingerprint(state.get("fingerprint") or {})
         self.rows = state["rows"]
+        self._tokens = state.get("tokens", self.rows * self.max_length)
         if not self._reader:
             return
         if "docs" not in state:
@@ -449,7 +454,9 @@ class PackedStream:
 
     def _check_fingerprint(self, saved: dict) -> None:
         mine = self._fingerprint  # NOTE: ranks that never read data (dispatch followers) cannot check the sources
-        changed = [k for k in mine if saved.get(k) != mine[k]]
+        # NOTE: the position is a token position in the stream of documents, which max_length does not shape: rows
+        # of another length continue at the very next token
+        changed = [k for k in mine if saved.get(k) != mine[k] and k != "max_length"]
         if changed:
             details = ", ".join(f"{k} {_short(saved.get(k))} -> {_short(mine[k])}" for k in changed)
             raise ValueError(

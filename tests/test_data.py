@@ -351,14 +351,28 @@ def test_fingerprint_mismatch_is_explained(tok, two_sources, tmp_path):
     s = data.PackedStream(mix, tok, 48, 2, seed=5)
     next(s)
     state = s.state_dict()
-    with pytest.raises(ValueError, match="max_length 48 -> 64"):
-        data.PackedStream(mix, tok, 64, 2, seed=5).load_state_dict(state)
     with pytest.raises(ValueError, match="seed 5 -> 6"):
         data.PackedStream(mix, tok, 48, 2, seed=6).load_state_dict(state)
     other = write_txt(tmp_path / "c.txt", make_docs(10, 9, "gamma"))
     with pytest.raises(ValueError, match="sources"):
         data.PackedStream(parse_mix(f"{two_sources},{other}"), tok, 48, 2, seed=5).load_state_dict(state)
     data.PackedStream(mix, tok, 48, 4, world_size=2, seed=5).load_state_dict(state)  # batch layout may change
+
+
+def test_another_max_length_continues_at_the_next_token(tok, two_sources, small_chunks):
+    """A resume with a changed --max-length: its rows are the very next tokens of the same document stream (the
+    oracle: an uninterrupted stream at the old length, read on), no token skipped or repeated."""
+    mix = parse_mix(two_sources)
+    s = data.PackedStream(mix, tok, 48, 2, seed=5)
+    batches(s, 7)  # 7 batches of 2 x 48: past a chunk boundary (small_chunks)
+    state = json.loads(json.dumps(s.state_dict()))
+    resumed = data.PackedStream(mix, tok, 96, 2, seed=5)
+    resumed.load_state_dict(state)
+    longer = batches(resumed, 3)  # 3 x 2 x 96 tokens
+    on = batches(s, 6)  # the same 576 tokens at 48 per row
+    for key in ("input_ids", "labels"):
+        assert torch.equal(torch.cat([b[key].flatten() for b in longer]), torch.cat([b[key].flatten() for b in on]))
+    assert resumed.tokens == 7 * 2 * 48 + 3 * 2 * 96 and resumed.state_dict()["fingerprint"]["max_length"] == 96
 
 
 def test_global_batches_do_not_depend_on_world_size(tok, two_sources, small_chunks):

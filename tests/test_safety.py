@@ -434,6 +434,16 @@ def test_changed_batch_is_said_and_changed_optimizer_refused(data_args, six_step
     assert bigger.returncode == 0, bigger.stderr[-2000:]
     (line,) = [x for x in bigger.stderr.splitlines() if x.startswith("resume: changed")]
     assert "--batch-size 4 -> 8" in line and "peak LR" in line
+    # a longer context continues the data at its next token (data/stream.py), said like any other change
+    longer = train(
+        *data_args, "--batch-size", "8", "--max-length", "128", "--max-steps", "10", "--output-dir", str(out)
+    )
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    (line,) = [x for x in longer.stderr.splitlines() if x.startswith("resume: changed")]
+    assert "--max-length 64 -> 128" in line
+    records = [json.loads(x) for x in next((out / "runs").iterdir()).joinpath("trainer_logs.jsonl").open()]
+    tokens = {r["step"]: r["tokens"] for r in records if r["type"] == "train"}
+    assert tokens[10] - tokens[8] == 2 * 8 * 128  # two steps of 8 rows of 128 tokens
 
 
 def test_signals_stop_cleanly_once_at_once_twice_and_before_the_loop(data_args, six_step_dir, tmp_path):
