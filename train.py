@@ -393,7 +393,8 @@ def start_state(run: Run, lay: Layout, start_id: str) -> RunState:
     state = RunState(lay, checkpoints, scheduler, detector, describe)
     if run.resume_from is not None:
         with bad_input():
-            state.resume(run.resume_from, data_too=not args.no_restore_dataset_state)
+            data_too = not args.no_restore_dataset_state
+            run.resume_from = state.resume_newest(run.resume_from, data_too, warn=lambda m: say(m, err=True))
         if args.no_restore_dataset_state:
             say("data: --no-restore-dataset-state given, restarting the data from the beginning")
         say(f"resumed from {run.resume_from} at step {state.train.step:,}")

@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -170,6 +171,10 @@ def latest_checkpoint(root: Path, warn: Callable[[str], None] = print, before: i
             return path
         warn(f"warning: skipping damaged checkpoint {path}: {problem}")
     return None
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint that verified but cannot be read (an optimizer pickle refused by the safe loader)."""
 
 
 class DiskFull(OSError):
@@ -360,7 +365,11 @@ def load_checkpoint(path: Path, rank: int, place: Callable | None = None) -> dic
             model_state.setdefault(name, tensor)  # a tied weight held by two stages is the same tensor
     optimizer_state: dict[str, Any] = {"state": {}, "extra": {}}
     for file in sorted(path.glob("optimizer-*.pt"), key=_part):
-        part = torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            part = torch.load(file, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # never unpickled unsafely
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DamagedCheckpoint(f"{path} is damaged ({file.name} cannot be read safely: {why})") from None
         for name, value in part["state"].items():
             optimizer_state["state"].setdefault(name, value)
         if _part(file) in (0, rank):

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from console import say
-from lifecycle.checkpoint import Checkpointer, capture_rng, restore_rng
+from lifecycle.checkpoint import Checkpointer, DamagedCheckpoint, capture_rng, restore_rng
 from lifecycle.divergence import DivergenceDetector
 
 
@@ -58,6 +58,21 @@ class RunState:
     def resume(self, path: Path, data_too: bool) -> None:
         self._load(path, data_too)
         self.scheduler.restore(self.train.step, self.train.lr_factor)
+
+    def resume_newest(self, path: Path, data_too: bool, warn) -> Path:
+        """Resume from `path`, or, when it verifies but cannot be read (DamagedCheckpoint), from the newest older
+        checkpoint that can, each skipped one named by `warn`; returns the checkpoint resumed. Nothing of a skipped
+        one is applied (every file is read before the state is touched)."""
+        while True:
+            try:
+                self.resume(path, data_too)
+                return path
+            except DamagedCheckpoint as e:
+                older = self.checkpoints.latest(before=int(path.name.rsplit("-", 1)[1]))
+                if older is None:
+                    raise
+                warn(f"warning: skipping {e}; resuming {older.name}")
+                path = older
 
     def advance(self, tokens: int) -> int:
         """Count one optimizer update (after the layout's step); returns its step number."""

@@ -589,9 +589,37 @@ def test_a_resume_without_the_runs_tokenizer_asks_for_it(data_args, six_step_dir
     assert given.returncode == 0, given.stderr[-2000:]
 
 
-def test_a_checkpoint_naming_a_log_folder_outside_the_run_is_refused(data_args, six_step_dir, tmp_path):
+def _resign(checkpoint: Path, name: str) -> None:
+    """Record a file's new hash in the checkpoint's COMPLETE marker, as an attacker with write access could."""
     from lifecycle.checkpoint import MARKER, _sha256
 
+    marker = json.loads((checkpoint / MARKER).read_text())
+    marker["files"][name] = _sha256(checkpoint / name)
+    (checkpoint / MARKER).write_text(json.dumps(marker))
+
+
+class _Planted:
+    def __reduce__(self):  # what an unsafe unpickler would run
+        return (os.system, ("touch PLANTED_BY_PICKLE",))
+
+
+def test_an_optimizer_pickle_the_safe_loader_refuses_is_skipped_never_run(data_args, six_step_dir, tmp_path):
+    """A verified checkpoint whose optimizer file holds code: never executed; the checkpoint is named damaged and the
+    one before it resumes (the same run as resuming that one directly)."""
+    import pickle
+
+    out = _copy(six_step_dir, tmp_path)
+    newest = out / "checkpoints" / "checkpoint-6"
+    (newest / "optimizer-0.pt").write_bytes(pickle.dumps({"state": _Planted()}))
+    _resign(newest, "optimizer-0.pt")
+    result = train(*data_args, "--max-steps", "7", "--output-dir", str(out), env={"PWD": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "cannot be read safely" in result.stderr
+    assert "resumed from" in result.stdout and "checkpoint-3 at step 3" in result.stdout
+    assert not list(Path.cwd().glob("PLANTED_BY_PICKLE")) and not list(tmp_path.rglob("PLANTED_BY_PICKLE"))
+
+
+def test_a_checkpoint_naming_a_log_folder_outside_the_run_is_refused(data_args, six_step_dir, tmp_path):
     out = _copy(six_step_dir, tmp_path)
     newest = out / "checkpoints" / "checkpoint-6"
     state = json.loads((newest / "trainer_state.json").read_text())
@@ -600,9 +628,7 @@ def test_a_checkpoint_naming_a_log_folder_outside_the_run_is_refused(data_args, 
     (tmp_path / "elsewhere" / "trainer_logs.jsonl").write_text('{"keep": 1}\n')
     state["run_dir"] = "../elsewhere"
     (newest / "trainer_state.json").write_text(json.dumps(state))
-    marker = json.loads((newest / MARKER).read_text())  # re-signed, so the checkpoint still verifies
-    marker["files"]["trainer_state.json"] = _sha256(newest / "trainer_state.json")
-    (newest / MARKER).write_text(json.dumps(marker))
+    _resign(newest, "trainer_state.json")  # so the checkpoint still verifies
     result = train(*data_args, "--max-steps", "8", "--output-dir", str(out))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "'../elsewhere'" in result.stderr and "log folder" in result.stderr
