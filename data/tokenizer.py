@@ -105,6 +105,35 @@ def bos_eos_ids(tokenizer: "PreTrainedTokenizerFast") -> tuple[int, int]:
     return bos, eos
 
 
+# Above this share of unknown tokens on the data a tokenizer does not fit it: refused; above UNKNOWN_WARN, a warning.
+UNKNOWN_REFUSE, UNKNOWN_WARN = 0.5, 0.01
+
+
+def unknown_token_rate(tokenizer: "PreTrainedTokenizerFast", texts: list[str]) -> float | None:
+    """Share of the tokens of `texts` that are the tokenizer's unknown token (None: it has none, as byte-level BPE,
+    which can encode any text, or no tokens at all)."""
+    unk = tokenizer.unk_token_id
+    if not isinstance(unk, int) or not texts:
+        return None
+    encoded = tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    total = sum(len(e.ids) for e in encoded)
+    return sum(e.ids.count(unk) for e in encoded) / total if total else None
+
+
+def check_fits(tokenizer: "PreTrainedTokenizerFast", mix: Mix, name: str, warn, docs: int = 200) -> None:
+    """Refuse (ValueError) a tokenizer that maps more than half of the data's tokens to its unknown token; warn
+    above 1%. Reads `docs` documents, and only for tokenizers that have an unknown token."""
+    if not isinstance(tokenizer.unk_token_id, int) or mix.cache_dir:
+        return
+    rate = unknown_token_rate(tokenizer, list(sample_texts(mix, docs)))
+    if rate is None or rate <= UNKNOWN_WARN:
+        return
+    what = f"the tokenizer {name} maps {rate:.0%} of the data's tokens to its unknown token {tokenizer.unk_token!r}"
+    if rate > UNKNOWN_REFUSE:
+        raise ValueError(f"{what}: it does not fit this data; pass a tokenizer made for it, or none to train one")
+    warn(f"warning: {what} (measured on {docs} documents); the model cannot tell those apart")
+
+
 def tokenizer_hash(tokenizer: "PreTrainedTokenizerFast") -> str:
     """A short digest of what decides the token ids: vocabulary, merges, normalizer, pre-tokenizer and BOS/EOS."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import data
 from console import bad_input, say
-from data.tokenizer import tokenizer_hash
+from data.tokenizer import check_fits, tokenizer_hash
 from lifecycle.outdir import publish_dir
 
 
@@ -26,6 +26,7 @@ def build_tokenizer(run, is_main: bool, barrier):
         with bad_input():
             if run.tokenizer:
                 tok = data.load_tokenizer(run.tokenizer)
+                check_fits(tok, run.mix, run.tokenizer, warn=lambda m: say(m, err=True))
             elif (saved / "tokenizer.json").is_file() and not run.args.init_model:
                 tok = data.load_tokenizer(saved)
             else:  # trained (or taken from a token cache) and saved into the staging folder

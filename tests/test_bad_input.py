@@ -38,6 +38,19 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def _word_level_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import data
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<|bos|>", "<|eos|>", "the", "a", "of", "to", "and"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<|bos|>", eos_token="<|eos|>")
+    data.save_tokenizer(tok, folder)
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> dict[str, Path]:
     """A trained output dir (3 steps, one checkpoint, final/), its data and tokenizer, and a folder of bad files."""
@@ -70,6 +83,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     (f / "nested.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
     (f / "no-text.jsonl").write_text('{"body": "a document under the wrong key"}\n')
     (f / "array.json").write_text(json.dumps([{"text": "a"}, {"text": ["b"]}]))
+    _word_level_tokenizer(f / "unk-tokenizer")  # knows 5 words: nearly every token of the corpus is unknown
     (f / "loop-a").symlink_to(f / "loop-b")  # a loop of links
     (f / "loop-b").symlink_to(f / "loop-a")
     (f / "dangling").symlink_to(f / "nothing-here")
@@ -239,6 +253,10 @@ CASES = {
     "output dir is a file": (["--output-dir", "{f}/empty.txt"], "is a file, not a directory"),
     "output dir below a file": (["--output-dir", "{f}/empty.txt/run"], "cannot be created"),
     "output dir a link loop": (["--output-dir", "{f}/loop-a"], "is a loop of links"),
+    "tokenizer of unknowns": (
+        ["--tokenizer", "{f}/unk-tokenizer", "--output-dir", "{f}/unk-run"],
+        "to its unknown token '<unk>'",
+    ),
     "output dir below a link loop": (["--output-dir", "{f}/loop-a/run"], "is a loop of links"),
     "output dir a dangling link": (["--output-dir", "{f}/dangling"], "is a link to nothing"),
     "output dir read-only": (["--output-dir", "/sys/small-llm-run"], "is not writable"),
