@@ -265,6 +265,7 @@ def resolve_run(args: argparse.Namespace) -> Run:
     with bad_input(), contextlib.ExitStack() as held:
         pipeline_schedule_name(args.pipeline_schedule)  # ValueError naming the choices, with --pipeline or not
         checks.validate_args(args)
+        checks.check_eval_memory(args)
         if args.compile and fsdp_requested():
             raise UsageError("--compile is not supported with FSDP yet (untested with sharded blocks); drop --compile")
         models.check_attn_implementation(args.attn_implementation)  # a missing optional kernel fails here

@@ -286,6 +286,18 @@ def run_memory(args: argparse.Namespace, cfg: ModelConfig, geometry, world_size:
     )
 
 
+def check_eval_memory(args: argparse.Namespace) -> None:
+    """The held-out set lives in host memory for the whole run (4 int64 fields per token of every held-out row):
+    refuse one larger than half of this process's share of host RAM, before hours of reading it."""
+    held_out = args.eval_batches * args.batch_size * args.max_length * 4 * 8
+    have, where = available_memory("cpu")
+    if held_out > have // 2:
+        raise UsageError(
+            f"--eval-batches {args.eval_batches:,} keeps {held_out / 2**30:,.1f} GiB of held-out rows in host memory, "
+            f"more than half of the {have / 2**30:.1f} GiB of {where}; lower --eval-batches"
+        )
+
+
 def check_memory(estimate: dict[str, int]) -> None:
     """Refuse a run whose estimated memory exceeds what the device (or host) has."""
     try:

@@ -253,6 +253,7 @@ CASES = {
     "output dir is a file": (["--output-dir", "{f}/empty.txt"], "is a file, not a directory"),
     "output dir below a file": (["--output-dir", "{f}/empty.txt/run"], "cannot be created"),
     "output dir a link loop": (["--output-dir", "{f}/loop-a"], "is a loop of links"),
+    "held-out set beyond memory": (["--eval-batches", "100000000"], "of held-out rows in host memory"),
     "tokenizer of unknowns": (
         ["--tokenizer", "{f}/unk-tokenizer", "--output-dir", "{f}/unk-run"],
         "to its unknown token '<unk>'",
