@@ -138,9 +138,16 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
+def _save(fig, out: Path, name: str) -> None:
+    """Write the figure to `out` (a folder: `name` in it); a path that cannot be written is one line (ValueError)."""
+    out = Path(out)
+    if out.is_dir():
+        out = out / name
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120, bbox_inches="tight")
+    except OSError as e:
+        raise ValueError(f"cannot write {out}: {e.strerror or e}; choose another -o/--output") from None
     print(f"wrote {out}")
 
 
@@ -169,7 +176,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         handles, labels = handles + more_handles, labels + more_labels
     ax.legend(handles, labels, loc="upper right")
     ax.set_title(_label(log_file))
-    _save(fig, args.output or log_file.parent / "loss_curves.png")
+    _save(fig, args.output or log_file.parent, "loss_curves.png")
     plt.close(fig)
     return 0
 
@@ -192,7 +199,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("loss curves")
-    _save(fig, args.output or Path("loss_compare.png"))
+    _save(fig, args.output or Path("."), "loss_compare.png")
     plt.close(fig)
     return 0
 

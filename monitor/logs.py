@@ -18,6 +18,7 @@ TensorBoard is told to purge them, so each step appears once.
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -63,18 +64,32 @@ def resolve_log_file(path: Path | str) -> Path:
 
 
 def _parse_lines(lines: list[str], source: Path) -> list[dict]:
-    records = []
+    """The records of a log's lines. A line that is JSON but no record of ours (not an object, or a step that is not
+    an integer, a type that is not a string) is skipped with one warning; numeric fields of another type are left to
+    the readers, which take numbers only."""
+    records, skipped = [], 0
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             # NOTE: a process killed mid-write leaves a partial last line; anything else is real corruption.
             if i == len(lines) - 1:
                 continue
             raise ValueError(f"{source} line {i + 1} is not valid JSON; fix or delete that line.") from None
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(record, dict) or not isinstance(record.get("type"), str) or not _is_int(step):
+            skipped += 1
+            continue
+        records.append(record)
+    if skipped:
+        print(f"warning: skipped {skipped} line(s) of {source} that are not records of a run", file=sys.stderr)
     return records
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_logs(path: Path | str) -> list[dict]:

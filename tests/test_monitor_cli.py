@@ -111,6 +111,28 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
+def test_damaged_records_are_skipped_and_unwritable_outputs_are_one_line(tmp_path, capsys):
+    run_dir = _synthetic_run(tmp_path / "out", offset=0.0, steps=20)
+    log = run_dir / "trainer_logs.jsonl"
+    lines = log.read_text().splitlines()
+    damaged = ["[1, 2]", '"text"', '{"type": "train", "step": "x", "loss": "bad"}', '{"type": 3, "step": 1}']
+    log.write_text("\n".join(lines[:5] + damaged + lines[5:]) + "\n")
+    assert cli.main(["summary", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr()
+    assert "skipped 4 line(s)" in out.err and "out/" in out.out
+    assert [r["step"] for r in read_logs(log)] == [r["step"] for r in read_logs(log) if isinstance(r["step"], int)]
+    # -o a folder: the PNG goes into it, and the path said is the one written
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    assert cli.main(["plot", str(tmp_path / "out"), "-o", str(folder)]) == 0
+    assert f"wrote {folder / 'loss_curves.png'}" in capsys.readouterr().out and (folder / "loss_curves.png").is_file()
+    for target in ("/proc/x.png", str(tmp_path / "file.txt" / "x.png")):
+        (tmp_path / "file.txt").write_text("a file")
+        assert cli.main(["plot", str(tmp_path / "out"), "-o", target]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err[-1].startswith(f"error: cannot write {target}") and "Traceback" not in "\n".join(err)
+
+
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "monitor", "plot", str(tmp_path / "missing")],
