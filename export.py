@@ -3,8 +3,8 @@
     python export.py output_models/run/checkpoints/checkpoint-6000 output_models/run/hf-6000
     python export.py CHECKPOINT OUT --tokenizer path/to/tokenizer   # when the run's tokenizer/ is gone
 
-A checkpoint of any layout converts (one process, DDP, a K-stage pipeline): its model-<k>.safetensors parts are
-merged by parameter name (lifecycle.checkpoint.load_checkpoint, the loader a resume uses) and written by
+A checkpoint of any layout converts (one process, DDP, a K-stage pipeline, FSDP): its model-<k>.safetensors parts
+(FSDP: the shards in model/) are merged by parameter name (lifecycle.checkpoint.load_checkpoint, the loader a resume uses) and written by
 models.hf.export_hf, the function train.py writes `final/` with, so converting the last checkpoint of a run gives
 the same folder as its `final/`. The tokenizer is the run's own copy in `<output-dir>/tokenizer/` (for older runs
 that kept none: the run's `--tokenizer`, else the `--init-from` model's), checked against the one the checkpoint
@@ -55,9 +55,11 @@ def _tokenizer_spec(checkpoint: Path, trainer: dict, override: str | None) -> st
 def convert(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | None = None) -> Path:
     """Write the Hugging Face folder of `checkpoint` to `out_dir`; ValueError for bad input (nothing written)."""
     path, out = Path(checkpoint), Path(out_dir)
-    if not (path / "trainer_state.json").is_file() or not any(path.glob("model-*.safetensors")):
+    weights = any(path.glob("model-*.safetensors")) or any((path / "model").glob("*.safetensors"))
+    if not (path / "trainer_state.json").is_file() or not weights:
         raise ValueError(
-            f"{path} is not a checkpoint of train.py (expected trainer_state.json and model-<k>.safetensors, "
+            f"{path} is not a checkpoint of train.py (expected trainer_state.json and model-<k>.safetensors, or "
+            "FSDP's model/ shards, "
             "as in output_models/<run>/checkpoints/checkpoint-<step>)"
         )
     problem = verify(path)
