@@ -48,14 +48,36 @@ def find_run_dirs(output_dir: Path) -> list[Path]:
     return sorted(p for p in runs.iterdir() if p.is_dir())
 
 
+def _checkpointed_run_dir(output_dir: Path) -> Path | None:
+    """The log folder the newest complete checkpoint names (the run a resume continues), when it has logs: a start
+    that died or was put back before its first checkpoint leaves a newer, dead folder beside it."""
+    from lifecycle.checkpoint import MARKER, checkpoint_dirs
+
+    for _, checkpoint in checkpoint_dirs(output_dir / "checkpoints"):
+        if not (checkpoint / MARKER).is_file():
+            continue
+        try:
+            run_dir = json.loads((checkpoint / "trainer_state.json").read_text()).get("run_dir")
+        except (OSError, ValueError, AttributeError):
+            return None
+        parts = Path(run_dir).parts if isinstance(run_dir, str) else ()
+        folder = output_dir / run_dir if len(parts) == 2 and parts[0] == "runs" and ".." not in parts else None
+        return folder if folder is not None and (folder / LOG_NAME).is_file() else None
+    return None
+
+
 def resolve_log_file(path: Path | str) -> Path:
-    """The jsonl file for a jsonl path, a run directory, or an output directory (its newest run with logs)."""
+    """The jsonl file for a jsonl path, a run directory, or an output directory (the log of the run its newest
+    checkpoint belongs to, else its newest run with logs)."""
     path = Path(path)
     if path.is_file():
         return path
     if (path / LOG_NAME).is_file():
         return path / LOG_NAME
     if path.is_dir():
+        continued = _checkpointed_run_dir(path)
+        if continued is not None:
+            return continued / LOG_NAME
         with_logs = [run / LOG_NAME for run in find_run_dirs(path) if (run / LOG_NAME).is_file()]
         if with_logs:
             return with_logs[-1]

@@ -156,6 +156,12 @@ def test_a_replacement_failing_before_its_first_checkpoint_puts_the_old_run_back
     assert "the run this one replaced is back" in run.stdout
     assert _files(out / "checkpoints") | _files(out / "tokenizer") | _files(out / "final") == before
     assert not (out / ".replaced").exists()
+    # python -m monitor on the output dir reads the old run's log, not the newer one the dead start left
+    from monitor.logs import resolve_log_file
+
+    named = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())["run_dir"]
+    assert len(list((out / "runs").iterdir())) == 2 and sorted((out / "runs").iterdir())[-1].name != Path(named).name
+    assert resolve_log_file(out) == out / named / "trainer_logs.jsonl"
     resumed = train(*data_args, "--max-steps", "9", "--output-dir", str(out))  # the old run goes on as before
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
 
