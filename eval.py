@@ -122,8 +122,11 @@ def _load_hf(path: Path, args, device: torch.device, dtype) -> LM:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or torch.float32, trust_remote_code=args.trust_remote_code
         )
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load {path} with transformers: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - a bad config.json (a list, wrong field types) or truncated weights
+        why = " ".join(line.strip() for line in str(e).strip().splitlines()) or type(e).__name__
+        raise UsageError(f"cannot load {path} with transformers: {why}") from None
+    _check_fits(path, len(tokenizer), model.get_input_embeddings().num_embeddings, args.max_length,
+                getattr(model.config, "max_position_embeddings", None))  # fmt: skip
     model.to(device).eval()
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError(f"{path} has no fast tokenizer (tokenizer.json); bits per byte needs one")
@@ -134,6 +137,16 @@ def _load_hf(path: Path, args, device: torch.device, dtype) -> LM:
         return model(input_ids=ids, attention_mask=mask).logits.float()
 
     return LM(forward, tokenizer, args.max_length or trained, device, str(path))
+
+
+def _check_fits(path: Path, tokens: int, embedded: int, max_length: int | None, positions: int | None) -> None:
+    """Refuse a tokenizer with ids the model does not embed, and windows longer than its positions."""
+    if tokens > embedded:
+        raise UsageError(
+            f"the tokenizer has {tokens:,} tokens but {path} embeds only {embedded:,}; pass the model's own tokenizer"
+        )
+    if max_length is not None and positions and max_length > positions:
+        raise UsageError(f"--max-length {max_length:,} is longer than the {positions:,} positions of {path}")
 
 
 def _load_checkpoint(path: Path, args, device: torch.device, dtype) -> LM:
@@ -154,6 +167,7 @@ def _load_checkpoint(path: Path, args, device: torch.device, dtype) -> LM:
     if spec is None:
         raise UsageError(f"cannot find the tokenizer of {path}; pass --tokenizer (the run's tokenizer folder)")
     tokenizer = data.load_tokenizer(spec)
+    _check_fits(path, len(tokenizer), cfg.vocab_size, args.max_length, cfg.max_position_embeddings)
 
     def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return model(ids)  # causal, right-padded: padding never reaches the positions that are scored
@@ -267,8 +281,12 @@ def _mc_record(row: dict, i: int, spec: str) -> dict:
     names = None
     if isinstance(choices, dict):  # ARC: {"text": [...], "label": ["A", "B", ...]}
         names, choices = choices.get("label"), choices.get("text")
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-        raise UsageError(f"{spec} example {i}: the choices must be a list of at least two strings")
+    if not isinstance(context, str):
+        raise UsageError(f"{spec} example {i}: the context must be a string, not {type(context).__name__}")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise UsageError(f"{spec} example {i}: the choices must be a list of at least two non-empty strings")
+    if isinstance(label, bool):  # a bool is an int to Python, not a choice's index
+        raise UsageError(f"{spec} example {i}: label {label!r} is not a choice's index or letter")
     if isinstance(label, str) and names and label in names:
         label = names.index(label)
     elif isinstance(label, str) and label.strip().isdigit():
@@ -277,7 +295,7 @@ def _mc_record(row: dict, i: int, spec: str) -> dict:
         label = ord(label.upper()) - ord("A")
     if not isinstance(label, int) or not 0 <= label < len(choices):
         raise UsageError(f"{spec} example {i}: label {label!r} does not pick one of its {len(choices)} choices")
-    return {"context": str(context), "choices": choices, "label": label}
+    return {"context": context, "choices": choices, "label": label}
 
 
 def evaluate_choices(lm: LM, records: list[dict], batch_size: int) -> dict:
@@ -319,6 +337,8 @@ def run(args: argparse.Namespace) -> dict:
     for name in ("max_docs", "batch_size"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.mc_limit < 0:
+        raise UsageError(f"--mc-limit must be 0 (every example) or a positive number of examples, got {args.mc_limit}")
     if args.max_length is not None and args.max_length < 2:
         raise UsageError(f"--max-length must be at least 2, got {args.max_length}")
     with bad_input():

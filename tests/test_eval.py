@@ -11,6 +11,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,7 +66,30 @@ def setup(tmp_path_factory):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     fixed = root / "fixed.jsonl"
     fixed.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    return {"root": root, "run": out, "fixed": fixed, "mirror": mirror}
+    return {"root": root, "run": out, "fixed": fixed, "mirror": mirror, **_damaged(root, out / "final", texts)}
+
+
+def _damaged(root: Path, final: Path, texts: list[str]) -> dict[str, Path]:
+    """Copies of the export with one thing wrong each, and multiple-choice files with one bad example each."""
+    made = {}
+    for name in ("cfglist", "cfgtypes", "truncated", "bigtok"):
+        made[name] = root / name
+        shutil.copytree(final, made[name])
+    (made["cfglist"] / "config.json").write_text("[]")
+    config = json.loads((final / "config.json").read_text()) | {"hidden_size": "big"}
+    (made["cfgtypes"] / "config.json").write_text(json.dumps(config))
+    weights = (final / "model.safetensors").read_bytes()
+    (made["truncated"] / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    big = data.train_tokenizer(texts, vocab_size=1024)  # more ids than the model's 512 rows
+    data.save_tokenizer(big, made["bigtok"] / "tok")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(made["bigtok"] / "tok" / name, made["bigtok"] / name)
+    good = {"context": "The cat", "choices": ["sat.", "flew."], "label": 0}
+    for name, bad in (("mc-empty", {"choices": ["sat.", ""]}), ("mc-listctx", {"context": ["a", "b"]}),
+                      ("mc-boollabel", {"label": True})):  # fmt: skip
+        made[name] = root / f"{name}.jsonl"
+        made[name].write_text(json.dumps(good) + "\n" + json.dumps(good | bad) + "\n")
+    return made
 
 
 def run_eval(*args: str) -> subprocess.CompletedProcess:
@@ -292,10 +316,20 @@ def test_text_column_reads_another_field(tmp_path):
         (["{final}", "--dataset", "{fixed}"], "--split all"),  # 5 documents: none held out
         (["{final}", "--multiple-choice", "{fixed}"], "has none of the fields"),
         (["{final}", "--dataset", "{fixed}", "--max-docs", "0"], "--max-docs"),
+        (["{cfglist}", "--dataset", "{fixed}", "--split", "all"], "cannot load"),
+        (["{cfgtypes}", "--dataset", "{fixed}", "--split", "all"], "expected int, got str"),
+        (["{truncated}", "--dataset", "{fixed}", "--split", "all"], "cannot load"),
+        (["{bigtok}", "--dataset", "{fixed}", "--split", "all"], "embeds only 512"),
+        (["{final}", "--dataset", "{fixed}", "--split", "all", "--max-length", "100000"], "positions of"),
+        (["{final}", "--multiple-choice", "{mc-empty}"], "non-empty strings"),
+        (["{final}", "--multiple-choice", "{mc-listctx}"], "the context must be a string"),
+        (["{final}", "--multiple-choice", "{mc-boollabel}"], "label True"),
+        (["{final}", "--multiple-choice", "{fixed}", "--mc-limit", "-3"], "--mc-limit"),
     ],
 )
 def test_eval_bad_input_exits_2_with_one_line(setup, args, says, capsys):
-    args = [a.format(final=setup["run"] / "final", fixed=setup["fixed"]) for a in args]
+    paths = {k: v for k, v in setup.items() if isinstance(v, Path)} | {"final": setup["run"] / "final"}
+    args = [a.format(**paths) for a in args]
     if args[0].startswith("/nonexistent"):  # one case as a real command: exit code, no traceback
         out = run_eval(*args, "--json")
         code, stdout, stderr = out.returncode, out.stdout, out.stderr
