@@ -93,7 +93,9 @@ class LM:
         self.byte_lengths = data.token_byte_lengths(tokenizer)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+        # the backend directly: the same ids, without transformers' warning about texts longer than the model's
+        # context (documents are cut into windows here)
+        return [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
 def load_model(args: argparse.Namespace) -> LM:

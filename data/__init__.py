@@ -14,6 +14,8 @@ sharding/dispatch and resume, prepare.py for the token cache (cache.py reads it)
 corpus.
 """
 
+import warnings
+
 from .files import DataError, check_local_files
 from .mix import Mix, SourceSpec, Stage, describe_mix, parse_mix
 from .packing import IGNORE_INDEX, pack_rows
@@ -51,3 +53,7 @@ __all__ = [
     "token_byte_lengths",
     "train_tokenizer",
 ]
+
+# NOTE: `python -m data.tokenizer` runs a module this package has already imported; runpy warns about that, after
+# this file ran (harmless here: the module defines functions and its main only runs as __main__).
+warnings.filterwarnings("ignore", message=r"'data\.\w+' found in sys\.modules after import of package 'data'")

@@ -180,14 +180,14 @@ def _open_files(spec: SourceSpec, files: list[Path], streaming: bool, fingerprin
         fingerprint = f"files:{spec.label}:{_digest(listing)}"
     if spec.text_column != "text":
         fingerprint += f":{spec.text_column}"
-    with _quiet_datasets():
+    with _quiet_datasets():  # flatten_indices and concatenation draw progress bars too
         parts = [_load_group(kind, group, streaming, spec.text_column) for kind, group in _group_by_type(files)]
-    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    if streaming:
-        return StreamSource(ds, spec.label, fingerprint, spec.size_hint, files=files)
-    if len(ds) == 0:
-        raise DataError(f"{spec.location} holds no documents")
-    return ArrowSource(ds.flatten_indices() if ds._indices is not None else ds, spec.label, fingerprint)
+        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        if streaming:
+            return StreamSource(ds, spec.label, fingerprint, spec.size_hint, files=files)
+        if len(ds) == 0:
+            raise DataError(f"{spec.location} holds no documents")
+        return ArrowSource(ds.flatten_indices() if ds._indices is not None else ds, spec.label, fingerprint)
 
 
 def _load_group(kind: str, group: list[Path], streaming: bool, text_column: str = "text"):

@@ -606,3 +606,15 @@ def test_permutation_is_a_bijection():
         perm = permute(np.arange(n), n, key=12345)
         assert sorted(perm.tolist()) == list(range(n))
     assert permute(np.arange(100), 100, 1).tolist() != permute(np.arange(100), 100, 2).tolist()
+
+
+def test_the_data_commands_start_without_warnings():
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    for module in ("data.tokenizer", "data.prepare"):
+        done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0 and "usage: python -m " + module in done.stdout, done.stderr
+        assert "Warning" not in done.stderr, done.stderr  # runpy's note about the package importing the module

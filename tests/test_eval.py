@@ -61,8 +61,22 @@ def setup(tmp_path_factory):
     tok = data.train_tokenizer(texts, vocab_size=512)
     data.save_tokenizer(tok, root / "tokenizer")
     out = root / "run"
-    run = train(*TINY, "--dataset", f"smollm={mirror}", "--tokenizer", str(root / "tokenizer"), "--init-model",
-                "--max-steps", "3", "--save-strategy", "steps", "--output-dir", str(out))  # fmt: skip
+    run = train(
+        *TINY,
+        "--dataset",
+        f"smollm={mirror}",
+        "--tokenizer",
+        str(root / "tokenizer"),
+        "--init-model",
+        "--max-steps",
+        "3",
+        "--save-strategy",
+        "steps",
+        "--max-length",
+        "128",
+        "--output-dir",
+        str(out),
+    )  # fmt: skip  (128: the longest of TEXTS fits one window)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     fixed = root / "fixed.jsonl"
     fixed.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
@@ -127,7 +141,7 @@ def test_eval_bits_per_byte_equals_a_hand_computation(setup):
     expected = {"bits_per_byte": text_nats / (LN2 * num_bytes), "loss": all_nats / tokens}
 
     for model in (final, checkpoint):  # transformers on the export, and our model from the checkpoint
-        out = run_eval(str(model), "--dataset", str(setup["fixed"]), "--split", "all", "--max-length", "512", "--json")
+        out = run_eval(str(model), "--dataset", str(setup["fixed"]), "--split", "all", "--max-length", "128", "--json")
         assert out.returncode == 0, out.stderr[-3000:]
         result = json.loads(out.stdout)
         assert result["documents"] == len(TEXTS) and result["bytes"] == num_bytes and result["tokens"] == tokens
@@ -240,7 +254,7 @@ def test_training_logs_bits_per_byte_and_the_documents_of_each_source(setup):
     mix = data.parse_mix(f"smollm={setup['mirror']}")
     table = data.token_byte_lengths(tok)
     text_nats = num_bytes = 0.0
-    for batch in data.eval_batches(mix, tok, max_length=64, batch_size=4, num_batches=2):
+    for batch in data.eval_batches(mix, tok, max_length=128, batch_size=4, num_batches=2):
         with torch.no_grad():
             logits = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"]).double()
         labels = batch["labels"]

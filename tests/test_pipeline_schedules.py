@@ -80,6 +80,7 @@ def two_processes(setup):  # noqa: F811
 def test_each_schedule_on_two_processes_matches_one_process(two_processes, references, schedule, model, engine):
     out, printed = two_processes(schedule, model, engine)
     assert f"Schedule{schedule}" in printed and "torch.distributed.pipelining" in printed  # the torch engine ran it
+    assert "autograd kernel was not registered" not in printed  # torch's false alarm, silenced precisely
     assert_same_run(out, references[model], steps=range(1, 5))
     evals, ref_evals = records(out, "eval"), records(references[model], "eval")[:5]
     assert [e["loss"] for e in evals] == pytest.approx([e["loss"] for e in ref_evals], abs=1e-5)
