@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import PYTHON, ROOT, TINY, train, train_losses, write_corpus
+from tests.helpers import PYTHON, ROOT, TINY, padded_tokenizer, train, train_losses, write_corpus
 
 pytestmark = pytest.mark.slow
 ACCELERATE = [
@@ -49,9 +49,7 @@ def setup(tmp_path_factory):
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     # A real-size vocabulary (49,152 rows of embedding and head, as SmolLM2's): a tensor that large is where a
     # carelessly summed gradient norm shows its error (5.5e-5 on this tied embedding, see optim/clipping.py).
-    tokenizer = data.train_tokenizer(texts, vocab_size=512)
-    tokenizer.add_tokens([f"<|unused_{i}|>" for i in range(VOCAB - len(tokenizer))], special_tokens=True)
-    data.save_tokenizer(tokenizer, root / "tokenizer")
+    data.save_tokenizer(padded_tokenizer(data.train_tokenizer(texts, vocab_size=512), VOCAB), root / "tokenizer")
     untied = json.loads((ROOT / "models/configs/tiny.json").read_text()) | {"tie_word_embeddings": False}
     (root / "tiny-untied.json").write_text(json.dumps(untied))
     common = [*TINY, "--dataset", str(corpus), "--tokenizer", str(root / "tokenizer"), "--max-grad-norm", str(MAX_NORM)]
