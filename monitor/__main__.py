@@ -11,6 +11,7 @@ RUN is an output directory (its newest run), a run directory (``<output>/runs/<t
 """
 
 import argparse
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,7 +92,30 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
+OUTPUT_ROOT = "output_models"  # where train.py puts a run without --output-dir
+
+
+def newest_run() -> str:
+    """The trainer_logs.jsonl written last under OUTPUT_ROOT, for commands given no RUN (said on stderr)."""
+    logs = [p for p in Path(OUTPUT_ROOT).glob("*/runs/*/trainer_logs.jsonl") if p.is_file()]
+    if not logs:
+        raise ValueError(f"no runs under {OUTPUT_ROOT}/ (run from the repository folder, or pass RUN)")
+    newest = max(logs, key=lambda p: p.stat().st_mtime)
+    print(f"the newest run: {newest.parent}", file=sys.stderr)
+    return str(newest)
+
+
+def _open_image(path: Path) -> None:
+    """Show a PNG in the desktop's viewer, where there is one."""
+    viewer = next((shutil.which(v) for v in ("xdg-open", "open") if shutil.which(v)), None)
+    if viewer is None:
+        print(f"no image viewer found (xdg-open, open); the plot is {path}", file=sys.stderr)
+        return
+    subprocess.Popen([viewer, str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
+    args.runs = args.runs or [newest_run()]
     table = Table(title="training runs")
     for column in (
         "run",
@@ -138,7 +162,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: Path, name: str) -> None:
+def _save(fig, out: Path, name: str) -> Path:
     """Write the figure to `out` (a folder: `name` in it); a path that cannot be written is one line (ValueError)."""
     out = Path(out)
     if out.is_dir():
@@ -149,10 +173,11 @@ def _save(fig, out: Path, name: str) -> None:
     except OSError as e:
         raise ValueError(f"cannot write {out}: {e.strerror or e}; choose another -o/--output") from None
     print(f"wrote {out}")
+    return out
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    log_file, records = _load(args.run)
+    log_file, records = _load(args.run or newest_run())
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 6))
     x, y = _series(records, "train", "loss")
@@ -176,8 +201,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
         handles, labels = handles + more_handles, labels + more_labels
     ax.legend(handles, labels, loc="upper right")
     ax.set_title(_label(log_file))
-    _save(fig, args.output or log_file.parent, "loss_curves.png")
+    written = _save(fig, args.output or log_file.parent, "loss_curves.png")
     plt.close(fig)
+    if args.open:
+        _open_image(written)
     return 0
 
 
@@ -225,14 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    newest = f"default: the newest run under {OUTPUT_ROOT}/"
     p = sub.add_parser("summary", help="table of final/best losses, tokens, throughput, wall time")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="output dir, run dir or trainer_logs.jsonl")
+    p.add_argument("runs", nargs="*", metavar="RUN", help=f"output dir, run dir or trainer_logs.jsonl ({newest})")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("plot", help="PNG of train/eval loss and LR vs tokens")
-    p.add_argument("run", metavar="RUN", help="output dir, run dir or trainer_logs.jsonl")
+    p.add_argument("run", nargs="?", metavar="RUN", help=f"output dir, run dir or trainer_logs.jsonl ({newest})")
     p.add_argument("--loss-curves", action="store_true", help="loss curves (the default and only plot for now)")
     p.add_argument("-o", "--output", type=Path, default=None, help="PNG path (default: <run dir>/loss_curves.png)")
+    p.add_argument("-e", "--open", action="store_true", help="open the PNG in the desktop's image viewer")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("compare", help="PNG of several runs' loss curves overlaid")
@@ -241,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("tb", help="start TensorBoard over an output folder")
-    p.add_argument("output_dir", nargs="?", type=Path, default=Path("output_models"), help="default: output_models")
+    p.add_argument("output_dir", nargs="?", type=Path, default=Path(OUTPUT_ROOT), help=f"default: {OUTPUT_ROOT}")
+    p.add_argument("--all", action="store_true", help=f"every run under {OUTPUT_ROOT}/ (the default)")
     p.add_argument("--port", type=int, default=6006, help="port (default: 6006)")
     p.add_argument("--bind-all", action="store_true", help="listen on all interfaces, not only 127.0.0.1")
     p.set_defaults(func=cmd_tb)

@@ -157,3 +157,28 @@ def test_tb_runs_tensorboard_on_localhost_by_default(tmp_path, monkeypatch):
     assert local[local.index("--host") + 1] == "127.0.0.1" and local[local.index("--port") + 1] == "6123"
     assert "--bind_all" in everywhere and "--host" not in everywhere
     pytest.importorskip("tensorboard.main")  # the module the command runs exists
+
+
+def test_the_specs_command_habits(tmp_path, monkeypatch, capsys):
+    """summary and plot without RUN take the newest run under output_models/; tb --all; plot -e opens the PNG."""
+    import os
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["summary"]) == 2 and "no runs under output_models/" in capsys.readouterr().err
+    old = _synthetic_run(tmp_path / "output_models" / "old", offset=0.0, steps=10)
+    new = _synthetic_run(tmp_path / "output_models" / "new", offset=0.5, steps=10)
+    past = time.time() - 100
+    os.utime(old / "trainer_logs.jsonl", (past, past))
+    assert cli.main(["summary"]) == 0
+    out = capsys.readouterr()
+    assert f"the newest run: {new.relative_to(tmp_path)}" in out.err and "new/" in out.out and "old/" not in out.out
+    monkeypatch.setenv("PATH", str(tmp_path))  # no image viewer on this PATH
+    assert cli.main(["plot", "-e"]) == 0
+    out = capsys.readouterr()
+    assert (new / "loss_curves.png").is_file() and "no image viewer found" in out.err
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda argv: calls.append(argv) or 0)
+    (tmp_path / "output_models").mkdir(exist_ok=True)
+    assert cli.main(["tb", "--all"]) == 0
+    assert calls[0][calls[0].index("--logdir") + 1] == "output_models"
