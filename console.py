@@ -52,3 +52,46 @@ def stop_printing_through(printer: Callable[[str], None]) -> None:
     global _printer
     if _printer == printer:
         _printer = None
+
+
+class Ticker:
+    """Progress of a long phase on stderr: a live bar on a terminal, else one plain line every `every` seconds (and
+    none for a phase shorter than that), so logs of batch jobs show it too. Use as a context manager.
+
+        with Ticker("scoring", total=len(windows), unit="windows") as tick:
+            for batch in batches:
+                ...
+                tick.advance(len(batch))
+    """
+
+    def __init__(self, label: str, total: int | None = None, unit: str = "", every: float = 30.0, stream=None):
+        import time
+
+        self.label, self.total, self.unit, self.every = label, total, unit, every
+        self.stream = stream or sys.stderr
+        self.done, self._clock, self._bar = 0, time.monotonic, None
+        self._last = self._clock()
+        if self.stream.isatty():
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self._bar = Progress(console=Console(file=self.stream), transient=True)
+            self._task = self._bar.add_task(f"{label} ({unit})" if unit else label, total=total)
+
+    def __enter__(self) -> Ticker:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+        elif self._clock() - self._last >= self.every:
+            self._last = self._clock()
+            of = f"/{self.total:,}" if self.total is not None else ""
+            print(f"{self.label}: {self.done:,}{of} {self.unit}".rstrip(), file=self.stream, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()

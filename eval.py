@@ -33,7 +33,7 @@ import torch
 
 import data
 import models
-from console import UsageError, bad_input
+from console import Ticker, UsageError, bad_input
 from lifecycle.checkpoint import load_checkpoint, verify
 
 ROOT = Path(__file__).resolve().parent
@@ -190,20 +190,27 @@ def score(lm: LM, requests: list[tuple[list[int], int]], batch_size: int) -> lis
     """
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
     out: list[np.ndarray] = [np.empty(0)] * len(requests)
-    for start in range(0, len(order), batch_size):
-        batch = [requests[i] for i in order[start : start + batch_size]]
-        width = max(len(tokens) - 1 for tokens, _ in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, (tokens, _) in enumerate(batch):
-            ids[row, : len(tokens) - 1] = torch.tensor(tokens[:-1])
-            mask[row, : len(tokens) - 1] = 1
-        logits = lm.forward(ids.to(lm.device), mask.to(lm.device))  # (B, T, V)
-        for row, (tokens, first) in enumerate(batch):
-            logp = torch.log_softmax(logits[row, first : len(tokens) - 1].double(), dim=-1)  # (n, V)
-            targets = torch.tensor(tokens[first + 1 :], device=logp.device)
-            out[order[start + row]] = (-logp.gather(1, targets[:, None])[:, 0]).cpu().numpy()
+    with Ticker("scoring", total=len(requests), unit="windows") as tick:
+        for start in range(0, len(order), batch_size):
+            _score_batch(lm, requests, order, start, batch_size, out)
+            tick.advance(min(batch_size, len(order) - start))
     return out
+
+
+def _score_batch(lm: LM, requests: list, order: list[int], start: int, batch_size: int, out: list) -> None:
+    """Score requests order[start : start + batch_size] (one padded forward) into `out`."""
+    batch = [requests[i] for i in order[start : start + batch_size]]
+    width = max(len(tokens) - 1 for tokens, _ in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, (tokens, _) in enumerate(batch):
+        ids[row, : len(tokens) - 1] = torch.tensor(tokens[:-1])
+        mask[row, : len(tokens) - 1] = 1
+    logits = lm.forward(ids.to(lm.device), mask.to(lm.device))  # (B, T, V)
+    for row, (tokens, first) in enumerate(batch):
+        logp = torch.log_softmax(logits[row, first : len(tokens) - 1].double(), dim=-1)  # (n, V)
+        targets = torch.tensor(tokens[first + 1 :], device=logp.device)
+        out[order[start + row]] = (-logp.gather(1, targets[:, None])[:, 0]).cpu().numpy()
 
 
 def windows(tokens: list[int], max_length: int) -> list[tuple[list[int], int]]:
@@ -349,7 +356,8 @@ def run(args: argparse.Namespace) -> dict:
         lm = load_model(args)
         result = {"model": lm.name, "max_length": lm.max_length}
         if mix is not None:
-            texts = data.document_texts(mix, args.max_docs, held_out=args.split == "heldout")
+            with Ticker("reading documents", unit="read") as tick:
+                texts = data.document_texts(mix, args.max_docs, held_out=args.split == "heldout", tick=tick.advance)
             if not texts:
                 raise UsageError(
                     f"{args.dataset} has no held-out documents (training holds out {mix.eval_fraction:.1%} of them by "

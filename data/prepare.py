@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from console import Ticker
+
 from .cache import CACHE_FORMAT, CACHE_VERSION
 from .mix import parse_mix
 from .order import text_hashes
@@ -114,12 +116,14 @@ def _prepare_source(
     folder.mkdir(parents=True, exist_ok=True)
     backend = tokenizers.Tokenizer.from_str(tokenizer_json)
     lengths, hashes = [], []
-    with open(folder / "tokens.bin", "wb") as out:
+    total = (source.num_docs if max_docs is None else min(max_docs, source.num_docs)) if source.random_access else None
+    with open(folder / "tokens.bin", "wb") as out, Ticker(spec.label, total=total, unit="documents") as tick:
 
         def write(tokens: np.ndarray, lens: np.ndarray, h: np.ndarray) -> None:
             out.write(tokens.tobytes())
             lengths.append(lens)
             hashes.append(h)
+            tick.advance(len(lens))
 
         if source.random_access:
             n = source.num_docs if max_docs is None else min(max_docs, source.num_docs)

@@ -327,11 +327,12 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def document_texts(mix, max_docs: int, held_out: bool = True, chunk: int = 256) -> list[str]:
+def document_texts(mix, max_docs: int, held_out: bool = True, chunk: int = 256, tick=None) -> list[str]:
     """Up to `max_docs` documents of the last stage of `mix`, in each source's natural order (no seed involved).
 
     held_out=True keeps the documents training holds out (`is_eval`), False keeps all of them. Sources are read in
-    turn, `chunk` documents at a time, each for at most one pass; evaluation reads them (eval.py).
+    turn, `chunk` documents at a time, each for at most one pass; evaluation reads them (eval.py). `tick(n)` is told
+    of every n documents read (a held-out set is a small share of what is read: progress for long reads).
     """
     if mix.cache_dir:
         raise ValueError(f"{mix.cache_dir} is a token cache and holds no text; evaluate on the original data")
@@ -343,6 +344,8 @@ def document_texts(mix, max_docs: int, held_out: bool = True, chunk: int = 256) 
             if texts is None:
                 readers.remove(reader)
                 continue
+            if tick is not None:
+                tick(len(texts))
             wanted = is_eval(text_hashes(texts), mix.eval_fraction) if held_out else np.ones(len(texts), dtype=bool)
             out.extend(t for t, w in zip(texts, wanted, strict=True) if w and t)
     return out[:max_docs]

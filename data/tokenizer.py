@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from console import Ticker
+
 from .mix import Mix, parse_mix
 from .order import SourceCursor, is_eval, stream_key
 from .sources import open_source
@@ -251,11 +253,18 @@ def resolve_tokenizer(
         tok = load_tokenizer(Path(mix.cache_dir) / "tokenizer")
     else:
         log(f"training a {vocab_size}-token BPE tokenizer on up to {max_docs:,} documents of {mix.spec} ...")
-        tok = train_tokenizer(sample_texts(mix, max_docs), vocab_size)
+        with Ticker("tokenizer training", total=max_docs, unit="documents read") as tick:
+            tok = train_tokenizer(_counted(sample_texts(mix, max_docs), tick), vocab_size)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tok, saved)
     log(f"tokenizer: {len(tok):,} tokens, saved to {saved}")
     return tok
+
+
+def _counted(texts: Iterable[str], tick) -> Iterator[str]:
+    for text in texts:
+        tick.advance()
+        yield text
 
 
 def sample_texts(mix: Mix, max_docs: int) -> Iterator[str]:

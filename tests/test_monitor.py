@@ -425,3 +425,20 @@ def test_a_damaged_log_line_never_blocks_a_resume(tmp_path, capsys):
     assert [(r["step"], r["loss"]) for r in read_logs(log)] == [(1, 3.0), (2, 2.5), (3, 1.9)]
     assert (tmp_path / "trainer_logs.jsonl.bad-lines").read_text().splitlines() == lines[1:4]
     assert "3 unreadable line(s)" in capsys.readouterr().err
+
+
+def test_long_phases_tick_in_plain_lines_off_a_terminal():
+    """console.Ticker (eval.py's reading and scoring, data.prepare, tokenizer training): a line per interval on a
+    pipe, nothing for a phase shorter than one interval."""
+    import io
+
+    from console import Ticker
+
+    every, quiet = io.StringIO(), io.StringIO()
+    with Ticker("scoring", total=10, unit="windows", every=0.0, stream=every) as tick:
+        for _ in range(3):
+            tick.advance(2)
+    with Ticker("scoring", total=10, unit="windows", stream=quiet) as tick:  # 30 s between lines
+        tick.advance(10)
+    assert every.getvalue().splitlines() == ["scoring: 2/10 windows", "scoring: 4/10 windows", "scoring: 6/10 windows"]
+    assert quiet.getvalue() == "" and tick.done == 10
