@@ -7,7 +7,8 @@ from tests.conftest import ROOT
 
 # Lower floors never import higher ones (a package may import itself).
 FLOORS = {
-    "console": 0, "models": 0, "data": 0,
+    "console": -1,  # the ground floor: imports nothing of the project, so every package may use it
+    "models": 0, "data": 0,
     "schedule": 1, "optim": 1,
     "lifecycle": 2,
     "monitor": 3,
