@@ -45,7 +45,8 @@ def test_no_device_read_on_a_step_that_does_not_log(tmp_path, monkeypatch):
     train_script.main([*argv, "--max-steps", "1"])  # the tokenizer is trained outside the counted run
     updates[0] = 0
     with DeviceReads(updates) as mode:
-        code = train_script.main([*argv, "--tokenizer", str(tmp_path / "run" / "tokenizer")])
+        code = train_script.main([*argv, "--tokenizer", str(tmp_path / "run" / "tokenizer"), "--output-dir",
+                                  str(tmp_path / "counted")])  # fmt: skip
     assert code == 0
     # logging every 3 steps (100 x 0.06 / 2 sequences); evaluation only at steps 0 and 9; no scheduled save
     boundaries = {0, 3, 6, 9}
