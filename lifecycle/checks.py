@@ -369,18 +369,26 @@ RESUME_WATCHED = (
 )  # fmt: skip
 
 
-def check_run_dir(run_dir: str | None, output_dir: Path) -> None:
-    """The log folder a checkpoint names must be `runs/<name>` inside the output dir (logs are appended there and
-    truncated to the checkpoint's step): refuse one that leads elsewhere ('../x', a link). An absolute one, from
-    older checkpoints, is never used (a new log folder is made)."""
-    if run_dir is None or Path(run_dir).is_absolute():
-        return
+def log_folder(output_dir: Path, run_dir: str) -> Path | None:
+    """The folder a checkpoint's relative `run_dir` names, when it is `runs/<name>` inside the output dir and no
+    link; None when it would lead elsewhere ('../x', a link)."""
     parts, runs = Path(run_dir).parts, output_dir / "runs"
     inside = len(parts) == 2 and parts[0] == "runs" and parts[1] not in (".", "..")
     if not inside or runs.is_symlink() or (output_dir / run_dir).is_symlink():
+        return None
+    return output_dir / run_dir
+
+
+def check_run_dir(run_dir: str | None, output_dir: Path) -> None:
+    """The log folder a checkpoint names must be `runs/<name>` inside the output dir (logs are appended there and
+    truncated to the checkpoint's step): refuse one that leads elsewhere. An absolute one, from older checkpoints,
+    is never used (a new log folder is made)."""
+    if run_dir is None or Path(run_dir).is_absolute():
+        return
+    if log_folder(output_dir, run_dir) is None:
         raise UsageError(
             f"the newest checkpoint in {output_dir} names {run_dir!r} as its log folder, which is not a folder under "
-            f"{runs}/ (an edited or damaged checkpoint); restore it, or start over with --init-model"
+            f"{output_dir / 'runs'}/ (an edited or damaged checkpoint); restore it, or start over with --init-model"
         )
 
 

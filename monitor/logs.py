@@ -52,6 +52,7 @@ def _checkpointed_run_dir(output_dir: Path) -> Path | None:
     """The log folder the newest complete checkpoint names (the run a resume continues), when it has logs: a start
     that died or was put back before its first checkpoint leaves a newer, dead folder beside it."""
     from lifecycle.checkpoint import MARKER, checkpoint_dirs
+    from lifecycle.checks import log_folder
 
     for _, checkpoint in checkpoint_dirs(output_dir / "checkpoints"):
         if not (checkpoint / MARKER).is_file():
@@ -60,8 +61,7 @@ def _checkpointed_run_dir(output_dir: Path) -> Path | None:
             run_dir = json.loads((checkpoint / "trainer_state.json").read_text()).get("run_dir")
         except (OSError, ValueError, AttributeError):
             return None
-        parts = Path(run_dir).parts if isinstance(run_dir, str) else ()
-        folder = output_dir / run_dir if len(parts) == 2 and parts[0] == "runs" and ".." not in parts else None
+        folder = log_folder(output_dir, run_dir) if isinstance(run_dir, str) else None
         return folder if folder is not None and (folder / LOG_NAME).is_file() else None
     return None
 
