@@ -56,7 +56,7 @@ from lifecycle.staging import publish_tokenizer, staged_tokenizer
 from lifecycle.state import RunState
 from models.hf import check_hf_folder
 from models.memory import format_memory
-from monitor import runinfo, samples
+from monitor import runinfo, samples, wandb_run
 from monitor.watch import Watch
 from parallel import (
     PIPELINE_ENGINES,
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-temperature", type=TEMPERATURE, default=0.8, help="sampling temperature (0 = greedy)")
     g.add_argument("--sample-top-k", type=COUNT0, default=40, help="sample among the k likeliest tokens (0 = all)")
     g.add_argument("--repetition-penalty", type=PENALTY, default=1.2, help="shrink logits of seen tokens (1 = off)")
+    g.add_argument("--wandb", type=wandb_run.project_run, metavar="PROJECT[/RUN]", help="also log to Weights & Biases")
     g = p.add_argument_group("divergence guard")
     g.add_argument(
         "--divergence-action", default="abort", choices=["abort", "stop", "rollback", "none"], help="on a blow-up"

@@ -1,5 +1,6 @@
-"""What observes a run: JSON-lines and TensorBoard logs, the progress display, MFU and memory, text samples and the
-held-out evaluation, run info, and `python -m monitor` (summary, plot, compare, tb, control)."""
+"""What observes a run: JSON-lines and TensorBoard logs (and Weights & Biases with --wandb), the progress display, MFU
+and memory, text samples and the held-out evaluation, run info, and `python -m monitor` (summary, plot, compare, tb,
+control)."""
 
 from monitor.logs import RunLogger, find_run_dirs, new_run_dir, read_logs
 

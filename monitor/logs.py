@@ -1,4 +1,5 @@
-"""Run logs: one JSON object per line in ``trainer_logs.jsonl`` plus TensorBoard event files beside it.
+"""Run logs: one JSON object per line in ``trainer_logs.jsonl`` plus TensorBoard event files beside it, and the same
+scalars, events and text samples in a Weights & Biases run with --wandb (monitor/wandb_run.py).
 
 Layout inside an output directory::
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from console import say
+from monitor.wandb_run import WandbRun
 
 LOG_NAME = "trainer_logs.jsonl"
 RECORD_TYPES = ("train", "eval", "summary", "event")
@@ -144,16 +146,25 @@ class RunLogger:
         tensorboard: also write TensorBoard event files into ``run_dir``.
         resume_step: the step of the checkpoint being resumed: records with a larger step are dropped from the
             existing log before appending, and TensorBoard purges its events from ``resume_step + 1`` on.
+        wandb: a started W&B run (monitor/wandb_run.py) that gets the same scalars, events and text samples as
+            TensorBoard; finished by ``close``.
     """
 
     def __init__(
-        self, run_dir: Path, *, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        wandb: WandbRun | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOG_NAME
         self.enabled = enabled
         self._file = None
         self._tb = None
+        self._wandb = wandb if enabled else None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -204,17 +215,20 @@ class RunLogger:
         record = _jsonable({**head, **{k: v for k, v in record.items() if k not in head}})
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        step, kind = record["step"], record["type"]
+        details = {k: v for k, v in record.items() if k not in ("type", "step", "time")}
+        numeric = {k: v for k, v in details.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        scalars = {} if kind == "event" else {f"{kind}/{key}": value for key, value in numeric.items()}
         if self._tb is not None:
-            step = record["step"]
-            if record["type"] == "event":
-                details = {k: v for k, v in record.items() if k not in ("type", "step", "time")}
+            if kind == "event":
                 self._tb.add_text("events", f"`{json.dumps(details)}`", global_step=step)
-            else:
-                for key, value in record.items():
-                    numeric = isinstance(value, int | float) and not isinstance(value, bool)
-                    if key not in ("type", "step", "time") and numeric:
-                        self._tb.add_scalar(f"{record['type']}/{key}", value, global_step=step)
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, value, global_step=step)
             self._tb.flush()
+        if self._wandb is not None:
+            if kind == "event":
+                self._wandb.event(step, record["event"], {k: v for k, v in details.items() if k != "event"})
+            self._wandb.scalars(step, scalars)
         return record
 
     def train(self, step: int, **fields: Any) -> dict | None:
@@ -237,10 +251,12 @@ class RunLogger:
         return self.log({"type": "event", "step": step, "event": event, **fields})
 
     def text(self, tag: str, text: str, step: int) -> None:
-        """A text sample (e.g. a generation) in TensorBoard's Text tab; not written to the jsonl log."""
+        """A text sample (e.g. a generation) in TensorBoard's Text tab and W&B; not written to the jsonl log."""
         if self._tb is not None:
             self._tb.add_text(tag, text, global_step=step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.text(tag, text, step)
 
     def close(self) -> None:
         if self._file is not None:
@@ -249,6 +265,9 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> "RunLogger":
         return self

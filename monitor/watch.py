@@ -1,5 +1,5 @@
-"""What observes the training loop, as one object: the run's log folder, the JSON-lines/TensorBoard logs, the run
-info, the progress display and the throughput meter."""
+"""What observes the training loop, as one object: the run's log folder, the JSON-lines/TensorBoard logs (and the
+W&B run with --wandb), the run info, the progress display and the throughput meter."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from monitor.logs import RunLogger, new_run_dir
 from monitor.meter import Meter
 from monitor.mfu import device_peak_flops
 from monitor.progress import Progress
+from monitor.wandb_run import WandbRun
 
 
 class Watch:
@@ -22,7 +23,9 @@ class Watch:
         resuming = run_dir is not None and not Path(run_dir).is_absolute()
         folder = run.output_dir / run_dir if resuming else new_run_dir(run.output_dir)
         self.run_dir = str(folder.relative_to(run.output_dir))
-        self.logger = RunLogger(folder, enabled=enabled, resume_step=step if resuming else None)
+        # --wandb: the main process only; a resume continues the W&B run its log folder names
+        mirror = WandbRun(run.args.wandb, folder, info) if enabled and run.args.wandb else None
+        self.logger = RunLogger(folder, enabled=enabled, resume_step=step if resuming else None, wandb=mirror)
         if enabled:
             runinfo.write(folder, info)
             if run.args.verbose_info:
