@@ -31,9 +31,15 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def say(text: str, *, err: bool = False) -> None:
-    """The one way a run prints: on the main process only, above the live progress display when one is shown."""
-    if not is_main_process():
+def is_node_main() -> bool:
+    """The first process on its machine (every launcher we support sets LOCAL_RANK)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def say(text: str, *, err: bool = False, every_node: bool = False) -> None:
+    """The one way a run prints: on the main process only (`every_node`: on each machine's first process, for what
+    must reach every node's terminal, such as why the run ended), above the live progress display when one is shown."""
+    if not (is_node_main() if every_node else is_main_process()):
         return
     if _printer is not None and not err:
         _printer(text)

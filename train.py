@@ -54,7 +54,6 @@ from lifecycle.outdir import publish_dir
 from lifecycle.replace import Replacement
 from lifecycle.staging import publish_tokenizer, staged_tokenizer
 from lifecycle.state import RunState
-from models.hf import check_hf_folder
 from models.memory import format_memory
 from monitor import runinfo, samples, wandb_run
 from monitor.watch import Watch
@@ -68,6 +67,7 @@ from parallel import (
     TorchPipeline,
     format_pipeline,
     fsdp_requested,
+    group,
     pipeline_engine,
     pipeline_geometry,
 )
@@ -82,6 +82,7 @@ VOCAB, FACTOR = bounded(int, 260, 2**31 - 1), bounded(float, high=1, above=0)  #
 TOKENS, TOKENS0 = bounded(float, high=1e6, above=0), bounded(float, 0, 1e6)  # billions: up to 10^15 tokens
 LR, PENALTY = bounded(float, high=10, above=0), bounded(float, 0.01, 100)  # the sqrt-scaled LRs stay finite
 TEMPERATURE = bounded(float, 0.01, 100, sentinel=0.0)  # 0 = greedy; below 0.01 the logits overflow
+WAIT = bounded(float, 1, 7 * 24 * 3600)  # seconds
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dist-backend", type=backend, default=None, help="torch.distributed backend (None: nccl on GPU, gloo on CPU)"
     )
+    g.add_argument(
+        "--dist-timeout", type=WAIT, default=900, help="seconds a collective waits for the other processes (then exit)"
+    )
     g.add_argument("--pipeline", action="store_true", help="pipeline parallel (launch with deepspeed or torchrun)")
     g.add_argument(
         "--pipeline-schedule",
@@ -232,35 +236,6 @@ def plan_run(args: argparse.Namespace, world_size: int):
     return plan, geometry
 
 
-def model_config(args: argparse.Namespace, tokenizer: str | None, output_dir: Path) -> models.ModelConfig:
-    """The named config (vocabulary from the tokenizer that will be used), or an --init-from model's own."""
-    vocab_size = None
-    if tokenizer:
-        vocab_size = len(data.load_tokenizer(tokenizer))
-    elif (output_dir / "tokenizer").is_dir() and not args.init_model:
-        vocab_size = len(data.load_tokenizer(output_dir / "tokenizer"))
-    elif args.init_from is None:
-        vocab_size = args.vocab_size
-    if not args.init_from:
-        cfg = models.load_model_config(args.model_config or args.model, vocab_size=vocab_size)
-    else:
-        try:
-            cfg = check_hf_folder(args.init_from)  # config, weight files and their shapes; no tensor is read
-        except ValueError as e:
-            raise UsageError(f"--init-from {e}") from None
-        if vocab_size is not None and vocab_size > cfg.vocab_size:
-            raise UsageError(
-                f"the tokenizer has {vocab_size:,} tokens but {args.init_from} embeds only "
-                f"{cfg.vocab_size:,}; pass the model's own tokenizer with --tokenizer"
-            )
-    if args.max_length > cfg.max_position_embeddings:
-        raise UsageError(
-            f"--max-length {args.max_length} is longer than the model supports "
-            f"({cfg.max_position_embeddings}); lower --max-length or raise max_position_embeddings"
-        )
-    return cfg
-
-
 def resolve_run(args: argparse.Namespace) -> Run:
     """Everything a run needs from the arguments, checked; the output dir's lock is held only by a valid start."""
     with bad_input(), contextlib.ExitStack() as held:
@@ -282,7 +257,7 @@ def resolve_run(args: argparse.Namespace) -> Run:
                 f"--init-from starts a new model, but {output_dir} holds checkpoints this run would resume (and the "
                 "checkpoint would win); add --init-model --overwrite-output-dir, or choose another --output-dir"
             )
-        model_cfg = model_config(args, tokenizer, output_dir)
+        model_cfg = checks.model_config(args, tokenizer, output_dir)
         changed = []
         if resume_from is not None:
             saved = json.loads((resume_from / "trainer_state.json").read_text())
@@ -512,8 +487,24 @@ def main(argv: list[str] | None = None) -> int:
     previous = {}
     if threading.current_thread() is threading.main_thread():  # until the loop takes over: stop cleanly at once
         previous = {sig: signal.signal(sig, policy.interrupt_at_once) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def ended(why: str, code: int, then: str = "", here: bool = False) -> int:  # on every node's terminal (or here)
+        safe = latest_checkpoint(run.output_dir / "checkpoints", warn=lambda m: None) if run else None
+        line = f"{why}; newest complete checkpoint: {safe or 'none'}" + (f"; {then}" if then else "")
+        if here:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            say(line, err=True, every_node=True)
+        return code
+
     try:
-        run = resolve_run(args)
+        group.join(args)  # a launched run joins its process group first, so that its ranks agree on the start
+        try:
+            run, refusal = resolve_run(args), None
+        except (UsageError, data.DataError) as e:
+            refusal = e
+        if refusal := group.first_refusal(refusal):  # a refusal of any rank, on every rank
+            raise refusal
         if args.dry_run:
             print_plan(run)
             return 0
@@ -522,27 +513,23 @@ def main(argv: list[str] | None = None) -> int:
         torch_engine = pipeline_engine(run.pipeline, args.pipeline_engine) == "torch"
         return train(run, TorchPipeline(run) if torch_engine else Pipeline(run))
     except (UsageError, data.DataError) as e:  # a DataError can surface mid-run: a bad line deep in a stream
-        say(f"error: {e}", err=True)
+        say(f"error: {e}", err=True, every_node=True)
         return 2
     except DiskFull as e:  # a save that found the disk full: its partial checkpoint is already removed
-        safe = latest_checkpoint(run.output_dir / "checkpoints", warn=lambda m: None) if run else None
-        say(f"error: {e.strerror}; free space and resume: newest complete checkpoint: {safe or 'none'}", err=True)
-        return 1
+        return ended(f"error: {e.strerror}; free space and resume", 1)
     except KeyboardInterrupt as e:  # policy.Interrupted, or a SIGINT delivered while a handler was not installed
-        signum = getattr(e, "signum", signal.SIGINT)
-        safe = latest_checkpoint(run.output_dir / "checkpoints", warn=lambda m: None) if run else None
-        say(f"stopped at once by {e or 'an interrupt'}; newest complete checkpoint: {safe or 'none'}", err=True)
-        return 128 + signum
-    except Exception:
-        traceback.print_exc()
-        safe = latest_checkpoint(run.output_dir / "checkpoints", warn=lambda m: None) if run else None
-        say(f"error: training failed (traceback above); newest complete checkpoint: {safe or 'none'}", err=True)
-        return 1
+        return ended(f"stopped at once by {e or 'an interrupt'}", 128 + getattr(e, "signum", signal.SIGINT))
+    except Exception as e:
+        if lost := group.lost_peer(e):  # the same on every survivor: one line per node, resumable by all
+            return ended(f"error: {lost}", 1, "to resume, run the same command again on every node")
+        traceback.print_exc()  # on the rank that failed, which says so itself
+        return ended("error: training failed (traceback above)", 1, here=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if run is not None and run.lock is not None:
             run.lock.release()
+        group.leave()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from lifecycle import checkpoint as ckpt
 from lifecycle import replace
 from lifecycle.jobs import private_jobs_dir
 from lifecycle.outdir import LOCK_NAME, NotOurs, OutputDirBusy, OutputDirLock, check_publishable, recover_published
-from models.config import ModelConfig
+from models.config import ModelConfig, load_model_config
+from models.hf import check_hf_folder
 from models.memory import estimate_memory, format_memory
 
 MAX_INT = 2**62
@@ -429,3 +430,32 @@ def check_resume(args: argparse.Namespace, saved: dict, tokenizer, plan: schedul
     if old_lr is not None and not math.isclose(old_lr, plan.max_lr, rel_tol=1e-9):
         changed.append(f"peak LR {old_lr:.3g} -> {plan.max_lr:.3g}")
     return changed
+
+
+def model_config(args: argparse.Namespace, tokenizer: str | None, output_dir: Path) -> ModelConfig:
+    """The named config (vocabulary from the tokenizer that will be used), or an --init-from model's own."""
+    vocab_size = None
+    if tokenizer:
+        vocab_size = len(data.load_tokenizer(tokenizer))
+    elif (output_dir / "tokenizer").is_dir() and not args.init_model:
+        vocab_size = len(data.load_tokenizer(output_dir / "tokenizer"))
+    elif args.init_from is None:
+        vocab_size = args.vocab_size
+    if not args.init_from:
+        cfg = load_model_config(args.model_config or args.model, vocab_size=vocab_size)
+    else:
+        try:
+            cfg = check_hf_folder(args.init_from)  # config, weight files and their shapes; no tensor is read
+        except ValueError as e:
+            raise UsageError(f"--init-from {e}") from None
+        if vocab_size is not None and vocab_size > cfg.vocab_size:
+            raise UsageError(
+                f"the tokenizer has {vocab_size:,} tokens but {args.init_from} embeds only "
+                f"{cfg.vocab_size:,}; pass the model's own tokenizer with --tokenizer"
+            )
+    if args.max_length > cfg.max_position_embeddings:
+        raise UsageError(
+            f"--max-length {args.max_length} is longer than the model supports "
+            f"({cfg.max_position_embeddings}); lower --max-length or raise max_position_embeddings"
+        )
+    return cfg

@@ -44,7 +44,7 @@ def fsdp_requested() -> bool:
 
 
 def _join(backend: str) -> None:
-    if not dist.is_initialized():  # Accelerate may have joined already
+    if not dist.is_initialized():  # train.py joins first (parallel/group.py)
         dist.init_process_group(backend)
 
 

@@ -99,7 +99,7 @@ class Layout(Protocol):
 
 def start_process(args: argparse.Namespace, join: Callable[[str], Any] | None = None, **known) -> Process:
     """Join the process group with `join(backend)` (no `join`: a library such as Accelerate joined it) and set up
-    the device.
+    the device. train.py has usually joined already (parallel/group.py): `join` then only adopts the group.
 
     `known` gives rank, world and device where the library that joined tells them (Accelerate).
     """

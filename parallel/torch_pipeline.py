@@ -95,6 +95,11 @@ class StageModule(nn.Module):
         return x  # the stage tuple, or the last stage's summed loss (a scalar)
 
 
+def _join(backend: str) -> None:
+    if not dist.is_initialized():  # train.py joins first (parallel/group.py)
+        dist.init_process_group(backend)
+
+
 class TorchPipeline:
     """torch.distributed.pipelining: each rank holds 1 or 2 stages of one of ``replicas`` pipeline copies."""
 
@@ -102,7 +107,7 @@ class TorchPipeline:
 
     def __init__(self, run: Run):
         args, self.run, geo = run.args, run, run.pipeline
-        self.process = start_process(args, lambda backend: dist.init_process_group(backend=backend))
+        self.process = start_process(args, _join)
         self.tokenizer = build_tokenizer(run, self.process.is_main, self.barrier)
         self.byte_lengths = torch.as_tensor(data.token_byte_lengths(self.tokenizer))  # bits per byte at each eval
 
