@@ -130,6 +130,9 @@ class DocumentStream:
         self.stage, self.stage_tokens, self.stage_docs, self.docs_drawn, self.chunks = 0, 0, 0, 0, 0
         # Documents kept for this split and their tokens (with BOS/EOS), per source of every stage: [[docs, tokens]].
         self.drawn = [[[0, 0] for _ in stage.sources] for stage in self.stages]
+        self.labels = list(dict.fromkeys(c.source.label for stage in self.cursors for c in stage))  # count order
+        self._label_of = [[self.labels.index(c.source.label) for c in stage] for stage in self.cursors]
+        self.chunk_labels = np.empty(0, dtype=np.int64)  # the label of each document next_chunk returned last
         self._idle_since: tuple[int, list[int]] | None = None  # (stage, source epochs) at the last kept document
 
     @property
@@ -181,6 +184,8 @@ class DocumentStream:
             counts[1] += int(lengths[kept].sum()) + 2 * int(kept.sum())
         source = pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.empty(0, np.int32)
         tokens = assemble(source, starts[keep], lengths[keep], self.bos, self.eos)
+        label_of = np.array([index for stage in self._label_of for index in stage + [0] * (width - len(stage))])
+        self.chunk_labels = label_of[group[keep]]
         self.docs_drawn += n
         self.chunks += 1
         self._advance_stage(int(keep.sum()), len(tokens))
@@ -211,14 +216,15 @@ class DocumentStream:
             self.drawn = [[list(c) for c in stage] for stage in state["drawn"]]
         self._idle_since = None
 
-    def source_counts(self) -> dict[str, dict[str, int]]:
-        """Documents and tokens (with BOS/EOS) drawn so far from each source, by label (summed over stages)."""
-        out: dict[str, dict[str, int]] = {}
-        for stage, cursors in zip(self.drawn, self.cursors, strict=True):
-            for (docs, tokens), cursor in zip(stage, cursors, strict=True):
-                entry = out.setdefault(cursor.source.label, {"docs": 0, "tokens": 0})
-                entry["docs"] += docs
-                entry["tokens"] += tokens
+    def source_counts(self, state: dict | None = None) -> dict[str, dict[str, int]]:
+        """Documents and tokens (with BOS/EOS) drawn from each source, by label (summed over stages): so far, or
+        as of `state` (a `state_dict()` of this stream)."""
+        drawn = self.drawn if state is None else state.get("drawn", [[[0, 0] for _ in s] for s in self.cursors])
+        out = {label: {"docs": 0, "tokens": 0} for label in self.labels}
+        for stage, labels in zip(drawn, self._label_of, strict=True):
+            for (docs, tokens), label in zip(stage, labels, strict=True):
+                out[self.labels[label]]["docs"] += docs
+                out[self.labels[label]]["tokens"] += tokens
         return out
 
     # -- helpers
@@ -339,7 +345,8 @@ class PackedStream:
             self._fingerprint["sources"] = self._docs.fingerprints
             self._check_cache()
             self._buffer = RowBuffer(max_length)
-            self._log: deque[tuple[dict, int]] = deque()  # (doc stream state before a chunk, its token count)
+            # Each chunk in the buffer: (doc stream state before it, its token count, its documents' lengths and labels)
+            self._log: deque[tuple[dict, int, np.ndarray, np.ndarray]] = deque()
             self._consumed = 0  # tokens of the oldest logged chunk already emitted in rows
 
     @property
@@ -367,11 +374,23 @@ class PackedStream:
         return self._tokens
 
     def source_counts(self) -> dict[str, dict[str, int]]:
-        """Documents and tokens drawn from each source so far ({} on ranks that read no data).
-
-        Counted as documents enter the packing buffer, so they run ahead of the trained rows by at most one chunk.
-        """
-        return self._docs.source_counts() if self._reader else {}
+        """Documents and tokens of each source in the rows emitted so far ({} on ranks that read no data): the
+        counts before the oldest chunk still in the buffer, plus what rows took of it (a document counts from its
+        first token)."""
+        if not self._reader:
+            return {}
+        if not self._log:
+            return self._docs.source_counts()
+        before, _, lengths, labels = self._log[0]
+        counts = self._docs.source_counts(before)
+        starts = np.cumsum(lengths) - lengths
+        taken = np.clip(self._consumed - starts, 0, lengths)  # tokens of each document already in emitted rows
+        docs = np.bincount(labels[taken > 0], minlength=len(self._docs.labels))
+        tokens = np.bincount(labels, weights=taken, minlength=len(self._docs.labels))
+        for i, label in enumerate(self._docs.labels):
+            counts[label]["docs"] += int(docs[i])
+            counts[label]["tokens"] += int(tokens[i])
+        return counts
 
     def __iter__(self):
         return self
@@ -434,7 +453,7 @@ class PackedStream:
     def _pull_chunk(self) -> None:
         before = self._docs.state_dict()
         tokens, lengths = self._docs.next_chunk()
-        self._log.append((before, len(tokens)))
+        self._log.append((before, len(tokens), lengths, self._docs.chunk_labels))
         self._buffer.push(tokens, lengths)
 
     def _scatter(self, rows: dict[str, np.ndarray] | None) -> dict[str, torch.Tensor]:

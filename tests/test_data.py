@@ -618,3 +618,42 @@ def test_the_data_commands_start_without_warnings():
         done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert done.returncode == 0 and "usage: python -m " + module in done.stdout, done.stderr
         assert "Warning" not in done.stderr, done.stderr  # runpy's note about the package importing the module
+
+
+def consumed_by_source(rows: list[dict], emitted: int, tok) -> dict[str, dict[str, int]]:
+    """The oracle of the per-source counters: documents begun and tokens taken by each source (the tag its text
+    starts with) in the first `emitted` tokens of consecutive global batches (`rows` runs further, so the source
+    of a document cut off at the end can still be read)."""
+    bos, _ = data.bos_eos_ids(tok)
+    ids = torch.cat([b["input_ids"].reshape(-1) for b in rows]).tolist()
+    starts = [i for i, t in enumerate(ids) if t == bos] + [len(ids)]
+    counts = {tag: {"docs": 0, "tokens": 0} for tag in ("alpha", "beta")}
+    for start, end in zip(starts, starts[1:], strict=False):
+        if start >= emitted:
+            break
+        label = tok.decode(ids[start + 1 : end]).split()[0]  # alpha or beta
+        counts[label]["docs"] += 1
+        counts[label]["tokens"] += min(end, emitted) - start
+    return counts
+
+
+def test_source_counters_count_what_the_rows_took(tok, two_sources, small_chunks):
+    """Documents and tokens per source are those of the emitted rows, at every batch and across a resume, not
+    those of the chunks drawn ahead into the packing buffer."""
+    mix = parse_mix(two_sources)
+    a, b = (label.label for label in mix.stages[0].sources)
+    s = data.PackedStream(mix, tok, 48, 2, seed=5)
+    rows = batches(s, 60)
+    reference = data.PackedStream(mix, tok, 48, 2, seed=5)
+    by_tag = lambda counts: {"alpha": counts[a], "beta": counts[b]}  # noqa: E731
+    for n in range(1, 41):
+        next(reference)
+        counted = by_tag(reference.source_counts())
+        assert counted == consumed_by_source(rows, n * 2 * 48, tok), n
+        assert sum(c["tokens"] for c in counted.values()) == reference.tokens
+    resumed = data.PackedStream(mix, tok, 48, 2, seed=5)
+    resumed.load_state_dict(json.loads(json.dumps(reference.state_dict())))
+    assert resumed.source_counts() == reference.source_counts()
+    next(resumed)
+    assert by_tag(resumed.source_counts()) == consumed_by_source(rows, 41 * 2 * 48, tok)
+
