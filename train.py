@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="torch.compile the loss path and the Adafactor step (slow first step)"
     )
     g.add_argument(
+        "--no-document-mask", action="store_true", help="train on rows as plain text: attention crosses documents"
+    )
+    g.add_argument(
         "--activation-checkpointing", action="store_true", help="recompute each block in the backward (less memory)"
     )
     g = p.add_argument_group("data")

@@ -99,9 +99,18 @@ def last_eval_loss(output_dir: Path) -> tuple[float | None, int | None]:
 
 
 def run_one(
-    name: str, optimizer: str, dtype: str, rounding: str, args, tokenizer: Path, work: Path, lr: float | None = None
+    name: str,
+    optimizer: str,
+    dtype: str,
+    rounding: str,
+    args,
+    tokenizer: Path,
+    work: Path,
+    lr: float | None = None,
+    extra: tuple[str, ...] = (),
 ) -> dict:
-    """Train one configuration to the token budget; return its result row (status "ok", "unsupported" or "failed")."""
+    """Train one configuration to the token budget (`extra`: more train.py options); return its result row (status
+    "ok", "unsupported" or "failed")."""
     lr = args.learning_rate if lr is None else lr
     output_dir = work / name
     cmd = [
@@ -146,6 +155,7 @@ def run_one(
     ]
     if rounding == "nearest":
         cmd.append(NO_SR_FLAG)
+    cmd += extra
     row = {
         "name": name,
         "optimizer": optimizer,

@@ -283,6 +283,8 @@ class PackedStream:
     the same document stream. It raises ValueError when the data, tokenizer or seed differ from the run that saved
     it (a caller that wants to start over simply does not load the state).
     In dispatch mode only rank 0 reads data; tensors arrive on the process group's device (CUDA for NCCL).
+    `joined`: rows are plain causal text, documents attending to the ones before them in the row (doc_ids 0 and
+    positions 0..T-1, as an unpacked model sees a row); the labels and the stream are the same as without it.
     """
 
     def __init__(
@@ -299,6 +301,7 @@ class PackedStream:
         split: str = "train",
         group=None,
         open_fn=open_source,
+        joined: bool = False,
     ):
         if max_length < 1 or batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(
@@ -306,7 +309,7 @@ class PackedStream:
             )
         self.mix, self.max_length, self.batch_size = mix, max_length, batch_size
         self.rank, self.world_size, self.seed, self.split = rank, world_size, seed, split
-        self.dispatch, self.group = dispatch and world_size > 1, group
+        self.dispatch, self.group, self.joined = dispatch and world_size > 1, group, joined
         self.rows = 0  # global rows emitted so far
         self._tokens = 0  # global tokens emitted so far (rows x max_length, summed over a max_length change)
         self._reader = not self.dispatch or rank == 0
@@ -445,6 +448,9 @@ class PackedStream:
         while self._buffer.rows_available() < n:
             self._pull_chunk()
         out = self._buffer.pop_rows(n, rows)
+        if self.joined:  # one document per row, as far as attention and positions go
+            out["doc_ids"][:] = 0
+            out["position_ids"][:] = np.arange(self.max_length)
         self._consumed += n * self.max_length
         while self._log and self._consumed >= self._log[0][1]:  # chunks fully behind the next row's first token
             self._consumed -= self._log.popleft()[1]

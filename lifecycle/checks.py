@@ -366,7 +366,7 @@ def validate_args(args: argparse.Namespace) -> None:
 # Options whose change on resume alters the training from there on: said in one line, not refused.
 RESUME_WATCHED = (
     "batch_size", "gradient_accumulation_steps", "max_length", "learning_rate", "warmup_steps", "total_tokens",
-    "min_cooldown_tokens", "anneal_steps", "weight_decay", "max_grad_norm", "dtype", "dataset",
+    "min_cooldown_tokens", "anneal_steps", "weight_decay", "max_grad_norm", "dtype", "dataset", "no_document_mask",
 )  # fmt: skip
 
 

@@ -36,6 +36,7 @@ def assemble_model(run, parts, dtype: torch.dtype) -> models.Transformer:
 
 def data_streams(run, tokenizer, rows: int, rank: int, world: int, train: bool = True):
     """(training stream or None without `train`, held-out batches) of `rows` rows each, for shard `rank` of `world`.
+    The held-out batches are always document-masked, so runs with and without --no-document-mask compare.
 
     Reading a bad file or line is one clear error (bad_input).
     """
@@ -45,7 +46,7 @@ def data_streams(run, tokenizer, rows: int, rank: int, world: int, train: bool =
         if train:
             stream = data.PackedStream(
                 run.mix, tokenizer, args.max_length, rows, rank=rank, world_size=world, seed=args.seed,
-                dispatch=args.dispatch_batches,
+                dispatch=args.dispatch_batches, joined=args.no_document_mask,
             )  # fmt: skip
         evals = data.eval_batches(
             run.mix, tokenizer, args.max_length, rows, args.eval_batches, rank=rank, world_size=world

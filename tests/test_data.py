@@ -657,3 +657,16 @@ def test_source_counters_count_what_the_rows_took(tok, two_sources, small_chunks
     next(resumed)
     assert by_tag(resumed.source_counts()) == consumed_by_source(rows, 41 * 2 * 48, tok)
 
+
+def test_joined_rows_are_the_same_text_without_document_boundaries(tok, two_sources, small_chunks):
+    """--no-document-mask: the same tokens and labels, every row one segment with positions 0..T-1, and the same
+    stream position (a run may switch on resume)."""
+    mix = parse_mix(two_sources)
+    masked, joined = (data.PackedStream(mix, tok, 48, 2, seed=5, joined=j) for j in (False, True))
+    rows_m, rows_j = batches(masked, 20), batches(joined, 20)
+    assert any(r["doc_ids"].any() for r in rows_m)  # the masked rows hold several documents
+    for m, j in zip(rows_m, rows_j, strict=True):
+        assert torch.equal(m["input_ids"], j["input_ids"]) and torch.equal(m["labels"], j["labels"])
+        assert not j["doc_ids"].any()
+        assert torch.equal(j["position_ids"], torch.arange(48).expand(2, 48))
+    assert masked.state_dict() == joined.state_dict()

@@ -290,3 +290,23 @@ def test_every_evaluation_prints_its_line_and_sample_tokens_0_samples_nowhere(co
     assert len(evals) >= 2 and [int(line.split()[1]) for line in printed] == evals
     assert "sample" not in run.stdout.lower()
     assert "Hugging Face model:" in run.stdout and "final eval loss" in run.stdout
+
+
+def test_no_document_mask_trains_across_documents_and_evaluates_per_document(corpus, tokenizer_dir, tmp_path):
+    """--no-document-mask changes what training attends to, not what evaluation measures: the same initial weights
+    give the same step-0 eval loss (documents scored alone either way) and another step-1 training loss (rows of
+    several documents attended as one text); a resume that drops the flag says so."""
+    common = [*TINY, "--dataset", str(corpus), "--tokenizer", str(tokenizer_dir), "--max-steps", "2"]
+
+    def records(out: Path) -> list[dict]:
+        log = next((out / "runs").iterdir()) / "trainer_logs.jsonl"
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    masked, joined = tmp_path / "masked", tmp_path / "joined"
+    assert train(*common, "--output-dir", str(masked)).returncode == 0
+    assert train(*common, "--no-document-mask", "--output-dir", str(joined)).returncode == 0
+    evals = [[r["loss"] for r in records(out) if r["type"] == "eval" and r["step"] == 0] for out in (masked, joined)]
+    assert evals[0] == evals[1] and len(evals[0]) == 1
+    assert train_losses(masked)[1] != pytest.approx(train_losses(joined)[1], rel=1e-4)
+    resumed = train(*common[:-1], "4", "--output-dir", str(joined))
+    assert resumed.returncode == 0 and "--no-document-mask True -> False" in resumed.stderr, resumed.stderr[-2000:]
