@@ -6,6 +6,10 @@
     interleaving, tokenization, BOS/EOS, packing, tensors), against the raw `tokenizers` `encode_batch` (and
     `encode_batch_fast`) on the same documents in batches of the same size. Target: packing costs <= 15%.
 (b) cache: PackedStream reading a token cache of the same text (memory-mapped, shuffled). Target >= 50M tokens/s.
+(c) headroom at the default job on 4 GPUs: every rank packs the whole global batch (4 x 4 x 4,096 = 65,536 tokens
+    per step) on its prefetch thread, while the step itself takes the FLOPs of deepone-162m on its 16,384 tokens at
+    a given MFU of an H100 (989 TFLOP/s bf16). Headroom = step time / data time per step: above 1 the data is off
+    the critical path, with one core per rank for the prefetch thread.
 Each timing is the best of --repeats runs (this measures the code, not a busy machine). Defaults use the shared
 sample data and SmolLM2 tokenizer when ../shared exists, else the built-in corpus and a tokenizer trained on it.
 """
@@ -24,9 +28,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import data  # noqa: E402
+import models  # noqa: E402
 from data.prepare import prepare  # noqa: E402
 from data.sources import open_source  # noqa: E402
 from data.stream import CHUNK_DOCS  # noqa: E402
+from models.config import flops_per_token  # noqa: E402
 
 
 def pack_rate(mix, tok, max_length: int, batch_size: int, num_docs: int) -> float:
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
         t_cache = min(read_cache() for _ in range(args.repeats))
     cache_rate = steps * args.max_length * args.batch_size / t_cache
+    headroom = default_job_headroom(n_tokens / t_pack, cache_rate)
 
     result = {
         "text": text,
@@ -110,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "pack_overhead_vs_encode_batch_fast": t_pack / t_fast - 1,
         "cache_tokens_per_s": cache_rate,
         "targets_met": {"pack_overhead_le_15pct": t_pack / t_raw - 1 <= 0.15, "cache_ge_50M": cache_rate >= 50e6},
+        "default_job_4_gpus": headroom,
     }
     if args.json:
         print(json.dumps(result))
@@ -130,7 +138,31 @@ def main(argv: list[str] | None = None) -> int:
         f"packing overhead: {t_pack / t_raw - 1:+.1%} vs encode_batch (target <= +15%), "
         f"{t_pack / t_fast - 1:+.1%} vs encode_batch_fast; cache {cache_rate / 1e6:.1f}M tokens/s (target >= 50M)"
     )
+    h = headroom
+    print(f"default job on 4 GPUs: each rank packs {h['tokens_per_rank_per_step']:,} tokens per step")
+    for mfu, row in h["at_mfu"].items():
+        print(
+            f"  step at {mfu} MFU on an H100: {row['step_ms']:.1f} ms; data {h['text_ms']:.1f} ms from text "
+            f"(headroom {row['text_headroom']:.2f}x), {h['cache_ms']:.2f} ms from the cache "
+            f"({row['cache_headroom']:.0f}x)"
+        )
     return 0
+
+
+def default_job_headroom(text_rate: float, cache_rate: float, gpus: int = 4, rows: int = 4, length: int = 4096):
+    """Data time per step of each rank against the default job's step time at 15% (today's estimate) and 40% MFU
+    (the target) of an H100, with every document of a row averaging a 1,024-token attended context."""
+    cfg = models.load_model_config("deepone-162m", vocab_size=32768)
+    step_flops = flops_per_token(cfg, 1024) * rows * length  # per GPU: its own rows
+    tokens = gpus * rows * length  # every rank reads the global batch and keeps its rows
+    text_ms, cache_ms = tokens / text_rate * 1e3, tokens / cache_rate * 1e3
+    at_mfu = {}
+    for mfu in (0.15, 0.40):
+        step_ms = step_flops / (mfu * 989e12) * 1e3
+        at_mfu[f"{mfu:.0%}"] = {
+            "step_ms": step_ms, "text_headroom": step_ms / text_ms, "cache_headroom": step_ms / cache_ms
+        }  # fmt: skip
+    return {"tokens_per_rank_per_step": tokens, "text_ms": text_ms, "cache_ms": cache_ms, "at_mfu": at_mfu}
 
 
 if __name__ == "__main__":
