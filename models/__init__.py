@@ -13,7 +13,7 @@ from .compile import CompileWatch, compiled_graphs
 from .config import ModelConfig, available_configs, count_parameters, describe, load_model_config
 from .configuration_deepone import DeepOneConfig
 from .hf import export_hf, load_hf
-from .loss import chunked_cross_entropy
+from .loss import chunked_cross_entropy, memory_chunk_size
 from .model import Transformer
 from .modeling_deepone import DeepOneForCausalLM
 from .pipeline import (
@@ -40,6 +40,7 @@ __all__ = [
     "check_attn_implementation",
     "varlen_offsets",
     "chunked_cross_entropy",
+    "memory_chunk_size",
     "compiled_graphs",
     "count_parameters",
     "describe",

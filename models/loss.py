@@ -21,6 +21,14 @@ def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> in
     return max(1024, (num_tokens * hidden_size) // vocab_size)
 
 
+def memory_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int, budget: int, logit_bytes: int = 2) -> int:
+    """Tokens per chunk when `budget` bytes of device memory are free for the loss: as few chunks as fit (one when
+    every token's logits do), never smaller than `default_chunk_size`. A chunk's token holds its V logits and their
+    gradient in the compute dtype (`logit_bytes`) and their fp32 log-softmax."""
+    fit = budget // (vocab_size * (2 * logit_bytes + 4))
+    return int(min(num_tokens, max(default_chunk_size(num_tokens, hidden_size, vocab_size), fit)))
+
+
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield start, min(start + size, n)
@@ -43,6 +51,17 @@ def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, normalizer: torch
     return nll, grad.to(logits.dtype)
 
 
+# bf16 x bf16 -> fp32 GEMMs (CUDA): the head's gradient summed in fp32 inside the GEMM, not rounded to bf16 first.
+_FP32_OUT = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32: an fp32-output GEMM for bf16 inputs on CUDA (eager), else the product converted."""
+    if _FP32_OUT and a.is_cuda and a.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_t CE(hidden_t @ W^T, label_t) / normalizer, with gradients computed during the forward pass."""
 
@@ -59,9 +78,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += nll
             grad_hidden[start:end] = grad_logits @ weight
             if grad_weight is None:
-                grad_weight = (grad_logits.t() @ h).float()
+                grad_weight = _mm_fp32(grad_logits.t(), h)
             elif grad_weight.dtype == grad_logits.dtype:
                 grad_weight.addmm_(grad_logits.t(), h)  # accumulate in place, no (V, C) temporary
+            elif _FP32_OUT and h.is_cuda and not torch.compiler.is_compiling():
+                grad_weight = torch.addmm(grad_weight, grad_logits.t(), h, out_dtype=torch.float32)
             else:
                 grad_weight += (grad_logits.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))

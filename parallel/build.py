@@ -9,6 +9,7 @@ import data
 import models
 import optim
 from console import bad_input, say
+from lifecycle import checks
 
 
 def build_model(run, dtype: torch.dtype) -> models.Transformer:
@@ -23,7 +24,22 @@ def build_model(run, dtype: torch.dtype) -> models.Transformer:
         block.activation_checkpointing = run.args.activation_checkpointing
     if run.args.activation_checkpointing:
         say("activation checkpointing: each block's activations are recomputed in the backward pass")
+    if torch.cuda.is_available():  # few large chunks of the loss head where the GPU has room (CPU: the default)
+        size_loss_chunks(model, run)
     return model.to(dtype=dtype)
+
+
+def size_loss_chunks(model: models.Transformer, run) -> None:
+    """The loss head's chunk from the GPU memory the run's estimate leaves: half of what remains under 80% of the
+    device, so one chunk holds every token of a micro-batch when it fits (fewer passes, no re-accumulation of the
+    head's fp32 gradient); never below the default size."""
+    total, _ = checks.available_memory("cuda")
+    budget = max(0, int(0.8 * total) - run.memory["total"]) // 2
+    cfg, tokens = run.model_cfg, run.args.batch_size * run.args.max_length
+    logit_bytes = 2 if checks.planned_dtype(run.args) == "bf16" else 4
+    model.loss_chunk_size = models.memory_chunk_size(tokens, cfg.hidden_size, cfg.vocab_size, budget, logit_bytes)
+    chunks = -(-tokens // model.loss_chunk_size)
+    say(f"loss head: {chunks} chunk(s) of up to {model.loss_chunk_size:,} tokens per micro-batch of {tokens:,}")
 
 
 def assemble_model(run, parts, dtype: torch.dtype) -> models.Transformer:

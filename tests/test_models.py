@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from models import ModelConfig, Transformer, count_parameters, load_model_config
 from models.attention import build_attention_mask
 from models.config import available_configs
-from models.loss import chunked_cross_entropy
+from models.loss import chunked_cross_entropy, default_chunk_size, memory_chunk_size
 from models.model import rope_cos_sin
 
 DOC_LENGTHS = [(10, 20, 7), (37,), (1, 16, 20)]  # three rows of T = 37: several documents, one, a 1-token document
@@ -209,14 +209,15 @@ def test_defaults_mean_one_document_per_row():
 # ---- chunked loss ----
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_chunked_loss_equals_naive_loss_and_gradients(tied):
+@pytest.mark.parametrize("tied,size", [(True, 16), (False, 16), (True, 4096)])
+def test_chunked_loss_equals_naive_loss_and_gradients(tied, size):
+    """16: 111 tokens in 7 chunks, the last one partial; 4096: one chunk (as a big GPU runs it)."""
     cfg = small_config(tie_word_embeddings=tied)
     batch = packed_batch(cfg.vocab_size)
     grads, losses = [], []
     for chunked in (True, False):
         model = build(cfg)
-        model.loss_chunk_size = 16  # 111 tokens -> 7 chunks, the last one partial
+        model.loss_chunk_size = size
         if chunked:
             loss = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], labels=batch["labels"])
         else:
@@ -228,6 +229,30 @@ def test_chunked_loss_equals_naive_loss_and_gradients(tied):
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
     for name in grads[1]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp32-output GEMMs run on CUDA")
+def test_bf16_head_gradient_is_summed_in_fp32_on_cuda():
+    """bf16 hidden states and head on CUDA, 4 chunks: the head's gradient matches an fp64 computation from the same
+    bf16 inputs to fp32 accuracy (not bf16's 4e-3), as an fp32-output GEMM sums it."""
+    torch.manual_seed(0)
+    hidden = torch.randn(512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 1000, (512,), device="cuda")
+    chunked_cross_entropy(hidden, weight, labels, chunk_size=128).backward()
+    h, w = hidden.detach().double(), weight.detach().double().requires_grad_()
+    F.cross_entropy(h @ w.t(), labels).backward()
+    # the chunk's logits gradient is bf16 by design; its product with h is what the GEMM sums in fp32
+    assert torch.allclose(weight.grad.double(), w.grad, atol=2e-3 * w.grad.abs().max().item(), rtol=0)
+
+
+def test_loss_chunks_follow_the_memory_left():
+    """The default job's micro-batch (16,384 tokens, vocab 32,768, hidden 768): one chunk where 4 GiB are free,
+    the default 1,024 tokens where nothing is, and chunks in between that fit their budget."""
+    size = lambda budget: memory_chunk_size(16384, 768, 32768, budget, logit_bytes=2)  # noqa: E731
+    assert size(4 * 2**30) == 16384 and size(0) == default_chunk_size(16384, 768, 32768) == 1024
+    middle = size(2**30)
+    assert 1024 < middle < 16384 and middle * 32768 * 8 <= 2**30 < (middle + 1) * 32768 * 8
 
 
 def test_chunked_cross_entropy_scaling_and_eval_path():
