@@ -302,18 +302,18 @@ def print_plan(run: Run) -> None:
         "memory_dtype": checks.planned_dtype(run.args),
     }
     if run.args.json:
-        print(json.dumps(plan))
+        say(json.dumps(plan))
         return
-    print(schedule.format_plan(run.plan))
+    say(schedule.format_plan(run.plan))
     if run.pipeline is not None:
-        print(format_pipeline(run.pipeline, run.plan.tokens_per_step))
-    print(
+        say(format_pipeline(run.pipeline, run.plan.tokens_per_step))
+    say(
         f"model {plan['model']}: {counts['total'] / 1e6:.1f}M parameters "
         f"({counts['non_embedding'] / 1e6:.1f}M without embeddings); world size {run.world_size}"
     )
     gpu = run.args.dtype == "auto" and checks.device_type() == "cpu"  # planning on a CPU node for GPUs
     which = f"in {plan['memory_dtype']}" + (", the GPU default; --dtype fp32 for a CPU run" if gpu else "")
-    print(f"memory (estimate {which}): {format_memory(run.memory)}")
+    say(f"memory (estimate {which}): {format_memory(run.memory)}")
 
 
 # -----------------------------------------------------------------------------

@@ -257,3 +257,17 @@ def test_a_refusal_only_rank_0_makes_refuses_every_rank(setup):
         assert rank_exit_codes(output) == [2] and no_traceback_of_ours(output), output[-3000:]
         assert seconds < 60
     assert not (out / "checkpoints").exists()
+
+
+def test_a_dry_run_under_a_launcher_prints_one_plan():
+    """`accelerate launch ... --dry-run` starts a process per rank: the plan is printed once, by the main one."""
+    launcher = [
+        PYTHON,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs/cpu_ddp.yaml"),
+    ]
+    result = train("--dry-run", "--model", "tiny", "--max-length", "64", launcher=launcher)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("global batch") == 1 and result.stdout.count("memory (estimate") == 1, result.stdout
