@@ -259,7 +259,17 @@ def load_choices(spec: str, split: str, limit: int) -> list[dict]:
         kind = "parquet" if path.suffix == ".parquet" else "json" if path.suffix in (".jsonl", ".json") else None
         if kind is None:
             raise UsageError(f"--multiple-choice {spec}: use a .jsonl, .json or .parquet file")
-        rows = datasets.load_dataset(kind, data_files=str(path), split="train")
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own report of a bad file: ours follows
+        try:
+            rows = datasets.load_dataset(kind, data_files=str(path), split="train")
+        except datasets.exceptions.DatasetGenerationError as e:  # not JSON lines / parquet, mixed field types
+            cause = e.__cause__ or e.__context__ or e
+            raise UsageError(
+                f"--multiple-choice {spec} cannot be read as {kind} ({str(cause).splitlines()[0]})"
+            ) from None
+        finally:
+            datasets.logging.set_verbosity(verbosity)
     elif spec.startswith(("/", ".", "~")) or path.suffix in (".jsonl", ".json", ".parquet"):
         raise UsageError(f"--multiple-choice {spec} does not exist")
     else:
@@ -341,6 +351,9 @@ def evaluate_choices(lm: LM, records: list[dict], batch_size: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    for name in ("dataset", "multiple_choice"):
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            raise UsageError(f"--{name.replace('_', '-')} is empty; name a dataset or a file")
     if args.dataset is None and args.multiple_choice is None:
         raise UsageError("nothing to evaluate: pass --dataset SPEC (language modelling) and/or --multiple-choice FILE")
     for name in ("max_docs", "batch_size"):

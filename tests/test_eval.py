@@ -103,6 +103,8 @@ def _damaged(root: Path, final: Path, texts: list[str]) -> dict[str, Path]:
                       ("mc-boollabel", {"label": True})):  # fmt: skip
         made[name] = root / f"{name}.jsonl"
         made[name].write_text(json.dumps(good) + "\n" + json.dumps(good | bad) + "\n")
+    made["mc-notjson"] = root / "mc-notjson.jsonl"
+    made["mc-notjson"].write_text('not json at all\n{"context":\n')
     return made
 
 
@@ -341,12 +343,14 @@ def test_text_column_reads_another_field(tmp_path):
         (["{final}", "--multiple-choice", "{mc-listctx}"], "the context must be a string"),
         (["{final}", "--multiple-choice", "{mc-boollabel}"], "label True"),
         (["{final}", "--multiple-choice", "{fixed}", "--mc-limit", "-3"], "--mc-limit"),
+        (["{final}", "--multiple-choice", "{mc-notjson}"], "cannot be read as json"),  # as a command: datasets logs
+        (["{final}", "--dataset", ""], "--dataset is empty"),
     ],
 )
 def test_eval_bad_input_exits_2_with_one_line(setup, args, says, capsys):
     paths = {k: v for k, v in setup.items() if isinstance(v, Path)} | {"final": setup["run"] / "final"}
     args = [a.format(**paths) for a in args]
-    if args[0].startswith("/nonexistent"):  # one case as a real command: exit code, no traceback
+    if args[0].startswith("/nonexistent") or "notjson" in args[-1]:  # as real commands: all of stderr
         out = run_eval(*args, "--json")
         code, stdout, stderr = out.returncode, out.stdout, out.stderr
     else:
