@@ -5,6 +5,7 @@ On the ground floor (it imports nothing of the project), so models, data and eve
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -15,6 +16,13 @@ _printer: Callable[[str], None] | None = None  # a live display that draws its o
 
 class UsageError(ValueError):
     """Bad input: reported in one line with exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (exit code 2), like every other bad input; its subcommands too."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 @contextlib.contextmanager

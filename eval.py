@@ -259,6 +259,8 @@ def load_choices(spec: str, split: str, limit: int) -> list[dict]:
         kind = "parquet" if path.suffix == ".parquet" else "json" if path.suffix in (".jsonl", ".json") else None
         if kind is None:
             raise UsageError(f"--multiple-choice {spec}: use a .jsonl, .json or .parquet file")
+        if path.stat().st_size == 0:
+            raise UsageError(f"--multiple-choice {spec} is empty")
         verbosity = datasets.logging.get_verbosity()
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own report of a bad file: ours follows
         try:

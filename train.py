@@ -46,8 +46,8 @@ import schedule
 from console import UsageError, bad_input, say
 from data.tokenizer import tokenizer_hash
 from lifecycle import checks, policy
-from lifecycle.checkpoint import Checkpointer, DiskFull, latest_checkpoint
-from lifecycle.checks import backend, bounded
+from lifecycle.checkpoint import Checkpointer, DiskFull, latest_checkpoint, run_contents
+from lifecycle.checks import TEXT, backend, bounded
 from lifecycle.divergence import DivergenceDetector
 from lifecycle.jobs import JobControl
 from lifecycle.outdir import publish_dir
@@ -82,7 +82,7 @@ VOCAB, FACTOR = bounded(int, 260, 2**31 - 1), bounded(float, high=1, above=0)  #
 TOKENS, TOKENS0 = bounded(float, high=1e6, above=0), bounded(float, 0, 1e6)  # billions: up to 10^15 tokens
 LR, PENALTY = bounded(float, high=10, above=0), bounded(float, 0.01, 100)  # the sqrt-scaled LRs stay finite
 TEMPERATURE = bounded(float, 0.01, 100, sentinel=0.0)  # 0 = greedy; below 0.01 the logits overflow
-WAIT = bounded(float, 1, 7 * 24 * 3600)  # seconds
+WAIT, CADENCE = bounded(float, 1, 7 * 24 * 3600), bounded(float, high=1e6, above=0)  # seconds; interval scale
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -113,9 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-cooldown-tokens", type=TOKENS0, default=100.0, help="min cooldown, billions of tokens")
     g.add_argument("--anneal-steps", type=COUNT0, default=0, help="anneal to min_lr over the last N steps (0 = never)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="named config in models/configs/ (e.g. tiny, llama-124m)")
-    g.add_argument("--model-config", default=None, help="path to a model config JSON (overrides --model)")
-    g.add_argument("--init-from", default=None, help="start from a Hugging Face model folder (continued pretraining)")
+    g.add_argument(
+        "--model", type=TEXT, default=DEFAULT_MODEL, help="named config in models/configs/ (e.g. tiny, llama-124m)"
+    )
+    g.add_argument("--model-config", type=TEXT, default=None, help="path to a model config JSON (overrides --model)")
+    g.add_argument(
+        "--init-from", type=TEXT, default=None, help="start from a Hugging Face model folder (continued pretraining)"
+    )
     g.add_argument(
         "--attn-implementation", default="sdpa", choices=models.ATTN_IMPLEMENTATIONS, help="attention kernel"
     )
@@ -129,9 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--activation-checkpointing", action="store_true", help="recompute each block in the backward (less memory)"
     )
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="smollm", help="smollm (Hub), smollm=PATH, builtin (offline), paths or a mix")
-    g.add_argument("--text-column", default="text", help="field holding each document in file and Hub sources")
-    g.add_argument("--tokenizer", default=None, help="tokenizer.json, folder or Hub name (None: train one)")
+    g.add_argument(
+        "--dataset", type=TEXT, default="smollm", help="smollm (Hub), smollm=PATH, builtin (offline), paths or a mix"
+    )
+    g.add_argument(
+        "--text-column", type=TEXT, default="text", help="field holding each document in file and Hub sources"
+    )
+    g.add_argument("--tokenizer", type=TEXT, default=None, help="tokenizer.json, folder or Hub name (None: train one)")
     g.add_argument("--vocab-size", type=VOCAB, default=32768, help="vocabulary size when a tokenizer is trained")
     g.add_argument("--tokenizer-docs", type=COUNT, default=50_000, help="documents used to train a tokenizer")
     g.add_argument("--eval-batches", type=COUNT, default=8, help="held-out global batches per evaluation")
@@ -147,11 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=NONNEGATIVE, default=0.01, help="decoupled weight decay")
     g.add_argument("--max-grad-norm", type=NONNEGATIVE, default=4.0, help="clip the global gradient norm (0 = off)")
     g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--output-dir", default=None, help="run directory (None: output_models/<model name>)")
+    g.add_argument("--output-dir", type=TEXT, default=None, help="run directory (None: output_models/<model name>)")
     g.add_argument("--overwrite-output-dir", action="store_true", help="with --init-model, delete earlier checkpoints")
     g.add_argument("--save-strategy", default="steps", choices=["no", "steps", "epoch"], help="when to checkpoint")
     g.add_argument("--save-total-limit", type=COUNT, default=4, help="checkpoints kept (always the best 2 by eval)")
-    g.add_argument("--step-cadence", type=POSITIVE, default=1.0, help="scale the log/eval/save intervals")
+    g.add_argument("--step-cadence", type=CADENCE, default=1.0, help="scale the log/eval/save intervals")
     g.add_argument("--sample-tokens", type=COUNT0, default=48, help="tokens per text sample at each eval (0 = none)")
     g.add_argument("--sample-temperature", type=TEMPERATURE, default=0.8, help="sampling temperature (0 = greedy)")
     g.add_argument("--sample-top-k", type=COUNT0, default=40, help="sample among the k likeliest tokens (0 = all)")
@@ -164,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--divergence-threshold", type=POSITIVE, default=1.0, help="max nats of fast minus slow loss EMA")
     g.add_argument("--max-rollbacks", type=COUNT0, default=3, help="rollbacks before giving up (abort)")
     g.add_argument("--rollback-lr-factor", type=FACTOR, default=0.5, help="LR multiplier applied at each rollback")
-    g.add_argument("--inject-lr-spike", metavar="STEP,FACTOR", help="testing aid: LR x FACTOR from STEP on")
+    g.add_argument("--inject-lr-spike", type=TEXT, metavar="STEP,FACTOR", help="testing aid: LR x FACTOR from STEP on")
     g.add_argument("--seed", type=SEED, default=42, help="seed for init, data order and sampling")
     g = p.add_argument_group("distributed")
     g.add_argument(
@@ -492,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         previous = {sig: signal.signal(sig, policy.interrupt_at_once) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def ended(why: str, code: int, then: str = "", here: bool = False) -> int:  # on every node's terminal (or here)
-        safe = latest_checkpoint(run.output_dir / "checkpoints", warn=lambda m: None) if run else None
+        safe = latest_checkpoint(run.output_dir / "checkpoints", lambda m: None, contents=run_contents) if run else None
         line = f"{why}; newest complete checkpoint: {safe or 'none'}" + (f"; {then}" if then else "")
         if here:
             print(line, file=sys.stderr, flush=True)

@@ -53,7 +53,9 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.tensor import DTensor
 
+from models.config import ModelConfig
 from models.hf import current_umask, save_weights
+from models.memory import parameter_shapes
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -138,8 +140,11 @@ def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def verify(path: Path) -> str | None:
-    """None when the checkpoint is complete and every checksum matches, else what is wrong."""
+def verify(path: Path, contents: Callable[[Path, dict], str | None] | None = None) -> str | None:
+    """None when the checkpoint is complete and every checksum matches (and `contents(path, files)`, when given,
+    finds nothing wrong: `run_contents` for train.py's checkpoints), else what is wrong."""
+    if path.is_symlink():  # never followed: a checkpoint is a folder a run wrote, not a link to one
+        return "a link, not a checkpoint folder"
     marker = path / MARKER
     if not marker.is_file():
         return "no completion marker"
@@ -158,15 +163,60 @@ def verify(path: Path) -> str | None:
             return f"{name} is missing"
         if _sha256(f) != digest:
             return f"{name} fails its checksum"
+    return contents(path, files) if contents is not None else None
+
+
+TRAINER_KEYS = {
+    "step": int,
+    "world_size": int,
+    "model_config": dict,
+    "divergence": dict,
+    "data_state": (dict, type(None)),
+}
+
+
+def run_contents(path: Path, files: dict[str, str]) -> str | None:
+    """What a checkpoint of train.py whose files all match their checksums can still get wrong (written by another
+    tool, or edited and re-summed): the trainer state's fields, the ranks' states, every weight of the model."""
+    try:
+        trainer = json.loads((path / "trainer_state.json").read_text())
+        ranks = [json.loads((path / name).read_text()) for name in files if re.fullmatch(r"rank-\d+\.json", name)]
+    except (ValueError, OSError) as e:
+        return f"a state file is not JSON ({type(e).__name__})"
+    if not isinstance(trainer, dict):
+        return "trainer_state.json is not an object"
+    for key, kinds in TRAINER_KEYS.items():
+        if key not in trainer or not isinstance(trainer[key], kinds):
+            return f"trainer_state.json has no valid {key!r}"
+    if isinstance(trainer["step"], bool) or trainer["step"] != int(path.name.rsplit("-", 1)[1]):
+        return f"its trainer state is of step {trainer['step']}, not of {path.name}"
+    if not all(isinstance(r, dict) and isinstance(r.get("rng"), dict) for r in ranks):
+        return "a rank's state (rank-*.json) has no random-generator state"
+    if (path / "model").is_dir():  # a sharded checkpoint: its own index is checked when it is read
+        return None
+    try:
+        expected = set(parameter_shapes(ModelConfig.from_dict(trainer["model_config"])))
+        held = set()
+        for name in files:
+            if re.fullmatch(r"model-\d+\.safetensors", name):
+                with safe_open(path / name, "pt") as f:
+                    held |= set(f.keys())
+    except Exception as e:  # a model config or a weight file no loader could read
+        return f"its model cannot be read ({type(e).__name__}: {str(e)[:80]})"
+    if missing := sorted(expected - held):
+        return f"its weights lack {len(missing)} tensor(s) ({missing[0]}, ...)"
     return None
 
 
-def latest_checkpoint(root: Path, warn: Callable[[str], None] = print, before: int | None = None) -> Path | None:
-    """The newest complete, verified checkpoint (older than step `before` if given); damaged ones are skipped."""
+def latest_checkpoint(
+    root: Path, warn: Callable[[str], None] = print, before: int | None = None, contents=None
+) -> Path | None:
+    """The newest complete, verified checkpoint (older than step `before` if given; `contents` as for `verify`);
+    damaged ones are skipped."""
     for step, path in checkpoint_dirs(root):
         if before is not None and step >= before:
             continue
-        problem = verify(path)
+        problem = verify(path, contents)
         if problem is None:
             return path
         warn(f"warning: skipping damaged checkpoint {path}: {problem}")
@@ -436,11 +486,15 @@ class Checkpointer:
     Every rank calls ``save`` with its own part (see the module docstring); rank 0 adds the trainer state and prunes.
     """
 
-    def __init__(self, root: Path, *, rank: int, barrier: Callable[[], None], keep: int, warn=print) -> None:
+    def __init__(
+        self, root: Path, *, rank: int, barrier: Callable[[], None], keep: int, warn=print, contents=run_contents
+    ) -> None:
         self.root, self.rank, self.barrier, self.keep, self.warn = Path(root), rank, barrier, keep, warn
+        self.contents = contents  # what verify checks beyond the files (`run_contents`: train.py's checkpoints)
 
     def latest(self, before: int | None = None) -> Path | None:
-        return latest_checkpoint(self.root, warn=self.warn if self.rank == 0 else lambda _: None, before=before)
+        warn = self.warn if self.rank == 0 else lambda _: None
+        return latest_checkpoint(self.root, warn=warn, before=before, contents=self.contents)
 
     def save(self, step: int, *, model_part, optimizer_part, trainer_state, rank_state) -> tuple[Path, list[Path]]:
         """Write checkpoint-<step> (all ranks) and prune old ones (rank 0); returns (path, pruned paths)."""

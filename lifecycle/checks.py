@@ -37,6 +37,13 @@ def _show(x: float) -> str:
     return f"{x:,}" if isinstance(x, int) else f"{x:g}"
 
 
+def TEXT(value: str) -> str:  # noqa: N802 (an argparse type, named like the other option kinds)
+    """An argparse `type` for names and paths: an empty one is refused rather than read as the default."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty; give a value, or leave the option out for its default")
+    return value
+
+
 def bounded(
     kind: type, low: float | None = None, high: float | None = None, *, above: float | None = None, sentinel=None
 ):
@@ -112,6 +119,12 @@ def check_output_dir(output_dir: Path) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"--output-dir {output_dir} cannot be created: {existing} is a file, not a directory")
+    for folder in [existing.resolve(), *existing.resolve().parents]:  # a run inside another run's product
+        if (folder / "trainer_state.json").is_file() or (folder / ckpt.MARKER).is_file():
+            raise UsageError(
+                f"--output-dir {output_dir} is inside the checkpoint {folder}, which its run prunes and replaces; "
+                "choose a folder of its own"
+            )
     for sub in RUN_FOLDERS:
         if (output_dir / sub).exists() and not (output_dir / sub).is_dir():
             raise UsageError(
@@ -201,7 +214,7 @@ def claim_output_dir(args: argparse.Namespace, output_dir: Path, stack: contextl
         )
     resume_from = None
     if not args.init_model:
-        resume_from = ckpt.latest_checkpoint(checkpoints, warn=lambda m: say(m, err=True))
+        resume_from = ckpt.latest_checkpoint(checkpoints, warn=lambda m: say(m, err=True), contents=ckpt.run_contents)
         if resume_from is None and ckpt.checkpoint_dirs(checkpoints):
             damaged = ", ".join(p.name for _, p in ckpt.checkpoint_dirs(checkpoints))
             raise UsageError(
@@ -341,6 +354,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.world_size is not None and not args.dry_run:
         raise UsageError("--world-size only applies to --dry-run; launchers set the real world size")
     schedule.parse_lr_spike(args.inject_lr_spike)
+    if args.init_from and args.model_config:
+        raise UsageError("--init-from starts from that model's own config; drop --model-config (or --init-from)")
     for flag, given in {
         "--pipeline-schedule": args.pipeline_schedule != "1F1B",
         "--microbatch-scale": args.microbatch_scale != 1,

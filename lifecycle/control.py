@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from console import ArgumentParser
 from lifecycle.jobs import COMMANDS, JobControl, find_job, list_jobs, send_command
 
 __all__ = ["JobControl", "main"]
@@ -27,7 +28,7 @@ def _timeout(text: str) -> float:
 
 
 def build_parser(prog: str = "python -m lifecycle.control") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="List running training jobs and send them commands.")
+    parser = ArgumentParser(prog=prog, description="List running training jobs and send them commands.")
     parser.add_argument("--jobs-dir", type=Path, default=None, help="registration directory (default: per user)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list running jobs (and forget dead ones)")

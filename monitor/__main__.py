@@ -19,7 +19,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from console import ArgumentParser
 from lifecycle import control
+from lifecycle.checks import bounded
 from monitor.logs import read_logs, resolve_log_file
 from monitor.progress import format_duration, human
 
@@ -247,7 +249,7 @@ def cmd_tb(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m monitor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tb", help="start TensorBoard over an output folder")
     p.add_argument("output_dir", nargs="?", type=Path, default=Path(OUTPUT_ROOT), help=f"default: {OUTPUT_ROOT}")
     p.add_argument("--all", action="store_true", help=f"every run under {OUTPUT_ROOT}/ (the default)")
-    p.add_argument("--port", type=int, default=6006, help="port (default: 6006)")
+    p.add_argument("--port", type=bounded(int, 1, 65535), default=6006, help="port (default: 6006)")
     p.add_argument("--bind-all", action="store_true", help="listen on all interfaces, not only 127.0.0.1")
     p.set_defaults(func=cmd_tb)
 

@@ -331,6 +331,18 @@ CASES |= {
         "init-unknown-type": "model_type 'gpt2' is not supported",
     }.items()
 }
+CASES |= {  # an empty name is refused, not read as the default
+    "empty init-from": (["--init-from", " "], "--init-from: is empty"),
+    "empty tokenizer": (["--tokenizer", " "], "--tokenizer: is empty"),
+    "empty model-config": (["--model-config", " "], "--model-config: is empty"),
+    "empty lr spike": (["--inject-lr-spike", " "], "--inject-lr-spike: is empty"),
+    "huge step cadence": (["--step-cadence", "1e307"], "--step-cadence"),
+    "model-config with init-from": (
+        ["--model-config", "tiny.json", "--init-from", "{out}/final"],
+        "drop --model-config",
+    ),
+    "output dir inside a checkpoint": (["--output-dir", "{out}/checkpoints/checkpoint-3/run"], "inside the checkpoint"),
+}
 OVERWRITE = {name for name in CASES if name.startswith("init-from")}
 
 

@@ -105,6 +105,8 @@ def _damaged(root: Path, final: Path, texts: list[str]) -> dict[str, Path]:
         made[name].write_text(json.dumps(good) + "\n" + json.dumps(good | bad) + "\n")
     made["mc-notjson"] = root / "mc-notjson.jsonl"
     made["mc-notjson"].write_text('not json at all\n{"context":\n')
+    made["mc-nothing"] = root / "mc-nothing.jsonl"
+    made["mc-nothing"].write_text("")
     return made
 
 
@@ -345,6 +347,7 @@ def test_text_column_reads_another_field(tmp_path):
         (["{final}", "--multiple-choice", "{fixed}", "--mc-limit", "-3"], "--mc-limit"),
         (["{final}", "--multiple-choice", "{mc-notjson}"], "cannot be read as json"),  # as a command: datasets logs
         (["{final}", "--dataset", ""], "--dataset is empty"),
+        (["{final}", "--multiple-choice", "{mc-nothing}"], "is empty"),
     ],
 )
 def test_eval_bad_input_exits_2_with_one_line(setup, args, says, capsys):

@@ -111,6 +111,18 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["compare"], ["tb", "--port", "abc"], ["tb", "--port", "-5"], ["tb", "--port", "99999"],
+     ["control", "bogus"], ["control", "stop"]],
+)  # fmt: skip
+def test_usage_errors_are_one_line_and_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
 def test_damaged_records_are_skipped_and_unwritable_outputs_are_one_line(tmp_path, capsys):
     run_dir = _synthetic_run(tmp_path / "out", offset=0.0, steps=20)
     log = run_dir / "trainer_logs.jsonl"

@@ -484,14 +484,17 @@ def test_signals_stop_cleanly_once_at_once_twice_and_before_the_loop(data_args, 
     assert not list(jobs.iterdir())  # socket and registration removed
 
     # Before the loop (while resolving and building): one line, 130, no traceback, nothing written.
-    before = _files(out / "checkpoints")
+    def complete() -> dict:  # a staging folder the first run's last signal cut short is cleared at the next start
+        return {k: v for k, v in _files(out / "checkpoints").items() if not k.startswith(".tmp-")}
+
+    before = complete()
     proc = start("--max-steps", "100000")
     proc.stdout.readline()  # the start has printed its first line: the imports are done, the loop not begun
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "before training started" in err
-    assert _files(out / "checkpoints") == before and not list(jobs.iterdir())
+    assert complete() == before and not list(jobs.iterdir())
 
 
 def test_rollback_past_a_bad_checkpoint_and_never_resume_the_abandoned_history(data_args, tmp_path):
@@ -639,3 +642,65 @@ def test_a_checkpoint_naming_a_log_folder_outside_the_run_is_refused(data_args, 
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "'../elsewhere'" in result.stderr and "log folder" in result.stderr
     assert (tmp_path / "elsewhere" / "trainer_logs.jsonl").read_text() == '{"keep": 1}\n'
+
+
+def _drop_a_tensor(checkpoint: Path, keep_none: bool = False) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(checkpoint / "model-0.safetensors")
+    kept = {} if keep_none else dict(list(weights.items())[1:])
+    save_file(kept, checkpoint / "model-0.safetensors")
+
+
+def _edit_state(checkpoint: Path, name: str, edit) -> None:
+    path = checkpoint / name
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+RESIGNED_DAMAGE = {  # each leaves every checksum matching (re-summed), and the contents wrong
+    "trainer state is a list": ("trainer_state.json", lambda c: _edit_state(c, "trainer_state.json", lambda s: [])),
+    "no data position": ("trainer_state.json", lambda c: _edit_state(c, "trainer_state.json", lambda s: {
+        k: v for k, v in s.items() if k != "data_state"})),
+    "another step": ("trainer_state.json", lambda c: _edit_state(c, "trainer_state.json", lambda s: s | {"step": 5})),
+    "rank state without rng": ("rank-0.json", lambda c: _edit_state(c, "rank-0.json", lambda s: {"rng": 5})),
+    "a weight missing": ("model-0.safetensors", _drop_a_tensor),
+    "no weights at all": ("model-0.safetensors", lambda c: _drop_a_tensor(c, keep_none=True)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(RESIGNED_DAMAGE))
+def test_a_verified_checkpoint_with_bad_contents_is_damaged_and_the_older_one_resumes(case, six_step_dir, tmp_path):
+    """Contents a run could not have written are damage, however the checksums read: the start skips that checkpoint
+    with a warning and takes the previous one (as every rank decides alike, from the files)."""
+    from lifecycle.checkpoint import latest_checkpoint, run_contents
+
+    out = _copy(six_step_dir, tmp_path)
+    newest = out / "checkpoints" / "checkpoint-6"
+    name, damage = RESIGNED_DAMAGE[case]
+    damage(newest)
+    _resign(newest, name)
+    warnings = []
+    assert latest_checkpoint(out / "checkpoints", warn=warnings.append) == newest  # its files are whole
+    found = latest_checkpoint(out / "checkpoints", warn=warnings.append, contents=run_contents)
+    assert found == out / "checkpoints" / "checkpoint-3"  # as train.py decides
+    assert len(warnings) == 1 and "checkpoint-6" in warnings[0], warnings
+
+
+def test_a_linked_checkpoint_is_not_followed(six_step_dir, tmp_path):
+    from lifecycle.checkpoint import latest_checkpoint
+
+    out = _copy(six_step_dir, tmp_path)
+    (out / "checkpoints" / "checkpoint-99").symlink_to(out / "checkpoints" / "checkpoint-3")
+    warnings = []
+    assert latest_checkpoint(out / "checkpoints", warn=warnings.append) == out / "checkpoints" / "checkpoint-6"
+    assert "checkpoint-99" in warnings[0] and "a link" in warnings[0]
+
+
+def test_a_resume_over_a_resigned_bad_trainer_state_takes_the_older_checkpoint(data_args, six_step_dir, tmp_path):
+    out = _copy(six_step_dir, tmp_path)
+    newest = out / "checkpoints" / "checkpoint-6"
+    (newest / "trainer_state.json").write_text("[]")
+    _resign(newest, "trainer_state.json")
+    result = train(*data_args, "--max-steps", "7", "--output-dir", str(out))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "skipping damaged checkpoint" in result.stderr and "checkpoint-3 at step 3" in result.stdout
