@@ -34,7 +34,7 @@ import torch
 import data
 import models
 from console import Ticker, UsageError, bad_input
-from lifecycle.checkpoint import load_checkpoint, verify
+from lifecycle.checkpoint import load_checkpoint, run_contents, verify
 
 ROOT = Path(__file__).resolve().parent
 METRICS = ROOT / "metrics"
@@ -152,7 +152,7 @@ def _check_fits(path: Path, tokens: int, embedded: int, max_length: int | None, 
 
 
 def _load_checkpoint(path: Path, args, device: torch.device, dtype) -> LM:
-    problem = verify(path)
+    problem = verify(path, run_contents)
     if problem is not None:
         raise UsageError(f"{path} is not a complete checkpoint ({problem}); pick another checkpoint-<step> folder")
     saved = load_checkpoint(path, rank=0)

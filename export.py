@@ -4,11 +4,12 @@
     python export.py CHECKPOINT OUT --tokenizer path/to/tokenizer   # when the run's tokenizer/ is gone
 
 A checkpoint of any layout converts (one process, DDP, a K-stage pipeline, FSDP): its model-<k>.safetensors parts
-(FSDP: the shards in model/) are merged by parameter name (lifecycle.checkpoint.load_checkpoint, the loader a resume uses) and written by
-models.hf.export_hf, the function train.py writes `final/` with, so converting the last checkpoint of a run gives
-the same folder as its `final/`. The tokenizer is the run's own copy in `<output-dir>/tokenizer/` (for older runs
-that kept none: the run's `--tokenizer`, else the `--init-from` model's), checked against the one the checkpoint
-records.
+(FSDP: the shards in model/) are merged by parameter name (lifecycle.checkpoint.load_checkpoint, the loader a
+resume uses) and written by models.hf.export_hf, the function train.py writes `final/` with, so converting the
+last checkpoint of a run gives the same folder as its `final/`. A checkpoint that verifies but whose contents a run
+cannot have written (lifecycle.checkpoint.run_contents) is damaged. The tokenizer is the run's own copy in
+`<output-dir>/tokenizer/` (for older runs that kept none: the run's `--tokenizer`, else the `--init-from`
+model's), checked against the one the checkpoint records.
 
 Bad input (not a checkpoint, a damaged one, an existing non-empty OUT, no tokenizer, or another tokenizer than the
 run trained with) prints one line and exits 2, with nothing written.
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import load_tokenizer, tokenizer_hash
-from lifecycle.checkpoint import load_checkpoint, verify
+from lifecycle.checkpoint import load_checkpoint, run_contents, verify
 from lifecycle.outdir import publish_dir
 from models.card import RunSummary
 from models.config import ModelConfig
@@ -62,7 +63,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | None =
             "FSDP's model/ shards, "
             "as in output_models/<run>/checkpoints/checkpoint-<step>)"
         )
-    problem = verify(path)
+    problem = verify(path, run_contents)
     if problem is not None:
         raise ValueError(f"{path} is damaged ({problem}); convert another checkpoint")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
