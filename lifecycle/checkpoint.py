@@ -232,10 +232,12 @@ class DiskFull(OSError):
 
 
 def clear_staging(root: Path) -> list[Path]:
-    """Remove the staging folders of saves a crash or a full disk cut short (``.tmp-checkpoint-*``; a link of that
-    name is unlinked, never followed); returns what was removed. Rank 0, at the start of a run."""
+    """Remove the staging folders of saves a crash or a full disk cut short (``.tmp-checkpoint-*``) and what a kill
+    inside a rollback's discard left (``.abandoned-checkpoint-*``); a link of those names is unlinked, never
+    followed. Returns what was removed. Rank 0, at the start of a run."""
     removed = []
-    for path in sorted(Path(root).glob(".tmp-checkpoint-*")) if Path(root).is_dir() else []:
+    leftovers = [*Path(root).glob(".tmp-checkpoint-*"), *Path(root).glob(".abandoned-checkpoint-*")]
+    for path in sorted(leftovers) if Path(root).is_dir() else []:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
@@ -521,6 +523,8 @@ class Checkpointer:
             for newer, path in checkpoint_dirs(self.root):
                 if newer > step:
                     aside = path.with_name(f".abandoned-{path.name}")
+                    if aside.is_dir() and not aside.is_symlink():  # left by a kill inside an earlier discard
+                        shutil.rmtree(aside)
                     os.rename(path, aside)  # no longer a checkpoint from this instant on
                     shutil.rmtree(aside)
                     gone.append(path)

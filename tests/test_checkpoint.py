@@ -373,3 +373,19 @@ def test_a_completion_marker_of_the_wrong_shape_is_damage_and_the_older_checkpoi
     assert ckpt.verify(newer) is not None
     assert ckpt.latest_checkpoint(tmp_path, warn=warnings.append) == older
     assert len(warnings) == 1 and "checkpoint-6" in warnings[0]
+
+
+def test_what_a_kill_inside_a_discard_left_is_cleared_and_never_blocks_the_next_discard(tmp_path):
+    """A kill between a rollback's rename and its delete leaves `.abandoned-checkpoint-N`: the next start clears it,
+    and a later discard of the same step (the history abandoned again) replaces it instead of failing."""
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    (tmp_path / ".abandoned-checkpoint-2").mkdir()
+    (tmp_path / ".abandoned-checkpoint-2" / "model-0.safetensors").write_bytes(b"half deleted")
+    keeper = ckpt.Checkpointer(tmp_path, rank=0, barrier=lambda: None, keep=4, contents=None)
+    assert keeper.discard_after(1) == [tmp_path / "checkpoint-2"]
+    assert [p.name for _, p in ckpt.checkpoint_dirs(tmp_path)] == ["checkpoint-1"]
+    (tmp_path / ".abandoned-checkpoint-7").mkdir()
+    (tmp_path / ".tmp-checkpoint-8").mkdir()
+    assert sorted(p.name for p in ckpt.clear_staging(tmp_path)) == [".abandoned-checkpoint-7", ".tmp-checkpoint-8"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
