@@ -107,6 +107,8 @@ def _parse_lines(lines: list[str], source: Path) -> list[dict]:
             skipped += 1
             continue
         records.append(record)
+    if skipped and not records:  # no log of a run at all: one error, not a warning and then an error
+        raise ValueError(f"{source} holds no records of a run ({skipped} line(s) of other JSON); pass a {LOG_NAME}")
     if skipped:
         print(f"warning: skipped {skipped} line(s) of {source} that are not records of a run", file=sys.stderr)
     return records
@@ -119,7 +121,11 @@ def _is_int(value) -> bool:
 def read_logs(path: Path | str) -> list[dict]:
     """All records of one run, in order; ``path`` as for ``resolve_log_file``."""
     log_file = resolve_log_file(path)
-    return _parse_lines(log_file.read_text().splitlines(), log_file)
+    try:
+        text = log_file.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{log_file} is not a text log (not UTF-8); pass a {LOG_NAME}") from None
+    return _parse_lines(text.splitlines(), log_file)
 
 
 def _jsonable(value: Any) -> Any:

@@ -100,7 +100,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "trainer_logs.jsonl").write_text('{"type": "event", "step": 0, "event": "start"}\n')
+    (tmp_path / "list.jsonl").write_text("[1, 2, 3]\n")
+    (tmp_path / "binary.jsonl").write_bytes(bytes(range(128, 256)))
     for argv in (
+        ["summary", str(tmp_path / "list.jsonl")],
+        ["summary", str(tmp_path / "binary.jsonl")],
         ["summary", str(tmp_path / "missing")],
         ["plot", str(empty)],
         ["compare", str(empty)],
