@@ -19,6 +19,16 @@ TINY = (
 ).split()
 
 
+# Two processes of DDP on the CPU (gloo), as the README launches them.
+ACCELERATE = [
+    PYTHON,
+    "-m",
+    "accelerate.commands.launch",
+    "--config_file",
+    str(ROOT / "accelerate_configs/cpu_ddp.yaml"),
+]
+
+
 def write_corpus(path: Path, max_docs: int = 3000) -> Path:
     """Docstrings of standard-library modules as a .jsonl corpus: real English, present on every machine."""
     import importlib

@@ -13,16 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import PYTHON, ROOT, TINY, padded_tokenizer, train, train_losses, write_corpus
+from tests.helpers import ACCELERATE, PYTHON, ROOT, TINY, padded_tokenizer, train, train_losses, write_corpus
 
 pytestmark = pytest.mark.slow
-ACCELERATE = [
-    PYTHON,
-    "-m",
-    "accelerate.commands.launch",
-    "--config_file",
-    str(ROOT / "accelerate_configs/cpu_ddp.yaml"),
-]
 DEEPSPEED = [str(Path(PYTHON).parent / "deepspeed"), "--num_gpus", "2"]
 MAX_NORM = 0.3  # below every step's gradient norm here, so clipping acts at each of them (asserted)
 ONE = ["--batch-size", "4"]  # one process: the whole global batch

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from lifecycle.outdir import OutputDirLock
-from tests.helpers import PYTHON, ROOT, TINY, train, train_losses, write_corpus
+from tests.helpers import ACCELERATE, PYTHON, ROOT, TINY, train, train_losses, write_corpus
 from tests.test_distributed import assert_same_run, grad_norms
 
 pytestmark = pytest.mark.slow
@@ -261,13 +261,6 @@ def test_a_refusal_only_rank_0_makes_refuses_every_rank(setup):
 
 def test_a_dry_run_under_a_launcher_prints_one_plan():
     """`accelerate launch ... --dry-run` starts a process per rank: the plan is printed once, by the main one."""
-    launcher = [
-        PYTHON,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs/cpu_ddp.yaml"),
-    ]
-    result = train("--dry-run", "--model", "tiny", "--max-length", "64", launcher=launcher)
+    result = train("--dry-run", "--model", "tiny", "--max-length", "64", launcher=ACCELERATE)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("global batch") == 1 and result.stdout.count("memory (estimate") == 1, result.stdout

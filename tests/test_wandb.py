@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import train as train_script
-from tests.helpers import PYTHON, ROOT, TINY, train, write_corpus
+from tests.helpers import ACCELERATE, PYTHON, ROOT, TINY, train, write_corpus
 
 
 def wandb_env(tmp_path: Path, mode: str = "offline") -> dict[str, str]:
@@ -189,16 +189,9 @@ def test_a_run_and_its_resume_log_the_jsonl_scalars_config_and_samples_to_one_wa
 
 def test_only_the_main_process_of_a_ddp_run_logs_to_wandb(corpus, tokenizer_dir, tmp_path):
     out = tmp_path / "ddp"
-    launcher = [
-        PYTHON,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs/cpu_ddp.yaml"),
-    ]
     run = train(*TINY, "--batch-size", "2", "--dataset", str(corpus), "--tokenizer", str(tokenizer_dir), "--init-model",
                 "--max-steps", "2", "--output-dir", str(out), "--wandb", "proj/ddp", env=wandb_env(tmp_path),
-                launcher=launcher)  # fmt: skip
+                launcher=ACCELERATE)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     (run_dir,) = (out / "runs").iterdir()
     (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")  # one W&B run, from rank 0
