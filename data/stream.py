@@ -132,6 +132,8 @@ class DocumentStream:
         self.drawn = [[[0, 0] for _ in stage.sources] for stage in self.stages]
         self.labels = list(dict.fromkeys(c.source.label for stage in self.cursors for c in stage))  # count order
         self._label_of = [[self.labels.index(c.source.label) for c in stage] for stage in self.cursors]
+        width = max(len(stage) for stage in self.cursors)  # next_chunk's group id: stage * width + source
+        self._label_of_group = np.array([i for stage in self._label_of for i in stage + [0] * (width - len(stage))])
         self.chunk_labels = np.empty(0, dtype=np.int64)  # the label of each document next_chunk returned last
         self._idle_since: tuple[int, list[int]] | None = None  # (stage, source epochs) at the last kept document
 
@@ -184,8 +186,7 @@ class DocumentStream:
             counts[1] += int(lengths[kept].sum()) + 2 * int(kept.sum())
         source = pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.empty(0, np.int32)
         tokens = assemble(source, starts[keep], lengths[keep], self.bos, self.eos)
-        label_of = np.array([index for stage in self._label_of for index in stage + [0] * (width - len(stage))])
-        self.chunk_labels = label_of[group[keep]]
+        self.chunk_labels = self._label_of_group[group[keep]]
         self.docs_drawn += n
         self.chunks += 1
         self._advance_stage(int(keep.sum()), len(tokens))

@@ -55,11 +55,14 @@ def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, normalizer: torch
 _FP32_OUT = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
 
 
+def _fp32_gemm(a: torch.Tensor) -> bool:
+    """Whether a product of `a` (bf16, on CUDA, eager) can come out of the GEMM in fp32."""
+    return _FP32_OUT and a.is_cuda and a.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in fp32: an fp32-output GEMM for bf16 inputs on CUDA (eager), else the product converted."""
-    if _FP32_OUT and a.is_cuda and a.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return (a @ b).float()
+    """a @ b in fp32: an fp32-output GEMM where `_fp32_gemm`, else the product converted."""
+    return torch.mm(a, b, out_dtype=torch.float32) if _fp32_gemm(a) else (a @ b).float()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -81,7 +84,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_weight = _mm_fp32(grad_logits.t(), h)
             elif grad_weight.dtype == grad_logits.dtype:
                 grad_weight.addmm_(grad_logits.t(), h)  # accumulate in place, no (V, C) temporary
-            elif _FP32_OUT and h.is_cuda and not torch.compiler.is_compiling():
+            elif _fp32_gemm(h):
                 grad_weight = torch.addmm(grad_weight, grad_logits.t(), h, out_dtype=torch.float32)
             else:
                 grad_weight += (grad_logits.t() @ h).float()

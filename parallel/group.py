@@ -25,10 +25,10 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def join(args: argparse.Namespace) -> bool:
-    """Join the launcher's process group with `args.dist_timeout`; False when there is none to join."""
+def join(args: argparse.Namespace) -> None:
+    """Join the launcher's process group with `args.dist_timeout` (nothing to join: one process, or a dry run)."""
     if args.dry_run or not launched() or dist.is_initialized():
-        return dist.is_initialized()
+        return
     cuda = torch.cuda.is_available()
     if cuda:  # each process on its own GPU before the first collective
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -36,7 +36,6 @@ def join(args: argparse.Namespace) -> bool:
     global _timeout_s
     _timeout_s = args.dist_timeout
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout))
-    return True
 
 
 def leave() -> None:
